@@ -1,0 +1,72 @@
+//! berthd: the berth CRI daemon.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use berth::config::Config;
+use berth::server::Daemon;
+
+/// berth's CRI daemon: serves runtime.v1 RuntimeService and ImageService on a unix socket.
+#[derive(Parser)]
+#[command(name = "berthd", version, about)]
+struct Args {
+    /// TOML configuration file (every key optional; without it the embedded defaults apply).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `berth=debug` (default: $RUST_LOG or `info`).
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+    /// Print the embedded default configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", berth::config::DEFAULT_TOML);
+        return Ok(());
+    }
+    let filter = match &args.log {
+        Some(f) => EnvFilter::try_new(f).with_context(|| format!("bad --log filter {f:?}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    // reqwest's rustls needs a process-wide crypto provider; berth uses ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let daemon = Daemon::start(config).await?;
+        daemon.serve(shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop berthd with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}

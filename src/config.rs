@@ -1,0 +1,371 @@
+//! berthd's configuration: the TOML contract of DESIGN.md, its embedded defaults and validation.
+//!
+//! Every key is optional; an unknown key is an error that names it, and a value that does not
+//! parse is an error that names the key and the value.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The commented default configuration shipped as `deploy/berth.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../deploy/berth.toml");
+
+/// Errors reading or validating a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: invalid value {value:?}: {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Persistent data: images, snapshots, the store.
+    pub root: PathBuf,
+    /// Per-boot data: pinned namespaces, bundles, sockets.
+    pub state: PathBuf,
+    /// The CRI endpoint.
+    pub socket: PathBuf,
+    /// `cgroupfs` or `systemd`.
+    pub cgroup_driver: CgroupDriver,
+    /// The RuntimeClass handler used when none is given.
+    pub default_runtime: String,
+    /// A pull that moves no byte for this long fails.
+    #[serde(deserialize_with = "de_duration")]
+    pub pull_progress_timeout: Duration,
+    /// One entry per RuntimeClass handler.
+    pub runtimes: BTreeMap<String, RuntimeConfig>,
+    pub network: NetworkConfig,
+    pub cni: CniConfig,
+    pub streaming: StreamingConfig,
+    pub metrics: MetricsConfig,
+    /// Per registry host (`docker.io`, `127.0.0.1:5000`, ...).
+    pub registries: BTreeMap<String, RegistryConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupDriver {
+    Cgroupfs,
+    Systemd,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// The OCI runtime binary (a name looked up in PATH, or an absolute path).
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    Native,
+    Cni,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    pub mode: NetworkMode,
+    pub bridge: String,
+    /// One or more CIDRs, comma separated.
+    pub pod_cidr: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CniConfig {
+    pub conf_dir: PathBuf,
+    pub bin_dirs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamingConfig {
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port`; empty turns the endpoint off.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Endpoints tried in order before the registry itself, e.g. `http://127.0.0.1:5000`.
+    pub mirrors: Vec<String>,
+    /// Plain HTTP or unverified TLS allowed for this host.
+    pub insecure: bool,
+    /// An extra CA bundle (PEM) trusted for this host.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut runtimes = BTreeMap::new();
+        runtimes.insert(
+            "runc".to_string(),
+            RuntimeConfig {
+                path: PathBuf::from("runc"),
+            },
+        );
+        runtimes.insert(
+            "crun".to_string(),
+            RuntimeConfig {
+                path: PathBuf::from("crun"),
+            },
+        );
+        Config {
+            root: PathBuf::from("/var/lib/berth"),
+            state: PathBuf::from("/run/berth"),
+            socket: PathBuf::from("/run/berth/berth.sock"),
+            cgroup_driver: CgroupDriver::Cgroupfs,
+            default_runtime: "runc".to_string(),
+            pull_progress_timeout: Duration::from_secs(300),
+            runtimes,
+            network: NetworkConfig::default(),
+            cni: CniConfig::default(),
+            streaming: StreamingConfig::default(),
+            metrics: MetricsConfig::default(),
+            registries: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            mode: NetworkMode::Native,
+            bridge: "berth0".to_string(),
+            pod_cidr: "10.88.0.0/16".to_string(),
+        }
+    }
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        CniConfig {
+            conf_dir: PathBuf::from("/etc/cni/net.d"),
+            bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
+        }
+    }
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        StreamingConfig {
+            address: "127.0.0.1:0".to_string(),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            address: "127.0.0.1:9537".to_string(),
+        }
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, value: &str, reason: &str| ConfigError::Invalid {
+            key: key.to_string(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        for (key, path) in [
+            ("root", &self.root),
+            ("state", &self.state),
+            ("socket", &self.socket),
+        ] {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    key,
+                    &path.display().to_string(),
+                    "must be an absolute path",
+                ));
+            }
+        }
+        if self.pull_progress_timeout.is_zero() {
+            return Err(invalid("pull_progress_timeout", "0", "must be positive"));
+        }
+        if !self.runtimes.contains_key(&self.default_runtime) {
+            return Err(invalid(
+                "default_runtime",
+                &self.default_runtime,
+                "no [runtimes.NAME] table has that name",
+            ));
+        }
+        for cidr in self.network.pod_cidr.split(',').map(str::trim) {
+            if !valid_cidr(cidr) {
+                return Err(invalid("network.pod_cidr", cidr, "not an IP network (a/n)"));
+            }
+        }
+        for (key, addr) in [
+            ("streaming.address", &self.streaming.address),
+            ("metrics.address", &self.metrics.address),
+        ] {
+            if !(addr.is_empty() && key == "metrics.address")
+                && addr.parse::<std::net::SocketAddr>().is_err()
+            {
+                return Err(invalid(key, addr, "not a socket address (host:port)"));
+            }
+        }
+        for (host, reg) in &self.registries {
+            for mirror in &reg.mirrors {
+                if !(mirror.starts_with("http://") || mirror.starts_with("https://"))
+                    || mirror_host(mirror).is_empty()
+                {
+                    return Err(invalid(
+                        &format!("registries.\"{host}\".mirrors"),
+                        mirror,
+                        "a mirror is http://HOST[:PORT] or https://HOST[:PORT]",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `host[:port]` part of a mirror URL such as `http://127.0.0.1:5000/`.
+pub fn mirror_host(url: &str) -> &str {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url);
+    rest.split('/').next().unwrap_or("")
+}
+
+fn valid_cidr(s: &str) -> bool {
+    let Some((addr, len)) = s.split_once('/') else {
+        return false;
+    };
+    let Ok(len) = len.parse::<u8>() else {
+        return false;
+    };
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => len <= 32,
+        Ok(std::net::IpAddr::V6(_)) => len <= 128,
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let c = Config::parse("").expect("empty config parses");
+        assert_eq!(c.root, PathBuf::from("/var/lib/berth"));
+        assert_eq!(c.socket, PathBuf::from("/run/berth/berth.sock"));
+        assert_eq!(c.pull_progress_timeout, Duration::from_secs(300));
+        assert_eq!(c.default_runtime, "runc");
+        assert_eq!(c.metrics.address, "127.0.0.1:9537");
+    }
+
+    #[test]
+    fn shipped_default_file_parses_to_the_defaults() {
+        let c = Config::parse(DEFAULT_TOML).expect("deploy/berth.toml parses");
+        let d = Config::default();
+        assert_eq!(c.root, d.root);
+        assert_eq!(c.state, d.state);
+        assert_eq!(c.pull_progress_timeout, d.pull_progress_timeout);
+        assert_eq!(c.network.pod_cidr, d.network.pod_cidr);
+        assert_eq!(c.runtimes.len(), d.runtimes.len());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("rooot = \"/x\"").expect_err("unknown key fails");
+        assert!(e.to_string().contains("rooot"), "{e}");
+        let e = Config::parse("[registries.\"docker.io\"]\nmirror = []").expect_err("fails");
+        assert!(e.to_string().contains("mirror"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_value() {
+        let e = Config::parse("pull_progress_timeout = \"soon\"").expect_err("bad duration");
+        let m = e.to_string();
+        assert!(
+            m.contains("pull_progress_timeout") && m.contains("soon"),
+            "{m}"
+        );
+        let e = Config::parse("root = \"relative\"").expect_err("relative root");
+        let m = e.to_string();
+        assert!(m.contains("root") && m.contains("relative"), "{m}");
+        let e = Config::parse("cgroup_driver = \"both\"").expect_err("bad driver");
+        let m = e.to_string();
+        assert!(m.contains("cgroup_driver") && m.contains("both"), "{m}");
+        let e = Config::parse("[network]\npod_cidr = \"10.0.0.0/40\"").expect_err("bad cidr");
+        assert!(e.to_string().contains("10.0.0.0/40"), "{e}");
+        let e = Config::parse("default_runtime = \"kata\"").expect_err("unknown runtime");
+        assert!(e.to_string().contains("kata"), "{e}");
+    }
+
+    #[test]
+    fn registries_and_durations() {
+        let c = Config::parse(
+            "pull_progress_timeout = \"30s\"\n[metrics]\naddress = \"\"\n\
+             [registries.\"docker.io\"]\nmirrors = [\"http://127.0.0.1:5000\"]\ninsecure = true\n",
+        )
+        .expect("parses");
+        assert_eq!(c.pull_progress_timeout, Duration::from_secs(30));
+        let r = &c.registries["docker.io"];
+        assert_eq!(r.mirrors, vec!["http://127.0.0.1:5000".to_string()]);
+        assert!(r.insecure);
+        assert_eq!(mirror_host(&r.mirrors[0]), "127.0.0.1:5000");
+        assert!(Config::parse("[registries.x]\nmirrors = [\"ftp://a\"]").is_err());
+    }
+}

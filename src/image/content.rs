@@ -1,0 +1,253 @@
+//! The content store: blobs (manifests, configs, layers) kept by digest under
+//! `root/content/blobs/sha256/<hex>`. A blob is written to `root/content/ingest/` while its
+//! digest is computed, and only a verified, fsynced blob is renamed into place, so a blob that
+//! exists is always whole and correct. Whatever is left in `ingest/` after a crash is removed at
+//! start ([`ContentStore::repair`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::ImageError;
+use super::reference::is_digest;
+
+static INGEST_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Blobs by digest under one directory.
+#[derive(Debug, Clone)]
+pub struct ContentStore {
+    blobs: PathBuf,
+    ingest: PathBuf,
+}
+
+impl ContentStore {
+    /// Creates the directories under `root/content`.
+    pub fn open(root: &Path) -> Result<ContentStore, ImageError> {
+        let base = root.join("content");
+        let store = ContentStore {
+            blobs: base.join("blobs").join("sha256"),
+            ingest: base.join("ingest"),
+        };
+        for d in [&store.blobs, &store.ingest] {
+            std::fs::create_dir_all(d).map_err(|e| ImageError::io(d, e))?;
+        }
+        Ok(store)
+    }
+
+    /// Removes partial downloads left by a crash. Returns how many were removed.
+    pub fn repair(&self) -> Result<usize, ImageError> {
+        let mut n = 0;
+        for entry in std::fs::read_dir(&self.ingest).map_err(|e| ImageError::io(&self.ingest, e))? {
+            let path = entry.map_err(|e| ImageError::io(&self.ingest, e))?.path();
+            std::fs::remove_file(&path).map_err(|e| ImageError::io(&path, e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The directory holding everything this store owns.
+    pub fn base(&self) -> PathBuf {
+        self.ingest
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
+    /// Where the blob with this digest lives (it may not exist).
+    pub fn path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        match digest.strip_prefix("sha256:") {
+            Some(hex) if is_digest(digest) => Ok(self.blobs.join(hex)),
+            _ => Err(ImageError::UnsupportedDigest(digest.to_string())),
+        }
+    }
+
+    pub fn exists(&self, digest: &str) -> bool {
+        self.path(digest).is_ok_and(|p| p.is_file())
+    }
+
+    /// Reads a whole (small) blob such as a manifest or config.
+    pub fn read(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
+        let p = self.path(digest)?;
+        std::fs::read(&p).map_err(|e| ImageError::io(&p, e))
+    }
+
+    /// Stores bytes already in memory, verifying their digest.
+    pub async fn write_all(&self, digest: &str, data: &[u8]) -> Result<(), ImageError> {
+        if self.exists(digest) {
+            return Ok(());
+        }
+        let mut w = self.writer(digest, Some(data.len() as u64)).await?;
+        w.write(data).await?;
+        w.commit().await
+    }
+
+    /// Starts writing a blob; [`BlobWriter::commit`] verifies and publishes it.
+    pub async fn writer(&self, digest: &str, size: Option<u64>) -> Result<BlobWriter, ImageError> {
+        let final_path = self.path(digest)?;
+        let seq = INGEST_SEQ.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.ingest.join(format!(
+            "{}-{}-{seq}",
+            &digest["sha256:".len()..],
+            std::process::id()
+        ));
+        let file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| ImageError::io(&tmp, e))?;
+        Ok(BlobWriter {
+            file: Some(file),
+            tmp,
+            final_path,
+            digest: digest.to_string(),
+            expected_size: size,
+            hasher: Sha256::new(),
+            written: 0,
+        })
+    }
+
+    /// Deletes a blob (absent is fine).
+    pub fn delete(&self, digest: &str) -> Result<(), ImageError> {
+        let p = self.path(digest)?;
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ImageError::io(&p, e)),
+        }
+    }
+
+    /// Every stored blob's digest.
+    pub fn list(&self) -> Result<Vec<String>, ImageError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.blobs).map_err(|e| ImageError::io(&self.blobs, e))? {
+            let entry = entry.map_err(|e| ImageError::io(&self.blobs, e))?;
+            if let Some(name) = entry.file_name().to_str() {
+                out.push(format!("sha256:{name}"));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A blob being written: hashed as it goes, published only if the digest matches.
+/// Dropped without commit, its partial file is removed.
+pub struct BlobWriter {
+    file: Option<tokio::fs::File>,
+    tmp: PathBuf,
+    final_path: PathBuf,
+    digest: String,
+    expected_size: Option<u64>,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl BlobWriter {
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ImageError> {
+        self.written += chunk.len() as u64;
+        if let Some(max) = self.expected_size
+            && self.written > max
+        {
+            return Err(ImageError::BlobMismatch {
+                digest: self.digest.clone(),
+                reason: format!("more than the {max} bytes the manifest declares"),
+            });
+        }
+        self.hasher.update(chunk);
+        let Some(file) = self.file.as_mut() else {
+            return Err(ImageError::io(
+                &self.tmp,
+                std::io::Error::other("writer closed"),
+            ));
+        };
+        file.write_all(chunk)
+            .await
+            .map_err(|e| ImageError::io(&self.tmp, e))
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Verifies size and digest, fsyncs and renames the blob into place.
+    pub async fn commit(mut self) -> Result<(), ImageError> {
+        if let Some(size) = self.expected_size
+            && size != self.written
+        {
+            return Err(ImageError::BlobMismatch {
+                digest: self.digest.clone(),
+                reason: format!("got {} bytes, the manifest declares {size}", self.written),
+            });
+        }
+        let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+        if actual != self.digest {
+            return Err(ImageError::BlobMismatch {
+                digest: self.digest.clone(),
+                reason: format!("content hashes to {actual}"),
+            });
+        }
+        if let Some(mut file) = self.file.take() {
+            file.flush()
+                .await
+                .map_err(|e| ImageError::io(&self.tmp, e))?;
+            file.sync_all()
+                .await
+                .map_err(|e| ImageError::io(&self.tmp, e))?;
+        }
+        tokio::fs::rename(&self.tmp, &self.final_path)
+            .await
+            .map_err(|e| ImageError::io(&self.final_path, e))?;
+        Ok(())
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // After a successful commit the temp name no longer exists; otherwise remove the partial.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest_of(data: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    }
+
+    #[tokio::test]
+    async fn verified_blobs_are_kept_and_bad_ones_are_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cs = ContentStore::open(dir.path()).expect("open");
+        let good = b"hello world";
+        let d = digest_of(good);
+        cs.write_all(&d, good).await.expect("good blob");
+        assert_eq!(cs.read(&d).expect("read"), good);
+        assert_eq!(cs.list().expect("list"), vec![d.clone()]);
+
+        let other = digest_of(b"other");
+        let e = cs
+            .write_all(&other, b"not other")
+            .await
+            .expect_err("mismatch");
+        assert!(e.to_string().contains(&other), "{e}");
+        assert!(!cs.exists(&other));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("content/ingest"))
+                .expect("ingest")
+                .count(),
+            0
+        );
+
+        let mut w = cs
+            .writer(&digest_of(b"abc"), Some(2))
+            .await
+            .expect("writer");
+        assert!(w.write(b"abc").await.is_err(), "oversized blob refused");
+        drop(w);
+        assert_eq!(cs.repair().expect("repair"), 0);
+        cs.delete(&d).expect("delete");
+        assert!(!cs.exists(&d));
+        assert!(cs.path("md5:abc").is_err());
+    }
+}

@@ -1,0 +1,664 @@
+//! Images: pulling from registries into the content store, unpacking layers into snapshots,
+//! the durable image records with their tags and digests, lookup, removal and garbage
+//! collection.
+//!
+//! A pull writes blobs and snapshots first and registers the image record last, in one store
+//! transaction; anything a crash leaves unregistered is collected at the next start
+//! ([`ImageManager::open`]). Garbage collection takes the `gc` lock exclusively while pulls hold
+//! it shared, so it never removes what an in-flight pull is about to register.
+
+pub mod content;
+pub mod manifest;
+pub mod reference;
+pub mod registry;
+pub mod snapshot;
+pub mod unpack;
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+use crate::store::{Batch, Store, StoreError, Table};
+use content::ContentStore;
+use manifest::{Descriptor, ImageConfig, ManifestOrIndex};
+use reference::{Reference, is_digest};
+pub use registry::Credentials;
+use registry::{Registries, Remote};
+use snapshot::SnapshotStore;
+use unpack::UnpackError;
+
+/// Errors of the image piece.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference { reference: String, reason: String },
+    #[error("image {reference:?} not found: {reason}")]
+    NotFound { reference: String, reason: String },
+    #[error("pulling {reference}: authentication failed: {reason}")]
+    Unauthenticated { reference: String, reason: String },
+    #[error("pulling {reference}: registry unavailable: {reason}")]
+    Unavailable { reference: String, reason: String },
+    #[error("pulling {reference}: stalled: {reason}")]
+    Stalled { reference: String, reason: String },
+    #[error("pulling {reference}: registry error: {reason}")]
+    Registry { reference: String, reason: String },
+    #[error("pulling {reference}: bad manifest: {reason}")]
+    BadManifest { reference: String, reason: String },
+    #[error("blob {digest} rejected: {reason}")]
+    BlobMismatch { digest: String, reason: String },
+    #[error("unsupported digest {0:?} (only sha256)")]
+    UnsupportedDigest(String),
+    #[error("layer {layer}: {source}")]
+    Unpack { layer: String, source: UnpackError },
+    #[error("layer {layer}: diff id {actual} does not match the config's {expected}")]
+    DiffIdMismatch {
+        layer: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl ImageError {
+    pub fn io(path: &Path, source: std::io::Error) -> ImageError {
+        ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// One layer of an image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerRecord {
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+    pub diff_id: String,
+    pub chain_id: String,
+}
+
+/// The durable record of an image (key: its id).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageRecord {
+    /// `sha256:<config digest hex>`.
+    pub id: String,
+    /// Normalized `registry/repo:tag` names pointing at this image.
+    pub repo_tags: Vec<String>,
+    /// `registry/repo@digest` of the manifest (or index) it was pulled by.
+    pub repo_digests: Vec<String>,
+    /// The platform manifest's digest.
+    pub manifest_digest: String,
+    pub config_digest: String,
+    pub layers: Vec<LayerRecord>,
+    /// Bytes of manifest, config and compressed layers.
+    pub size: u64,
+    /// Nanoseconds since the epoch of the first pull.
+    pub created_at: i64,
+    /// The image config's `User`, if any.
+    pub user: Option<String>,
+    pub pinned: bool,
+    /// Other blobs this image keeps (an index pulled through).
+    #[serde(default)]
+    pub extra_blobs: Vec<String>,
+}
+
+/// Bytes and inodes used on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+/// Per-key async locks that disappear when nobody holds them.
+#[derive(Default)]
+struct KeyedLocks {
+    map: StdMutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.retain(|_, w| w.strong_count() > 0);
+            match map.get(key).and_then(Weak::upgrade) {
+                Some(m) => m,
+                None => {
+                    let m = Arc::new(tokio::sync::Mutex::new(()));
+                    map.insert(key.to_string(), Arc::downgrade(&m));
+                    m
+                }
+            }
+        };
+        m.lock_owned().await
+    }
+}
+
+/// The images of one berthd.
+pub struct ImageManager {
+    content: ContentStore,
+    snapshots: SnapshotStore,
+    store: Arc<Store>,
+    registries: Registries,
+    /// In-memory index of the store's image records, by id.
+    images: StdRwLock<HashMap<String, ImageRecord>>,
+    /// Serializes changes to image records (tags move between images).
+    records_lock: tokio::sync::Mutex<()>,
+    blob_locks: KeyedLocks,
+    snapshot_locks: KeyedLocks,
+    pull_locks: KeyedLocks,
+    gc_lock: tokio::sync::RwLock<()>,
+    root: PathBuf,
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+impl ImageManager {
+    /// Opens the image stores under `config.root`, repairs what a crash left (partial blobs,
+    /// temporary snapshots, unregistered content) and loads the image index.
+    pub fn open(config: &Config, store: Arc<Store>) -> Result<ImageManager, ImageError> {
+        let content = ContentStore::open(&config.root)?;
+        let snapshots = SnapshotStore::open(&config.root)?;
+        let partial = content.repair()?;
+        let tmp = snapshots.repair()?;
+        if partial + tmp > 0 {
+            tracing::info!(
+                partial_blobs = partial,
+                temporary_snapshots = tmp,
+                "removed leftovers of an interrupted pull"
+            );
+        }
+        let records: Vec<(String, ImageRecord)> = store.all(Table::Images)?;
+        let images = records.into_iter().collect();
+        let mgr = ImageManager {
+            content,
+            snapshots,
+            store,
+            registries: Registries::new(config.registries.clone(), config.pull_progress_timeout),
+            images: StdRwLock::new(images),
+            records_lock: tokio::sync::Mutex::new(()),
+            blob_locks: KeyedLocks::default(),
+            snapshot_locks: KeyedLocks::default(),
+            pull_locks: KeyedLocks::default(),
+            gc_lock: tokio::sync::RwLock::new(()),
+            root: config.root.clone(),
+        };
+        let (blobs, snaps) = mgr.collect_garbage_now()?;
+        if blobs + snaps > 0 {
+            tracing::info!(
+                blobs,
+                snapshots = snaps,
+                "collected unreferenced content at start"
+            );
+        }
+        Ok(mgr)
+    }
+
+    fn read_images(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, ImageRecord>> {
+        self.images.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_images(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, ImageRecord>> {
+        self.images.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pulls an image and registers it under the reference. Returns the image id.
+    pub async fn pull(&self, image: &str, creds: &Credentials) -> Result<String, ImageError> {
+        let reference = Reference::parse(image)?;
+        // Two pulls of one reference run one after the other; the second finds the content.
+        let _pull = self.pull_locks.lock(&reference.to_string()).await;
+        let _gc = self.gc_lock.read().await;
+        let started = std::time::Instant::now();
+        let (remote, top_bytes, top_digest) = self.registries.resolve(&reference, creds).await?;
+        let bad = |reason: String| ImageError::BadManifest {
+            reference: reference.to_string(),
+            reason,
+        };
+        let top_digest = {
+            let computed = sha256_digest(&top_bytes);
+            if let Some(want) = &reference.digest
+                && *want != computed
+            {
+                return Err(ImageError::BlobMismatch {
+                    digest: want.clone(),
+                    reason: format!("the registry's manifest hashes to {computed}"),
+                });
+            }
+            if !top_digest.is_empty() && top_digest != computed {
+                tracing::debug!(header = %top_digest, %computed, "registry digest header differs from content");
+            }
+            computed
+        };
+        let top = ManifestOrIndex::parse(&top_bytes).map_err(bad)?;
+        let mut extra_blobs = Vec::new();
+        let (manifest_bytes, manifest_digest) = if top.is_index() {
+            let desc =
+                top.pick_platform(manifest::host_arch())
+                    .ok_or_else(|| ImageError::NotFound {
+                        reference: reference.to_string(),
+                        reason: format!(
+                            "the index has no manifest for linux/{}",
+                            manifest::host_arch()
+                        ),
+                    })?;
+            let bytes = remote.fetch_manifest_by_digest(&desc.digest).await?;
+            let computed = sha256_digest(&bytes);
+            if computed != desc.digest {
+                return Err(ImageError::BlobMismatch {
+                    digest: desc.digest.clone(),
+                    reason: format!("manifest hashes to {computed}"),
+                });
+            }
+            self.content.write_all(&top_digest, &top_bytes).await?;
+            extra_blobs.push(top_digest.clone());
+            (bytes, desc.digest.clone())
+        } else {
+            (top_bytes.clone(), top_digest.clone())
+        };
+        let manifest = ManifestOrIndex::parse(&manifest_bytes)
+            .and_then(ManifestOrIndex::into_manifest)
+            .map_err(bad)?;
+        self.content
+            .write_all(&manifest_digest, &manifest_bytes)
+            .await?;
+
+        // The config: small, fetched into the content store, then parsed.
+        let config_digest = manifest.config.digest.clone();
+        self.fetch_blob_once(&remote, &manifest.config).await?;
+        let config_bytes = self.content.read(&config_digest)?;
+        let config: ImageConfig = serde_json::from_slice(&config_bytes)
+            .map_err(|e| bad(format!("image config {config_digest}: {e}")))?;
+        if config.rootfs.diff_ids.len() != manifest.layers.len() {
+            return Err(bad(format!(
+                "{} layers but {} diff ids in the config",
+                manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            )));
+        }
+        let chain = snapshot::chain_ids(&config.rootfs.diff_ids);
+
+        // Layers: fetched and unpacked in parallel (each snapshot is its own directory).
+        let jobs = manifest.layers.iter().enumerate().map(|(i, layer)| {
+            let remote = &remote;
+            let diff_id = config.rootfs.diff_ids[i].clone();
+            let chain_id = chain[i].clone();
+            async move {
+                self.fetch_and_unpack(remote, layer, &diff_id, &chain_id)
+                    .await?;
+                Ok::<LayerRecord, ImageError>(LayerRecord {
+                    digest: layer.digest.clone(),
+                    media_type: layer.media_type.clone(),
+                    size: layer.size as u64,
+                    diff_id,
+                    chain_id,
+                })
+            }
+        });
+        let layers: Vec<LayerRecord> = futures_util::future::try_join_all(jobs).await?;
+
+        let id = config_digest.clone();
+        let size = manifest_bytes.len() as u64
+            + config_bytes.len() as u64
+            + layers.iter().map(|l| l.size).sum::<u64>();
+        let user = config
+            .config
+            .as_ref()
+            .and_then(|c| c.user.clone())
+            .filter(|u| !u.is_empty());
+        let repo_digest = reference.with_digest(&top_digest);
+        self.register(ImageRecord {
+            id: id.clone(),
+            repo_tags: reference.tagged().into_iter().collect(),
+            repo_digests: vec![repo_digest],
+            manifest_digest,
+            config_digest,
+            layers,
+            size,
+            created_at: now_nanos(),
+            user,
+            pinned: false,
+            extra_blobs,
+        })
+        .await?;
+        tracing::info!(image = %reference, %id, elapsed_ms = started.elapsed().as_millis() as u64, "pulled");
+        Ok(id)
+    }
+
+    /// Adds or merges an image record, moving its tags away from any other image, in one
+    /// store transaction.
+    async fn register(&self, new: ImageRecord) -> Result<(), ImageError> {
+        let _records = self.records_lock.lock().await;
+        let mut batch = Batch::new();
+        let mut updated: Vec<ImageRecord> = Vec::new();
+        let merged = {
+            let images = self.read_images();
+            for other in images.values() {
+                if other.id == new.id {
+                    continue;
+                }
+                if other.repo_tags.iter().any(|t| new.repo_tags.contains(t)) {
+                    let mut o = other.clone();
+                    o.repo_tags.retain(|t| !new.repo_tags.contains(t));
+                    batch.put(Table::Images, &o.id, &o)?;
+                    updated.push(o);
+                }
+            }
+            match images.get(&new.id) {
+                Some(existing) => {
+                    let mut m = existing.clone();
+                    for t in &new.repo_tags {
+                        if !m.repo_tags.contains(t) {
+                            m.repo_tags.push(t.clone());
+                        }
+                    }
+                    for d in &new.repo_digests {
+                        if !m.repo_digests.contains(d) {
+                            m.repo_digests.push(d.clone());
+                        }
+                    }
+                    for b in &new.extra_blobs {
+                        if !m.extra_blobs.contains(b) {
+                            m.extra_blobs.push(b.clone());
+                        }
+                    }
+                    m
+                }
+                None => new,
+            }
+        };
+        batch.put(Table::Images, &merged.id, &merged)?;
+        updated.push(merged);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.commit(batch))
+            .await
+            .map_err(|e| ImageError::Internal(e.to_string()))??;
+        let mut images = self.write_images();
+        for r in updated {
+            images.insert(r.id.clone(), r);
+        }
+        Ok(())
+    }
+
+    /// Fetches a blob unless it is stored; concurrent callers for one digest fetch it once.
+    async fn fetch_blob_once(&self, remote: &Remote, desc: &Descriptor) -> Result<(), ImageError> {
+        let _lock = self.blob_locks.lock(&desc.digest).await;
+        if self.content.exists(&desc.digest) {
+            return Ok(());
+        }
+        let size = (desc.size > 0).then_some(desc.size as u64);
+        remote.fetch_blob(&self.content, &desc.digest, size).await?;
+        Ok(())
+    }
+
+    async fn fetch_and_unpack(
+        &self,
+        remote: &Remote,
+        layer: &Descriptor,
+        diff_id: &str,
+        chain_id: &str,
+    ) -> Result<(), ImageError> {
+        let _lock = self.snapshot_locks.lock(chain_id).await;
+        if self.snapshots.exists(chain_id) {
+            return Ok(());
+        }
+        self.fetch_blob_once(remote, layer).await?;
+        let blob = self.content.path(&layer.digest)?;
+        let snapshots = self.snapshots.clone();
+        let (layer_digest, diff_id, chain_id) = (
+            layer.digest.clone(),
+            diff_id.to_string(),
+            chain_id.to_string(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let (tmp, fs) = snapshots.prepare()?;
+            let result = unpack::unpack_layer(&blob, &fs)
+                .map_err(|source| ImageError::Unpack {
+                    layer: layer_digest.clone(),
+                    source,
+                })
+                .and_then(|u| {
+                    if u.diff_id != diff_id {
+                        return Err(ImageError::DiffIdMismatch {
+                            layer: layer_digest.clone(),
+                            expected: diff_id.clone(),
+                            actual: u.diff_id,
+                        });
+                    }
+                    snapshots.commit(&tmp, &chain_id)
+                });
+            if result.is_err() {
+                snapshots.discard(&tmp);
+            }
+            result
+        })
+        .await
+        .map_err(|e| ImageError::Internal(e.to_string()))?
+    }
+
+    /// Resolves what a CRI client names an image by: an id (`sha256:<hex>`, bare hex, or a
+    /// unique id prefix), a tag reference (normalized), or a digest reference.
+    pub fn resolve(&self, spec: &str) -> Option<ImageRecord> {
+        let spec = spec.trim();
+        if spec.is_empty() {
+            return None;
+        }
+        let images = self.read_images();
+        let as_id = if is_digest(spec) {
+            Some(spec.to_string())
+        } else if spec.len() == 64 && spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Some(format!("sha256:{spec}"))
+        } else {
+            None
+        };
+        if let Some(id) = &as_id
+            && let Some(r) = images.get(id)
+        {
+            return Some(r.clone());
+        }
+        if let Ok(r) = Reference::parse(spec) {
+            if let Some(d) = &r.digest {
+                let want = r.with_digest(d);
+                if let Some(img) = images
+                    .values()
+                    .find(|i| i.repo_digests.contains(&want) || i.manifest_digest == *d)
+                {
+                    return Some(img.clone());
+                }
+            } else if let Some(tag) = r.tagged()
+                && let Some(img) = images.values().find(|i| i.repo_tags.contains(&tag))
+            {
+                return Some(img.clone());
+            }
+        }
+        // A unique prefix of an id.
+        let hex = spec.strip_prefix("sha256:").unwrap_or(spec);
+        if hex.len() >= 3 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let mut found = images
+                .values()
+                .filter(|i| i.id["sha256:".len()..].starts_with(hex));
+            if let (Some(one), None) = (found.next(), found.next()) {
+                return Some(one.clone());
+            }
+        }
+        None
+    }
+
+    /// Every image, sorted by id.
+    pub fn list(&self) -> Vec<ImageRecord> {
+        let mut v: Vec<ImageRecord> = self.read_images().values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Removes an image by what a client names it. Named by a tag, only that tag goes unless it
+    /// is the last one; named by id or digest, the whole image goes. Absent is fine. Content
+    /// no other image needs is collected in the background.
+    pub async fn remove(self: &Arc<Self>, spec: &str) -> Result<(), ImageError> {
+        let _records = self.records_lock.lock().await;
+        let Some(img) = self.resolve(spec) else {
+            return Ok(());
+        };
+        let by_tag = Reference::parse(spec)
+            .ok()
+            .filter(|r| r.digest.is_none())
+            .and_then(|r| r.tagged())
+            .filter(|t| img.repo_tags.contains(t));
+        let mut batch = Batch::new();
+        let remaining = match by_tag {
+            Some(tag) if img.repo_tags.len() > 1 => {
+                let mut r = img.clone();
+                r.repo_tags.retain(|t| *t != tag);
+                batch.put(Table::Images, &r.id, &r)?;
+                Some(r)
+            }
+            _ => {
+                batch.delete(Table::Images, &img.id);
+                None
+            }
+        };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.commit(batch))
+            .await
+            .map_err(|e| ImageError::Internal(e.to_string()))??;
+        {
+            let mut images = self.write_images();
+            match remaining {
+                Some(r) => {
+                    images.insert(r.id.clone(), r);
+                }
+                None => {
+                    images.remove(&img.id);
+                }
+            }
+        }
+        tracing::info!(image = %spec, id = %img.id, "removed");
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = me.collect_garbage().await {
+                tracing::warn!(error = %e, "garbage collection failed");
+            }
+        });
+        Ok(())
+    }
+
+    /// Removes blobs and snapshots no image references, waiting for in-flight pulls.
+    pub async fn collect_garbage(self: &Arc<Self>) -> Result<(usize, usize), ImageError> {
+        let _gc = self.gc_lock.write().await;
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || me.collect_garbage_now())
+            .await
+            .map_err(|e| ImageError::Internal(e.to_string()))?
+    }
+
+    fn collect_garbage_now(&self) -> Result<(usize, usize), ImageError> {
+        let (blobs, snaps) = {
+            let images = self.read_images();
+            let mut blobs: HashSet<String> = HashSet::new();
+            let mut snaps: HashSet<String> = HashSet::new();
+            for i in images.values() {
+                blobs.insert(i.manifest_digest.clone());
+                blobs.insert(i.config_digest.clone());
+                blobs.extend(i.extra_blobs.iter().cloned());
+                for l in &i.layers {
+                    blobs.insert(l.digest.clone());
+                    snaps.insert(l.chain_id.clone());
+                }
+            }
+            (blobs, snaps)
+        };
+        let mut removed = (0, 0);
+        for d in self.content.list()? {
+            if !blobs.contains(&d) {
+                self.content.delete(&d)?;
+                removed.0 += 1;
+            }
+        }
+        for c in self.snapshots.list()? {
+            if !snaps.contains(&c) {
+                self.snapshots.remove(&c)?;
+                removed.1 += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Where image data lives (reported as the image filesystem's mountpoint).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The overlay lower dirs of an image, lowest layer first.
+    pub fn snapshot_dirs(&self, img: &ImageRecord) -> Result<Vec<PathBuf>, ImageError> {
+        img.layers
+            .iter()
+            .map(|l| self.snapshots.fs_path(&l.chain_id))
+            .collect()
+    }
+
+    /// The image config as stored.
+    pub fn config_json(&self, img: &ImageRecord) -> Result<serde_json::Value, ImageError> {
+        let bytes = self.content.read(&img.config_digest)?;
+        serde_json::from_slice(&bytes).map_err(|e| ImageError::BadManifest {
+            reference: img.id.clone(),
+            reason: format!("stored config: {e}"),
+        })
+    }
+
+    /// Bytes and inodes used by blobs and snapshots (hardlinks counted once).
+    pub async fn disk_usage(&self) -> Result<DiskUsage, ImageError> {
+        let dirs = vec![self.content.base(), self.snapshots.base().to_path_buf()];
+        tokio::task::spawn_blocking(move || {
+            let mut seen = HashSet::new();
+            let mut usage = DiskUsage::default();
+            for d in dirs {
+                walk_usage(&d, &mut seen, &mut usage);
+            }
+            usage
+        })
+        .await
+        .map_err(|e| ImageError::Internal(e.to_string()))
+    }
+}
+
+fn walk_usage(dir: &Path, seen: &mut HashSet<(u64, u64)>, usage: &mut DiskUsage) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(m) = entry.metadata() else {
+            continue; // removed meanwhile
+        };
+        if seen.insert((m.dev(), m.ino())) {
+            usage.inodes += 1;
+            usage.bytes += m.blocks() * 512;
+        }
+        if m.is_dir() {
+            walk_usage(&entry.path(), seen, usage);
+        }
+    }
+}

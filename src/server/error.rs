@@ -1,0 +1,38 @@
+//! The one place where berth's typed errors become gRPC statuses.
+
+use tonic::Status;
+
+use crate::image::ImageError;
+use crate::image::unpack::UnpackError;
+
+impl From<ImageError> for Status {
+    fn from(e: ImageError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ImageError::InvalidReference { .. } => Status::invalid_argument(msg),
+            ImageError::NotFound { .. } => Status::not_found(msg),
+            ImageError::Unauthenticated { .. } => Status::unauthenticated(msg),
+            ImageError::Unavailable { .. } => Status::unavailable(msg),
+            ImageError::Stalled { .. } => Status::deadline_exceeded(msg),
+            ImageError::Registry { .. } => Status::unknown(msg),
+            ImageError::BlobMismatch { .. } | ImageError::DiffIdMismatch { .. } => {
+                Status::data_loss(msg)
+            }
+            ImageError::Unpack {
+                source: UnpackError::Unsafe { .. },
+                ..
+            }
+            | ImageError::BadManifest { .. }
+            | ImageError::UnsupportedDigest(_) => Status::failed_precondition(msg),
+            ImageError::Unpack { .. }
+            | ImageError::Io { .. }
+            | ImageError::Store(_)
+            | ImageError::Internal(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// The answer of an RPC that berth does not implement yet.
+pub fn unimplemented(method: &str) -> Status {
+    Status::unimplemented(format!("berth does not implement {method} yet"))
+}

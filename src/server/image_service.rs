@@ -1,0 +1,257 @@
+//! `runtime.v1.ImageService`: thin RPCs over [`crate::image::ImageManager`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use base64::Engine;
+use k8s_cri::v1::image_service_server::ImageService;
+use k8s_cri::v1::{
+    AuthConfig, FilesystemIdentifier, FilesystemUsage, Image, ImageFsInfoRequest,
+    ImageFsInfoResponse, ImageSpec, ImageStatusRequest, ImageStatusResponse, Int64Value,
+    ListImagesRequest, ListImagesResponse, PullImageRequest, PullImageResponse, RemoveImageRequest,
+    RemoveImageResponse, UInt64Value,
+};
+use tonic::{Request, Response, Status};
+
+use super::trace::rpc;
+use crate::image::{Credentials, ImageManager, ImageRecord};
+
+pub struct ImageServiceImpl {
+    images: Arc<ImageManager>,
+}
+
+impl ImageServiceImpl {
+    pub fn new(images: Arc<ImageManager>) -> ImageServiceImpl {
+        ImageServiceImpl { images }
+    }
+}
+
+fn spec_name(spec: &Option<ImageSpec>) -> &str {
+    spec.as_ref().map(|s| s.image.as_str()).unwrap_or("")
+}
+
+fn require_spec(spec: &Option<ImageSpec>) -> Result<&str, Status> {
+    let name = spec_name(spec).trim();
+    if name.is_empty() {
+        return Err(Status::invalid_argument("an image reference is required"));
+    }
+    Ok(name)
+}
+
+/// CRI credentials: `auth` is base64 of `user:password`.
+fn credentials(auth: &Option<AuthConfig>) -> Result<Credentials, Status> {
+    let Some(a) = auth else {
+        return Ok(Credentials::default());
+    };
+    let mut c = Credentials {
+        username: a.username.clone(),
+        password: a.password.clone(),
+        registry_token: a.registry_token.clone(),
+        identity_token: a.identity_token.clone(),
+    };
+    if c.username.is_empty() && !a.auth.is_empty() {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(a.auth.trim())
+            .map_err(|e| Status::invalid_argument(format!("auth is not base64: {e}")))?;
+        let text = String::from_utf8(decoded)
+            .map_err(|_| Status::invalid_argument("auth is not UTF-8"))?;
+        let (user, pass) = text
+            .split_once(':')
+            .ok_or_else(|| Status::invalid_argument("auth must encode user:password"))?;
+        c.username = user.to_string();
+        c.password = pass.to_string();
+    }
+    Ok(c)
+}
+
+/// The image config's `User` as CRI wants it: a numeric uid, or else a user name.
+fn user_of(user: Option<&str>) -> (Option<Int64Value>, String) {
+    let Some(u) = user else {
+        return (None, String::new());
+    };
+    let name = u.split(':').next().unwrap_or("");
+    match name.parse::<i64>() {
+        Ok(uid) => (Some(Int64Value { value: uid }), String::new()),
+        Err(_) => (None, name.to_string()),
+    }
+}
+
+pub fn to_cri(r: &ImageRecord) -> Image {
+    let (uid, username) = user_of(r.user.as_deref());
+    Image {
+        id: r.id.clone(),
+        repo_tags: r.repo_tags.clone(),
+        repo_digests: r.repo_digests.clone(),
+        size: r.size,
+        uid,
+        username,
+        spec: Some(ImageSpec {
+            image: r.id.clone(),
+            ..Default::default()
+        }),
+        pinned: r.pinned,
+    }
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl ImageService for ImageServiceImpl {
+    async fn list_images(
+        &self,
+        request: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
+        let req = request.into_inner();
+        let filter = req
+            .filter
+            .as_ref()
+            .map(|f| spec_name(&f.image).trim().to_string())
+            .unwrap_or_default();
+        rpc("ListImages", &filter, async {
+            let images = if filter.is_empty() {
+                self.images.list()
+            } else {
+                self.images.resolve(&filter).into_iter().collect()
+            };
+            Ok(ListImagesResponse {
+                images: images.iter().map(to_cri).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn image_status(
+        &self,
+        request: Request<ImageStatusRequest>,
+    ) -> Result<Response<ImageStatusResponse>, Status> {
+        let req = request.into_inner();
+        let name = spec_name(&req.image).to_string();
+        rpc("ImageStatus", &name, async {
+            let name = require_spec(&req.image)?;
+            let Some(img) = self.images.resolve(name) else {
+                return Ok(ImageStatusResponse::default());
+            };
+            let mut info = HashMap::new();
+            if req.verbose {
+                let dirs = self.images.snapshot_dirs(&img)?;
+                let v = serde_json::json!({
+                    "id": img.id,
+                    "manifestDigest": img.manifest_digest,
+                    "configDigest": img.config_digest,
+                    "chainIds": img.layers.iter().map(|l| &l.chain_id).collect::<Vec<_>>(),
+                    "layers": img.layers,
+                    "snapshotDirs": dirs,
+                    "config": self.images.config_json(&img)?,
+                });
+                info.insert("info".to_string(), v.to_string());
+            }
+            Ok(ImageStatusResponse {
+                image: Some(to_cri(&img)),
+                info,
+            })
+        })
+        .await
+    }
+
+    async fn pull_image(
+        &self,
+        request: Request<PullImageRequest>,
+    ) -> Result<Response<PullImageResponse>, Status> {
+        let req = request.into_inner();
+        let name = spec_name(&req.image).to_string();
+        rpc("PullImage", &name, async {
+            let name = require_spec(&req.image)?;
+            let creds = credentials(&req.auth)?;
+            let id = self.images.pull(name, &creds).await?;
+            Ok(PullImageResponse { image_ref: id })
+        })
+        .await
+    }
+
+    async fn remove_image(
+        &self,
+        request: Request<RemoveImageRequest>,
+    ) -> Result<Response<RemoveImageResponse>, Status> {
+        let req = request.into_inner();
+        let name = spec_name(&req.image).to_string();
+        rpc("RemoveImage", &name, async {
+            let name = require_spec(&req.image)?;
+            self.images.remove(name).await?;
+            Ok(RemoveImageResponse {})
+        })
+        .await
+    }
+
+    async fn image_fs_info(
+        &self,
+        _request: Request<ImageFsInfoRequest>,
+    ) -> Result<Response<ImageFsInfoResponse>, Status> {
+        rpc("ImageFsInfo", "", async {
+            let usage = self.images.disk_usage().await?;
+            let fs = FilesystemUsage {
+                timestamp: now_nanos(),
+                fs_id: Some(FilesystemIdentifier {
+                    mountpoint: self.images.root().display().to_string(),
+                }),
+                used_bytes: Some(UInt64Value { value: usage.bytes }),
+                inodes_used: Some(UInt64Value {
+                    value: usage.inodes,
+                }),
+            };
+            Ok(ImageFsInfoResponse {
+                image_filesystems: vec![fs],
+                container_filesystems: vec![],
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_map_to_uid_or_name() {
+        assert_eq!(
+            user_of(Some("1002")),
+            (Some(Int64Value { value: 1002 }), String::new())
+        );
+        assert_eq!(
+            user_of(Some("1003:1003")),
+            (Some(Int64Value { value: 1003 }), String::new())
+        );
+        assert_eq!(user_of(Some("www-data")), (None, "www-data".to_string()));
+        assert_eq!(
+            user_of(Some("www-data:adm")),
+            (None, "www-data".to_string())
+        );
+        assert_eq!(user_of(None), (None, String::new()));
+    }
+
+    #[test]
+    fn auth_field_is_decoded() {
+        let a = AuthConfig {
+            auth: base64::engine::general_purpose::STANDARD.encode("bob:secret"),
+            ..Default::default()
+        };
+        let c = credentials(&Some(a)).expect("decodes");
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("bob", "secret")
+        );
+        let bad = AuthConfig {
+            auth: "!!!".to_string(),
+            ..Default::default()
+        };
+        let e = credentials(&Some(bad))
+            .err()
+            .expect("bad base64 is refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    }
+}

@@ -1,0 +1,117 @@
+//! The gRPC server: opens berth's state, binds the CRI unix socket and serves the
+//! RuntimeService and ImageService until asked to stop. Each RPC is thin (see the service
+//! files); errors become statuses in [`error`] only.
+
+pub mod error;
+pub mod image_service;
+pub mod runtime_service;
+pub mod trace;
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::config::Config;
+use crate::image::{ImageError, ImageManager};
+use crate::store::{Store, StoreError};
+
+/// Why the daemon could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("socket {0} is served by a running daemon; stop it first")]
+    SocketInUse(PathBuf),
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("opening the image store: {0}")]
+    Image(#[from] ImageError),
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
+    move |source| ServerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A daemon whose state is open and whose socket is bound, ready to serve.
+pub struct Daemon {
+    config: Config,
+    listener: UnixListener,
+    images: Arc<ImageManager>,
+}
+
+impl Daemon {
+    /// Opens the store and image state (repairing what a crash left) and binds the socket.
+    pub async fn start(config: Config) -> Result<Daemon, ServerError> {
+        for dir in [&config.root, &config.state] {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o711))
+            .map_err(io_err(&config.root))?;
+        let listener = bind_socket(&config.socket).await?;
+        let store = Arc::new(Store::open(&config.root.join("berth.redb"))?);
+        let images = {
+            let cfg = config.clone();
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || ImageManager::open(&cfg, store))
+                .await
+                .map_err(|e| ServerError::Io {
+                    path: config.root.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })??
+        };
+        Ok(Daemon {
+            config,
+            listener,
+            images: Arc::new(images),
+        })
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight RPCs finish and removes the socket.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let socket = self.config.socket.clone();
+        let runtime = runtime_service::RuntimeServiceImpl::new(self.config.clone());
+        let image = image_service::ImageServiceImpl::new(self.images.clone());
+        tracing::info!(socket = %socket.display(), root = %self.config.root.display(), "serving CRI");
+        let result = tonic::transport::Server::builder()
+            .add_service(RuntimeServiceServer::new(runtime).max_decoding_message_size(16 << 20))
+            .add_service(ImageServiceServer::new(image).max_decoding_message_size(16 << 20))
+            .serve_with_incoming_shutdown(UnixListenerStream::new(self.listener), shutdown)
+            .await;
+        let _ = std::fs::remove_file(&socket);
+        result?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Binds the CRI socket (mode 0660). A socket file left by a crashed daemon is replaced; one
+/// that a live daemon answers on is an error.
+async fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServerError::SocketInUse(path.to_path_buf()));
+        }
+        tracing::info!(socket = %path.display(), "replacing a stale socket");
+        std::fs::remove_file(path).map_err(io_err(path))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io_err(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io_err(path))?;
+    Ok(listener)
+}

@@ -1,0 +1,233 @@
+//! The durable store: one embedded ACID database (`redb`) under `root`, the source of truth for
+//! berth's records. Every record is a JSON value in a named table; a state change is one write
+//! transaction ([`Batch`]) that is durable (fsynced) before [`Store::commit`] returns. In-memory
+//! indexes elsewhere are rebuilt from here at start.
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The schema version written at creation; a later version migrates older stores at open.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The tables berth keeps. Each holds JSON records keyed by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// Image records keyed by image id (`sha256:<config digest>`).
+    Images,
+}
+
+impl Table {
+    const ALL: [Table; 1] = [Table::Images];
+
+    fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            Table::Images => TableDefinition::new("images"),
+        }
+    }
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("store record {table:?}/{key}: {source}")]
+    Decode {
+        table: Table,
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("store record encoding: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("store schema version {found} is newer than this berthd supports ({supported})")]
+    SchemaTooNew { found: u64, supported: u64 },
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// The open database.
+pub struct Store {
+    db: Database,
+}
+
+/// The changes of one state transition, applied atomically by [`Store::commit`].
+#[derive(Default)]
+pub struct Batch {
+    puts: Vec<(Table, String, Vec<u8>)>,
+    deletes: Vec<(Table, String)>,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    /// Inserts or replaces a record.
+    pub fn put<T: Serialize>(
+        &mut self,
+        table: Table,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        self.puts
+            .push((table, key.to_string(), serde_json::to_vec(value)?));
+        Ok(())
+    }
+
+    /// Deletes a record (absent is fine).
+    pub fn delete(&mut self, table: Table, key: &str) {
+        self.deletes.push((table, key.to_string()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`, creating every table and checking the schema.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let found = meta.get("schema_version")?.map(|v| v.value());
+            match found {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StoreError::SchemaTooNew {
+                        found: v,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+            }
+            for t in Table::ALL {
+                tx.open_table(t.def())?;
+            }
+        }
+        tx.commit()?;
+        Ok(Store { db })
+    }
+
+    /// Applies a batch in one durable write transaction.
+    pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write()?;
+        {
+            for (table, key, value) in &batch.puts {
+                tx.open_table(table.def())?
+                    .insert(key.as_str(), value.as_slice())?;
+            }
+            for (table, key) in &batch.deletes {
+                tx.open_table(table.def())?.remove(key.as_str())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Reads one record.
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(table.def())?;
+        match t.get(key)? {
+            Some(v) => serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|source| StoreError::Decode {
+                    table,
+                    key: key.to_string(),
+                    source,
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads every record of a table, in key order.
+    pub fn all<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(table.def())?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let key = k.value().to_string();
+            let value = serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                table,
+                key: key.clone(),
+                source,
+            })?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_atomic_and_durable_across_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("berth.redb");
+        {
+            let store = Store::open(&path).expect("open");
+            let mut b = Batch::new();
+            b.put(Table::Images, "a", &vec![1u32, 2]).expect("put");
+            b.put(Table::Images, "b", &vec![3u32]).expect("put");
+            store.commit(b).expect("commit");
+            let mut b = Batch::new();
+            b.delete(Table::Images, "a");
+            b.delete(Table::Images, "missing");
+            store.commit(b).expect("commit");
+        }
+        let store = Store::open(&path).expect("reopen");
+        let all: Vec<(String, Vec<u32>)> = store.all(Table::Images).expect("all");
+        assert_eq!(all, vec![("b".to_string(), vec![3])]);
+        assert_eq!(
+            store.get::<Vec<u32>>(Table::Images, "a").expect("get"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_bad_record_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("open");
+        let mut b = Batch::new();
+        b.put(Table::Images, "x", &"text").expect("put");
+        store.commit(b).expect("commit");
+        let e = store
+            .get::<u64>(Table::Images, "x")
+            .expect_err("wrong type");
+        assert!(e.to_string().contains("x"), "{e}");
+    }
+}

@@ -1,0 +1,367 @@
+//! A TCP proxy on 127.0.0.1 for registry traffic: counts HTTP requests (method + path)
+//! going upstream, and can throttle or stall the bytes coming back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::registry::{BackgroundServer, find_subslice, parse_request_head};
+
+/// One request seen by the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxiedRequest {
+    pub method: String,
+    /// Path without query string, e.g. `/v2/test/busybox/blobs/sha256:…`.
+    pub path: String,
+    pub at: Instant,
+}
+
+struct ProxyState {
+    upstream: SocketAddr,
+    /// Bytes per second from upstream to clients, over all connections (0 = unlimited).
+    rate: AtomicU64,
+    /// Stop forwarding upstream->client bytes once this many were forwarded in total.
+    stall_after: AtomicU64,
+    /// Bytes forwarded upstream->client so far.
+    forwarded: AtomicU64,
+    /// Refuse (close) new connections.
+    refuse: AtomicBool,
+    connections: AtomicU64,
+    requests: Mutex<Vec<ProxiedRequest>>,
+    /// Token-bucket clock of the rate limiter: when the next byte may go.
+    next_free: Mutex<Instant>,
+}
+
+/// See the module docs. Stops (closing every connection) on drop.
+pub struct Proxy {
+    port: u16,
+    state: Arc<ProxyState>,
+    _server: BackgroundServer,
+}
+
+impl Proxy {
+    /// Starts a proxy to `upstream` (e.g. [`super::Registry::addr`]).
+    pub fn start(upstream: SocketAddr) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        listener.set_nonblocking(true).expect("nonblocking proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let state = Arc::new(ProxyState {
+            upstream,
+            rate: AtomicU64::new(0),
+            stall_after: AtomicU64::new(u64::MAX),
+            forwarded: AtomicU64::new(0),
+            refuse: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            requests: Mutex::new(Vec::new()),
+            next_free: Mutex::new(Instant::now()),
+        });
+        let st = state.clone();
+        let server = BackgroundServer::spawn("test-proxy", move || async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("proxy listener: {e}");
+                    return;
+                }
+            };
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if st.refuse.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                st.connections.fetch_add(1, Ordering::SeqCst);
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let _ = handle_conn(client, st).await;
+                });
+            }
+        });
+        Proxy {
+            port,
+            state,
+            _server: server,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:PORT`: use it as the registry host of image references or as a mirror.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.host())
+    }
+
+    /// Limits upstream->client bandwidth (all connections together); `None` = unlimited.
+    pub fn set_rate_limit(&self, bytes_per_sec: Option<u64>) {
+        self.state
+            .rate
+            .store(bytes_per_sec.unwrap_or(0), Ordering::SeqCst);
+        if let Ok(mut n) = self.state.next_free.lock() {
+            *n = Instant::now();
+        }
+    }
+
+    /// Stops forwarding upstream->client bytes once `bytes` bytes in total have been
+    /// forwarded (counting from the proxy's start). Connections stay open, silent.
+    pub fn stall_after(&self, bytes: u64) {
+        self.state.stall_after.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Stops forwarding from now on.
+    pub fn stall(&self) {
+        let now = self.bytes_forwarded();
+        self.stall_after(now);
+    }
+
+    /// Forwards again (undoes [`Self::stall`]/[`Self::stall_after`]).
+    pub fn resume(&self) {
+        self.state.stall_after.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    /// Whether forwarding is currently held back by a stall.
+    pub fn is_stalled(&self) -> bool {
+        self.bytes_forwarded() >= self.state.stall_after.load(Ordering::SeqCst)
+    }
+
+    /// New connections are accepted and closed immediately while `true`.
+    pub fn refuse_connections(&self, refuse: bool) {
+        self.state.refuse.store(refuse, Ordering::SeqCst);
+    }
+
+    /// Total upstream->client bytes forwarded.
+    pub fn bytes_forwarded(&self) -> u64 {
+        self.state.forwarded.load(Ordering::SeqCst)
+    }
+
+    /// Number of client connections accepted.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Every request seen so far, in order.
+    pub fn requests(&self) -> Vec<ProxiedRequest> {
+        self.state
+            .requests
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    /// How many `method` requests for exactly `path` were seen.
+    pub fn count(&self, method: &str, path: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.method == method && r.path == path)
+            .count()
+    }
+
+    /// How many `GET`s of blob `digest` (any repository) were seen.
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        let suffix = format!("/blobs/{digest}");
+        self.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with(&suffix))
+            .count()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn reset_requests(&self) {
+        if let Ok(mut r) = self.state.requests.lock() {
+            r.clear();
+        }
+    }
+}
+
+async fn handle_conn(client: TcpStream, st: Arc<ProxyState>) -> std::io::Result<()> {
+    let upstream = TcpStream::connect(st.upstream).await?;
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
+    let client_gone = Arc::new(AtomicBool::new(false));
+    let up = client_to_upstream(cr, uw, st.clone(), client_gone.clone());
+    let down = upstream_to_client(ur, cw, st, client_gone);
+    let _ = tokio::join!(up, down);
+    Ok(())
+}
+
+/// Forwards requests, recording each request line. Bodies with Content-Length are skipped
+/// over; on anything it cannot follow (chunked bodies, TLS) it stops recording and just
+/// forwards.
+async fn client_to_upstream(
+    mut cr: OwnedReadHalf,
+    mut uw: OwnedWriteHalf,
+    st: Arc<ProxyState>,
+    client_gone: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    let mut buf = [0u8; 16 * 1024];
+    let mut head = Vec::new();
+    let mut body_left: u64 = 0;
+    let mut passthrough = false;
+    let result = async {
+        loop {
+            let n = cr.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            if !passthrough {
+                let mut data = &buf[..n];
+                while !data.is_empty() && !passthrough {
+                    if body_left > 0 {
+                        let k = (body_left as usize).min(data.len());
+                        body_left -= k as u64;
+                        data = &data[k..];
+                        continue;
+                    }
+                    head.extend_from_slice(data);
+                    data = &[];
+                    if let Some(pos) = find_subslice(&head, b"\r\n\r\n") {
+                        let end = pos + 4;
+                        match parse_request_head(&head[..end]) {
+                            Some(req) => {
+                                if let Ok(mut r) = st.requests.lock() {
+                                    r.push(ProxiedRequest {
+                                        method: req.method.clone(),
+                                        path: req.path.clone(),
+                                        at: Instant::now(),
+                                    });
+                                }
+                                if req
+                                    .header("transfer-encoding")
+                                    .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+                                {
+                                    passthrough = true;
+                                }
+                                body_left = req
+                                    .header("content-length")
+                                    .and_then(|v| v.parse().ok())
+                                    .unwrap_or(0);
+                                let rest = head.split_off(end);
+                                head.clear();
+                                // Re-feed what followed the head (body or next request).
+                                let k = (body_left as usize).min(rest.len());
+                                body_left -= k as u64;
+                                head.extend_from_slice(&rest[k..]);
+                                // Loop again over `head` if it holds another request.
+                                while !passthrough
+                                    && body_left == 0
+                                    && find_subslice(&head, b"\r\n\r\n").is_some()
+                                {
+                                    let h = std::mem::take(&mut head);
+                                    let pos = find_subslice(&h, b"\r\n\r\n").unwrap_or(0) + 4;
+                                    if let Some(req) = parse_request_head(&h[..pos]) {
+                                        if let Ok(mut r) = st.requests.lock() {
+                                            r.push(ProxiedRequest {
+                                                method: req.method.clone(),
+                                                path: req.path.clone(),
+                                                at: Instant::now(),
+                                            });
+                                        }
+                                        body_left = req
+                                            .header("content-length")
+                                            .and_then(|v| v.parse().ok())
+                                            .unwrap_or(0);
+                                        let rest = &h[pos..];
+                                        let k = (body_left as usize).min(rest.len());
+                                        body_left -= k as u64;
+                                        head.extend_from_slice(&rest[k..]);
+                                    } else {
+                                        passthrough = true;
+                                    }
+                                }
+                            }
+                            None => passthrough = true,
+                        }
+                    } else if head.len() > 64 * 1024 || !looks_like_http(&head) {
+                        passthrough = true;
+                    }
+                }
+            }
+            uw.write_all(&buf[..n]).await?;
+        }
+        Ok::<(), std::io::Error>(())
+    }
+    .await;
+    client_gone.store(true, Ordering::SeqCst);
+    let _ = uw.shutdown().await;
+    result
+}
+
+fn looks_like_http(head: &[u8]) -> bool {
+    let n = head.len().min(8);
+    head[..n]
+        .iter()
+        .all(|b| b.is_ascii_uppercase() || *b == b' ' || *b == b'/' || b.is_ascii_alphanumeric())
+}
+
+async fn upstream_to_client(
+    mut ur: OwnedReadHalf,
+    mut cw: OwnedWriteHalf,
+    st: Arc<ProxyState>,
+    client_gone: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let rate = st.rate.load(Ordering::SeqCst);
+        // Small reads when throttled so that the limiter is smooth.
+        let max = if rate == 0 {
+            buf.len()
+        } else {
+            ((rate / 20) as usize).clamp(512, buf.len())
+        };
+        let n = ur.read(&mut buf[..max]).await?;
+        if n == 0 {
+            let _ = cw.shutdown().await;
+            return Ok(());
+        }
+        let mut off = 0;
+        while off < n {
+            // Stall: forward only up to the limit, then wait.
+            let limit = st.stall_after.load(Ordering::SeqCst);
+            let fwd = st.forwarded.load(Ordering::SeqCst);
+            if fwd >= limit {
+                if client_gone.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            let k = ((limit - fwd).min((n - off) as u64)) as usize;
+            throttle(&st, k as u64).await;
+            cw.write_all(&buf[off..off + k]).await?;
+            st.forwarded.fetch_add(k as u64, Ordering::SeqCst);
+            off += k;
+        }
+    }
+}
+
+async fn throttle(st: &ProxyState, bytes: u64) {
+    let rate = st.rate.load(Ordering::SeqCst);
+    if rate == 0 {
+        return;
+    }
+    let wait_until = {
+        let Ok(mut next) = st.next_free.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        let start = if *next > now { *next } else { now };
+        *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        start
+    };
+    tokio::time::sleep_until(wait_until.into()).await;
+}
