@@ -262,11 +262,10 @@ pub fn unpack_tar<R: Read>(reader: R, dest: &Path) -> Result<(), UnpackError> {
         if let Some(exts) = entry.pax_extensions().map_err(UnpackError::Read)? {
             for ext in exts {
                 let ext = ext.map_err(UnpackError::Read)?;
-                if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
-                    if let Err(e) = xattr::set(&target, OsStr::from_bytes(name), ext.value_bytes())
-                    {
-                        tracing::warn!(path = %target.display(), xattr = %String::from_utf8_lossy(name), error = %e, "cannot set xattr");
-                    }
+                if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.")
+                    && let Err(e) = xattr::set(&target, OsStr::from_bytes(name), ext.value_bytes())
+                {
+                    tracing::warn!(path = %target.display(), xattr = %String::from_utf8_lossy(name), error = %e, "cannot set xattr");
                 }
             }
         }
@@ -386,6 +385,9 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
+    /// A tar entry to build: name, type, data, link target.
+    type Entry<'a> = (&'a str, EntryType, &'a [u8], Option<&'a str>);
+
     fn header(path: &str, kind: EntryType, size: u64, mode: u32) -> tar::Header {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(kind);
@@ -401,7 +403,7 @@ mod tests {
         h
     }
 
-    fn tar_of(entries: &[(&str, EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+    fn tar_of(entries: &[Entry]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (path, kind, data, link) in entries {
             let mut h = header(path, *kind, data.len() as u64, 0o754);
@@ -414,9 +416,7 @@ mod tests {
         b.into_inner().expect("tar")
     }
 
-    fn unpack(
-        entries: &[(&str, EntryType, &[u8], Option<&str>)],
-    ) -> (tempfile::TempDir, Result<(), UnpackError>) {
+    fn unpack(entries: &[Entry]) -> (tempfile::TempDir, Result<(), UnpackError>) {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("fs")).expect("fs");
         let r = unpack_tar(&tar_of(entries)[..], &dir.path().join("fs"));
@@ -468,7 +468,7 @@ mod tests {
 
     #[test]
     fn escapes_are_refused_and_write_nothing_outside() {
-        let cases: Vec<Vec<(&str, EntryType, &[u8], Option<&str>)>> = vec![
+        let cases: Vec<Vec<Entry>> = vec![
             vec![("../escape", EntryType::Regular, b"x", None)],
             vec![("a/../../escape", EntryType::Regular, b"x", None)],
             vec![("/escape", EntryType::Regular, b"x", None)],

@@ -13,7 +13,7 @@ use k8s_cri::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::trace::rpc;
+use super::trace::{deadline, rpc};
 use crate::image::{Credentials, ImageManager, ImageRecord};
 
 pub struct ImageServiceImpl {
@@ -106,13 +106,14 @@ impl ImageService for ImageServiceImpl {
         &self,
         request: Request<ListImagesRequest>,
     ) -> Result<Response<ListImagesResponse>, Status> {
+        let deadline = deadline(&request);
         let req = request.into_inner();
         let filter = req
             .filter
             .as_ref()
             .map(|f| spec_name(&f.image).trim().to_string())
             .unwrap_or_default();
-        rpc("ListImages", &filter, async {
+        rpc("ListImages", &filter, deadline, async {
             let images = if filter.is_empty() {
                 self.images.list()
             } else {
@@ -129,9 +130,10 @@ impl ImageService for ImageServiceImpl {
         &self,
         request: Request<ImageStatusRequest>,
     ) -> Result<Response<ImageStatusResponse>, Status> {
+        let deadline = deadline(&request);
         let req = request.into_inner();
         let name = spec_name(&req.image).to_string();
-        rpc("ImageStatus", &name, async {
+        rpc("ImageStatus", &name, deadline, async {
             let name = require_spec(&req.image)?;
             let Some(img) = self.images.resolve(name) else {
                 return Ok(ImageStatusResponse::default());
@@ -162,9 +164,10 @@ impl ImageService for ImageServiceImpl {
         &self,
         request: Request<PullImageRequest>,
     ) -> Result<Response<PullImageResponse>, Status> {
+        let deadline = deadline(&request);
         let req = request.into_inner();
         let name = spec_name(&req.image).to_string();
-        rpc("PullImage", &name, async {
+        rpc("PullImage", &name, deadline, async {
             let name = require_spec(&req.image)?;
             let creds = credentials(&req.auth)?;
             let id = self.images.pull(name, &creds).await?;
@@ -177,9 +180,10 @@ impl ImageService for ImageServiceImpl {
         &self,
         request: Request<RemoveImageRequest>,
     ) -> Result<Response<RemoveImageResponse>, Status> {
+        let deadline = deadline(&request);
         let req = request.into_inner();
         let name = spec_name(&req.image).to_string();
-        rpc("RemoveImage", &name, async {
+        rpc("RemoveImage", &name, deadline, async {
             let name = require_spec(&req.image)?;
             self.images.remove(name).await?;
             Ok(RemoveImageResponse {})
@@ -191,7 +195,7 @@ impl ImageService for ImageServiceImpl {
         &self,
         _request: Request<ImageFsInfoRequest>,
     ) -> Result<Response<ImageFsInfoResponse>, Status> {
-        rpc("ImageFsInfo", "", async {
+        rpc("ImageFsInfo", "", deadline(&_request), async {
             let usage = self.images.disk_usage().await?;
             let fs = FilesystemUsage {
                 timestamp: now_nanos(),

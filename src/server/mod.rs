@@ -11,11 +11,15 @@ use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 
 use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
 use crate::image::{ImageError, ImageManager};
@@ -35,8 +39,6 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("opening the image store: {0}")]
     Image(#[from] ImageError),
-    #[error("serving gRPC: {0}")]
-    Transport(#[from] tonic::transport::Error),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
@@ -45,6 +47,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
         source,
     }
 }
+
+/// The largest CRI message accepted (a big ListContainers answer or a pod config).
+const MAX_MESSAGE: usize = 16 << 20;
+/// How long a stopping daemon waits for in-flight RPCs.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A daemon whose state is open and whose socket is bound, ready to serve.
 pub struct Daemon {
@@ -80,19 +87,55 @@ impl Daemon {
         })
     }
 
-    /// Serves until `shutdown` completes, then lets in-flight RPCs finish and removes the socket.
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight RPCs finish
+    /// (up to [`DRAIN_TIMEOUT`]) and removes the socket.
+    ///
+    /// Connections are served with hyper directly rather than tonic's `Server`, whose
+    /// `grpc-timeout` handling answers `Cancelled`; berth answers `DeadlineExceeded` like
+    /// containerd and CRI-O (see [`trace::rpc`]).
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let socket = self.config.socket.clone();
         let runtime = runtime_service::RuntimeServiceImpl::new(self.config.clone());
         let image = image_service::ImageServiceImpl::new(self.images.clone());
+        let routes = tonic::service::Routes::new(
+            RuntimeServiceServer::new(runtime).max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(ImageServiceServer::new(image).max_decoding_message_size(MAX_MESSAGE));
+        let http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let graceful = GracefulShutdown::new();
         tracing::info!(socket = %socket.display(), root = %self.config.root.display(), "serving CRI");
-        let result = tonic::transport::Server::builder()
-            .add_service(RuntimeServiceServer::new(runtime).max_decoding_message_size(16 << 20))
-            .add_service(ImageServiceServer::new(image).max_decoding_message_size(16 << 20))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(self.listener), shutdown)
-            .await;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let service = TowerToHyperService::new(routes.clone());
+                        let conn = http2.serve_connection(TokioIo::new(stream), service);
+                        let conn = graceful.watch(conn);
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = &mut shutdown => break,
+            }
+        }
+        drop(self.listener);
         let _ = std::fs::remove_file(&socket);
-        result?;
+        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "in-flight RPCs did not finish within {DRAIN_TIMEOUT:?}; stopping anyway"
+            );
+        }
         tracing::info!("stopped");
         Ok(())
     }

@@ -11,7 +11,7 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::error::unimplemented;
-use super::trace::rpc;
+use super::trace::{deadline, rpc};
 use crate::config::{CgroupDriver, Config};
 
 /// The CRI API version berth speaks.
@@ -58,7 +58,7 @@ macro_rules! not_yet {
             'life0: 'async_trait,
             Self: 'async_trait,
         {
-            Box::pin(rpc($name, "", async { Err::<$resp, Status>(unimplemented($name)) }))
+            Box::pin(rpc($name, "", deadline(&_request), async { Err::<$resp, Status>(unimplemented($name)) }))
         }
     )*};
 }
@@ -69,7 +69,7 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         _request: Request<cri::VersionRequest>,
     ) -> Result<Response<cri::VersionResponse>, Status> {
-        rpc("Version", "", async {
+        rpc("Version", "", None, async {
             Ok(cri::VersionResponse {
                 version: "0.1.0".to_string(),
                 runtime_name: RUNTIME_NAME.to_string(),
@@ -84,8 +84,9 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         request: Request<cri::StatusRequest>,
     ) -> Result<Response<cri::StatusResponse>, Status> {
+        let deadline = deadline(&request);
         let verbose = request.into_inner().verbose;
-        rpc("Status", "", async {
+        rpc("Status", "", deadline, async {
             let mut info = HashMap::new();
             if verbose {
                 let config = serde_json::json!({
@@ -114,7 +115,7 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         _request: Request<cri::RuntimeConfigRequest>,
     ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
-        rpc("RuntimeConfig", "", async {
+        rpc("RuntimeConfig", "", None, async {
             let driver = match self.config.cgroup_driver {
                 CgroupDriver::Cgroupfs => cri::CgroupDriver::Cgroupfs,
                 CgroupDriver::Systemd => cri::CgroupDriver::Systemd,
@@ -162,7 +163,7 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         _request: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        rpc("GetContainerEvents", "", async {
+        rpc("GetContainerEvents", "", None, async {
             Err::<Self::GetContainerEventsStream, Status>(unimplemented("GetContainerEvents"))
         })
         .await

@@ -1,20 +1,61 @@
-//! One `tracing` span per RPC: method, the ids it names, duration and resulting status.
+//! One `tracing` span per RPC: method, the ids it names, duration and resulting status; and
+//! the client's deadline (`grpc-timeout`), which ends the RPC with `DeadlineExceeded`.
 
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tonic::{Response, Status};
 use tracing::Instrument;
 
-/// Runs an RPC body inside a span named after the method, logging its outcome.
-pub async fn rpc<T, F>(method: &'static str, id: &str, body: F) -> Result<Response<T>, Status>
+/// The client's deadline for a request, from its `grpc-timeout` header.
+pub fn deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {
+    request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+}
+
+/// Parses a gRPC timeout: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Runs an RPC body inside a span named after the method, within the client's deadline,
+/// logging its outcome.
+pub async fn rpc<T, F>(
+    method: &'static str,
+    id: &str,
+    deadline: Option<Duration>,
+    body: F,
+) -> Result<Response<T>, Status>
 where
     F: Future<Output = Result<T, Status>>,
 {
     let span = tracing::info_span!("rpc", method, id = %id);
     async move {
         let start = Instant::now();
-        let result = body.await;
+        let result = match deadline {
+            Some(d) => tokio::time::timeout(d, body).await.unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "{method}: the client's deadline of {d:?} passed"
+                )))
+            }),
+            None => body.await,
+        };
         let ms = start.elapsed().as_secs_f64() * 1000.0;
         match &result {
             Ok(_) => tracing::debug!(ms, "ok"),
@@ -27,4 +68,23 @@ where
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("1m"), Some(Duration::from_millis(1)));
+        assert_eq!(parse_grpc_timeout("300S"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(
+            parse_grpc_timeout("99999u"),
+            Some(Duration::from_micros(99999))
+        );
+        for bad in ["", "S", "1x", "123456789S", "-1S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
 }
