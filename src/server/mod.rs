@@ -68,7 +68,7 @@ impl Daemon {
         }
         std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o711))
             .map_err(io_err(&config.root))?;
-        let listener = bind_socket(&config.socket).await?;
+        refuse_live_socket(&config.socket).await?;
         let store = Arc::new(Store::open(&config.root.join("berth.redb"))?);
         let images = {
             let cfg = config.clone();
@@ -80,6 +80,8 @@ impl Daemon {
                     source: std::io::Error::other(e.to_string()),
                 })??
         };
+        // Bound last: a client that can connect finds a daemon whose state is ready.
+        let listener = bind_socket(&config.socket).await?;
         Ok(Daemon {
             config,
             listener,
@@ -128,17 +130,32 @@ impl Daemon {
         }
         drop(self.listener);
         let _ = std::fs::remove_file(&socket);
-        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "in-flight RPCs did not finish within {DRAIN_TIMEOUT:?}; stopping anyway"
-            );
+        // Finish in-flight RPCs; idle client connections are not waited for beyond that.
+        let drained = async {
+            trace::all_rpcs_done().await;
+            // Let the last answers reach their clients.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        tokio::select! {
+            () = graceful.shutdown() => {}
+            () = drained => {}
+            () = tokio::time::sleep(DRAIN_TIMEOUT) => {
+                tracing::warn!("in-flight RPCs did not finish within {DRAIN_TIMEOUT:?}; stopping anyway");
+            }
         }
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Fails if a live daemon answers on the socket path.
+async fn refuse_live_socket(path: &Path) -> Result<(), ServerError> {
+    if std::fs::symlink_metadata(path).is_ok()
+        && tokio::net::UnixStream::connect(path).await.is_ok()
+    {
+        return Err(ServerError::SocketInUse(path.to_path_buf()));
+    }
+    Ok(())
 }
 
 /// Binds the CRI socket (mode 0660). A socket file left by a crashed daemon is replaced; one
@@ -148,9 +165,7 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
     if std::fs::symlink_metadata(path).is_ok() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(ServerError::SocketInUse(path.to_path_buf()));
-        }
+        refuse_live_socket(path).await?;
         tracing::info!(socket = %path.display(), "replacing a stale socket");
         std::fs::remove_file(path).map_err(io_err(path))?;
     }

@@ -2,10 +2,45 @@
 //! the client's deadline (`grpc-timeout`), which ends the RPC with `DeadlineExceeded`.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use tonic::{Response, Status};
 use tracing::Instrument;
+
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static IDLE: Notify = Notify::const_new();
+
+/// Counts an RPC as in flight while it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> InFlight {
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if IN_FLIGHT.fetch_sub(1, Ordering::SeqCst) == 1 {
+            IDLE.notify_waiters();
+        }
+    }
+}
+
+/// Completes when no RPC is in flight.
+pub async fn all_rpcs_done() {
+    loop {
+        let idle = IDLE.notified();
+        if IN_FLIGHT.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        idle.await;
+    }
+}
 
 /// The client's deadline for a request, from its `grpc-timeout` header.
 pub fn deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {
@@ -47,6 +82,7 @@ where
 {
     let span = tracing::info_span!("rpc", method, id = %id);
     async move {
+        let _in_flight = InFlight::enter();
         let start = Instant::now();
         let result = match deadline {
             Some(d) => tokio::time::timeout(d, body).await.unwrap_or_else(|_| {
