@@ -7,6 +7,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use berth::config::Config;
+use berth::sandbox::init::POD_INIT_FLAG;
 use berth::server::Daemon;
 
 /// berth's CRI daemon: serves runtime.v1 RuntimeService and ImageService on a unix socket.
@@ -25,6 +26,13 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // berthd re-executes itself as a pod's init (see berth::sandbox::init); that mode must
+    // start before anything else (no threads, no runtime).
+    let mut raw = std::env::args_os().skip(1);
+    if raw.next().as_deref() == Some(std::ffi::OsStr::new(POD_INIT_FLAG)) {
+        let pid_file = PathBuf::from(raw.next().unwrap_or_default());
+        std::process::exit(berth::sandbox::init::launcher_main(&pid_file));
+    }
     let args = Args::parse();
     if args.print_default_config {
         print!("{}", berth::config::DEFAULT_TOML);

@@ -17,13 +17,14 @@ pub mod unpack;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock, Weak};
+use std::sync::{Arc, RwLock as StdRwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
+use crate::locks::KeyedLocks;
 use crate::store::{Batch, Store, StoreError, Table};
 use content::ContentStore;
 use manifest::{Descriptor, ImageConfig, ManifestOrIndex};
@@ -124,30 +125,6 @@ pub struct ImageRecord {
 pub struct DiskUsage {
     pub bytes: u64,
     pub inodes: u64,
-}
-
-/// Per-key async locks that disappear when nobody holds them.
-#[derive(Default)]
-struct KeyedLocks {
-    map: StdMutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
-}
-
-impl KeyedLocks {
-    async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = {
-            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            map.retain(|_, w| w.strong_count() > 0);
-            match map.get(key).and_then(Weak::upgrade) {
-                Some(m) => m,
-                None => {
-                    let m = Arc::new(tokio::sync::Mutex::new(()));
-                    map.insert(key.to_string(), Arc::downgrade(&m));
-                    m
-                }
-            }
-        };
-        m.lock_owned().await
-    }
 }
 
 /// The images of one berthd.

@@ -4,6 +4,8 @@ use tonic::Status;
 
 use crate::image::ImageError;
 use crate::image::unpack::UnpackError;
+use crate::network::NetworkError;
+use crate::sandbox::SandboxError;
 
 impl From<ImageError> for Status {
     fn from(e: ImageError) -> Status {
@@ -28,6 +30,42 @@ impl From<ImageError> for Status {
             | ImageError::Io { .. }
             | ImageError::Store(_)
             | ImageError::Internal(_) => Status::internal(msg),
+        }
+    }
+}
+
+impl From<NetworkError> for Status {
+    fn from(e: NetworkError) -> Status {
+        let msg = e.to_string();
+        match e {
+            NetworkError::NotReady(_) => Status::failed_precondition(msg),
+            NetworkError::IpamExhausted(_) => Status::resource_exhausted(msg),
+            NetworkError::Invalid(_) => Status::invalid_argument(msg),
+            NetworkError::Netlink(_)
+            | NetworkError::Nftables(_)
+            | NetworkError::Plugin { .. }
+            | NetworkError::Store(_)
+            | NetworkError::Io { .. } => Status::internal(msg),
+        }
+    }
+}
+
+impl From<SandboxError> for Status {
+    fn from(e: SandboxError) -> Status {
+        let msg = e.to_string();
+        match e {
+            SandboxError::NotFound(_) => Status::not_found(msg),
+            SandboxError::Ambiguous(_) | SandboxError::Invalid(_) | SandboxError::Sysctl(_) => {
+                Status::invalid_argument(msg)
+            }
+            SandboxError::NameReserved { .. } => Status::already_exists(msg),
+            SandboxError::Network(n) => {
+                let code = Status::from(n).code();
+                Status::new(code, msg)
+            }
+            SandboxError::Ns(_) | SandboxError::Store(_) | SandboxError::Io { .. } => {
+                Status::internal(msg)
+            }
         }
     }
 }

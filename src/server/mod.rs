@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod image_service;
+pub mod pod_sandbox;
 pub mod runtime_service;
 pub mod trace;
 
@@ -23,6 +24,7 @@ use tokio::net::UnixListener;
 
 use crate::config::Config;
 use crate::image::{ImageError, ImageManager};
+use crate::sandbox::SandboxManager;
 use crate::store::{Store, StoreError};
 
 /// Why the daemon could not start or serve.
@@ -39,6 +41,10 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("opening the image store: {0}")]
     Image(#[from] ImageError),
+    #[error("setting up pod networking: {0}")]
+    Network(#[from] crate::network::NetworkError),
+    #[error("loading pod sandboxes: {0}")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
@@ -58,6 +64,7 @@ pub struct Daemon {
     config: Config,
     listener: UnixListener,
     images: Arc<ImageManager>,
+    sandboxes: Arc<SandboxManager>,
 }
 
 impl Daemon {
@@ -80,12 +87,15 @@ impl Daemon {
                     source: std::io::Error::other(e.to_string()),
                 })??
         };
+        let network = crate::network::from_config(&config, store.clone()).await?;
+        let sandboxes = Arc::new(SandboxManager::open(store.clone(), network, &config.state).await?);
         // Bound last: a client that can connect finds a daemon whose state is ready.
         let listener = bind_socket(&config.socket).await?;
         Ok(Daemon {
             config,
             listener,
             images: Arc::new(images),
+            sandboxes,
         })
     }
 
@@ -97,7 +107,7 @@ impl Daemon {
     /// containerd and CRI-O (see [`trace::rpc`]).
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let socket = self.config.socket.clone();
-        let runtime = runtime_service::RuntimeServiceImpl::new(self.config.clone());
+        let runtime = runtime_service::RuntimeServiceImpl::new(self.config.clone(), self.sandboxes.clone());
         let image = image_service::ImageServiceImpl::new(self.images.clone());
         let routes = tonic::service::Routes::new(
             RuntimeServiceServer::new(runtime).max_decoding_message_size(MAX_MESSAGE),

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
@@ -12,7 +13,9 @@ use tonic::{Request, Response, Status};
 
 use super::error::unimplemented;
 use super::trace::{deadline, rpc};
+use super::pod_sandbox;
 use crate::config::{CgroupDriver, Config};
+use crate::sandbox::SandboxManager;
 
 /// The CRI API version berth speaks.
 pub const CRI_API_VERSION: &str = "v1";
@@ -21,14 +24,16 @@ pub const RUNTIME_NAME: &str = "berth";
 
 pub struct RuntimeServiceImpl {
     config: Config,
+    sandboxes: Arc<SandboxManager>,
 }
 
 impl RuntimeServiceImpl {
-    pub fn new(config: Config) -> RuntimeServiceImpl {
-        RuntimeServiceImpl { config }
+    pub fn new(config: Config, sandboxes: Arc<SandboxManager>) -> RuntimeServiceImpl {
+        RuntimeServiceImpl { config, sandboxes }
     }
 
-    fn conditions(&self) -> Vec<cri::RuntimeCondition> {
+    async fn conditions(&self) -> Vec<cri::RuntimeCondition> {
+        let network = self.sandboxes.network_ready().await;
         vec![
             cri::RuntimeCondition {
                 r#type: "RuntimeReady".to_string(),
@@ -38,9 +43,13 @@ impl RuntimeServiceImpl {
             },
             cri::RuntimeCondition {
                 r#type: "NetworkReady".to_string(),
-                status: false,
-                reason: "NetworkPluginNotReady".to_string(),
-                message: "berth: pod networking is not available yet".to_string(),
+                status: network.is_ok(),
+                reason: if network.is_ok() {
+                    String::new()
+                } else {
+                    "NetworkPluginNotReady".to_string()
+                },
+                message: network.err().unwrap_or_default(),
             },
         ]
     }
@@ -101,7 +110,7 @@ impl RuntimeService for RuntimeServiceImpl {
             }
             Ok(cri::StatusResponse {
                 status: Some(cri::RuntimeStatus {
-                    conditions: self.conditions(),
+                    conditions: self.conditions().await,
                 }),
                 info,
                 runtime_handlers: vec![],
@@ -129,12 +138,90 @@ impl RuntimeService for RuntimeServiceImpl {
         .await
     }
 
+    async fn run_pod_sandbox(
+        &self,
+        request: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let name = req
+            .config
+            .as_ref()
+            .and_then(|c| c.metadata.as_ref())
+            .map(|m| format!("{}/{}", m.namespace, m.name))
+            .unwrap_or_default();
+        rpc("RunPodSandbox", &name, deadline, pod_sandbox::run(&self.sandboxes, &self.config, req)).await
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        request: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        let deadline = deadline(&request);
+        let id = request.into_inner().pod_sandbox_id;
+        rpc("StopPodSandbox", &id, deadline, async {
+            self.sandboxes.stop(&id).await?;
+            Ok(cri::StopPodSandboxResponse {})
+        })
+        .await
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        request: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let deadline = deadline(&request);
+        let id = request.into_inner().pod_sandbox_id;
+        rpc("RemovePodSandbox", &id, deadline, async {
+            self.sandboxes.remove(&id).await?;
+            Ok(cri::RemovePodSandboxResponse {})
+        })
+        .await
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        request: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.pod_sandbox_id.clone();
+        rpc("PodSandboxStatus", &id, deadline, pod_sandbox::status(&self.sandboxes, req)).await
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        request: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        rpc("ListPodSandbox", "", deadline, async {
+            Ok(pod_sandbox::list(&self.sandboxes, req))
+        })
+        .await
+    }
+
+    async fn update_runtime_config(
+        &self,
+        request: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        let deadline = deadline(&request);
+        let cidr = request
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        rpc("UpdateRuntimeConfig", &cidr, deadline, async {
+            if !cidr.is_empty() {
+                self.sandboxes.set_pod_cidr(&cidr).await?;
+            }
+            Ok(cri::UpdateRuntimeConfigResponse {})
+        })
+        .await
+    }
+
     not_yet! {
-        run_pod_sandbox(cri::RunPodSandboxRequest) -> cri::RunPodSandboxResponse = "RunPodSandbox";
-        stop_pod_sandbox(cri::StopPodSandboxRequest) -> cri::StopPodSandboxResponse = "StopPodSandbox";
-        remove_pod_sandbox(cri::RemovePodSandboxRequest) -> cri::RemovePodSandboxResponse = "RemovePodSandbox";
-        pod_sandbox_status(cri::PodSandboxStatusRequest) -> cri::PodSandboxStatusResponse = "PodSandboxStatus";
-        list_pod_sandbox(cri::ListPodSandboxRequest) -> cri::ListPodSandboxResponse = "ListPodSandbox";
         create_container(cri::CreateContainerRequest) -> cri::CreateContainerResponse = "CreateContainer";
         start_container(cri::StartContainerRequest) -> cri::StartContainerResponse = "StartContainer";
         stop_container(cri::StopContainerRequest) -> cri::StopContainerResponse = "StopContainer";
@@ -151,7 +238,6 @@ impl RuntimeService for RuntimeServiceImpl {
         list_container_stats(cri::ListContainerStatsRequest) -> cri::ListContainerStatsResponse = "ListContainerStats";
         pod_sandbox_stats(cri::PodSandboxStatsRequest) -> cri::PodSandboxStatsResponse = "PodSandboxStats";
         list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest) -> cri::ListPodSandboxStatsResponse = "ListPodSandboxStats";
-        update_runtime_config(cri::UpdateRuntimeConfigRequest) -> cri::UpdateRuntimeConfigResponse = "UpdateRuntimeConfig";
         checkpoint_container(cri::CheckpointContainerRequest) -> cri::CheckpointContainerResponse = "CheckpointContainer";
         list_metric_descriptors(cri::ListMetricDescriptorsRequest) -> cri::ListMetricDescriptorsResponse = "ListMetricDescriptors";
         list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest) -> cri::ListPodSandboxMetricsResponse = "ListPodSandboxMetrics";

@@ -19,14 +19,23 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub enum Table {
     /// Image records keyed by image id (`sha256:<config digest>`).
     Images,
+    /// Pod sandbox records keyed by sandbox id.
+    Sandboxes,
+    /// Native IPAM: allocated pod addresses keyed by address, valued by their holder.
+    PodIps,
+    /// Small settings that must survive restarts (e.g. the kubelet's pod CIDR), by name.
+    Settings,
 }
 
 impl Table {
-    const ALL: [Table; 1] = [Table::Images];
+    const ALL: [Table; 4] = [Table::Images, Table::Sandboxes, Table::PodIps, Table::Settings];
 
     fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         match self {
             Table::Images => TableDefinition::new("images"),
+            Table::Sandboxes => TableDefinition::new("sandboxes"),
+            Table::PodIps => TableDefinition::new("pod_ips"),
+            Table::Settings => TableDefinition::new("settings"),
         }
     }
 }

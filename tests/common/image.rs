@@ -18,7 +18,8 @@ pub const DEFAULT_MTIME: u64 = 1_600_000_000;
 /// `created` of every test image config.
 pub const CREATED: &str = "2020-09-13T12:26:40Z";
 /// Default PATH of test images.
-pub const DEFAULT_PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH_ENV: &str =
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// `/etc/passwd` of busybox test images.
 pub const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
@@ -181,7 +182,11 @@ impl LayerBuilder {
             gnu.gname[..user.len()].copy_from_slice(user);
         }
         h.set_cksum();
-        let body: &[u8] = if kind == EntryType::Regular { data } else { &[] };
+        let body: &[u8] = if kind == EntryType::Regular {
+            data
+        } else {
+            &[]
+        };
         self.tar.append(&h, body).expect("append to in-memory tar");
     }
 
@@ -211,7 +216,15 @@ impl LayerBuilder {
             if !self.dirs.contains(&acc) {
                 self.dirs.insert(acc.clone());
                 let name = format!("{acc}/");
-                self.raw_entry(name.as_bytes(), EntryType::Directory, 0o755, 0, 0, &[], None);
+                self.raw_entry(
+                    name.as_bytes(),
+                    EntryType::Directory,
+                    0o755,
+                    0,
+                    0,
+                    &[],
+                    None,
+                );
             }
         }
     }
@@ -226,7 +239,15 @@ impl LayerBuilder {
         self.parents(&p);
         self.dirs.insert(p.clone());
         let name = format!("{p}/");
-        self.raw_entry(name.as_bytes(), EntryType::Directory, mode, uid, gid, &[], None);
+        self.raw_entry(
+            name.as_bytes(),
+            EntryType::Directory,
+            mode,
+            uid,
+            gid,
+            &[],
+            None,
+        );
         self
     }
 
@@ -245,7 +266,15 @@ impl LayerBuilder {
     ) -> Self {
         let p = path.trim_start_matches('/');
         self.parents(p);
-        self.raw_entry(p.as_bytes(), EntryType::Regular, mode, uid, gid, data.as_ref(), None);
+        self.raw_entry(
+            p.as_bytes(),
+            EntryType::Regular,
+            mode,
+            uid,
+            gid,
+            data.as_ref(),
+            None,
+        );
         self
     }
 
@@ -356,7 +385,11 @@ pub fn busybox_layer(links: AppletLinks) -> Vec<u8> {
 /// A layer with one file `random/layer-<seed>.bin` of `size` pseudo-random bytes.
 pub fn random_layer(size: usize, seed: u64) -> Vec<u8> {
     LayerBuilder::new()
-        .file(&format!("random/layer-{seed}.bin"), random_bytes(size, seed), 0o644)
+        .file(
+            &format!("random/layer-{seed}.bin"),
+            random_bytes(size, seed),
+            0o644,
+        )
         .finish()
 }
 
@@ -387,9 +420,7 @@ impl ManifestFormat {
     pub fn index_media_type(self) -> &'static str {
         match self {
             ManifestFormat::Oci => "application/vnd.oci.image.index.v1+json",
-            ManifestFormat::Docker => {
-                "application/vnd.docker.distribution.manifest.list.v2+json"
-            }
+            ManifestFormat::Docker => "application/vnd.docker.distribution.manifest.list.v2+json",
         }
     }
     pub fn config_media_type(self) -> &'static str {
@@ -415,19 +446,21 @@ impl ManifestFormat {
     }
 }
 
-/// Compresses a layer tar.
-pub fn compress(data: &[u8], c: Compression) -> Vec<u8> {
+/// Compresses a layer tar (no copy for [`Compression::None`]).
+pub fn compress(data: &Bytes, c: Compression) -> Bytes {
     match c {
-        Compression::None => data.to_vec(),
+        Compression::None => data.clone(),
         Compression::Gzip => {
             let mut enc = flate2::write::GzEncoder::new(
                 Vec::with_capacity(data.len() / 2),
                 flate2::Compression::fast(),
             );
             enc.write_all(data).expect("gzip in memory");
-            enc.finish().expect("gzip in memory")
+            enc.finish().expect("gzip in memory").into()
         }
-        Compression::Zstd => zstd::stream::encode_all(data, 3).expect("zstd in memory"),
+        Compression::Zstd => zstd::stream::encode_all(&data[..], 3)
+            .expect("zstd in memory")
+            .into(),
     }
 }
 
@@ -475,7 +508,7 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 /// `Env=[PATH=...]`, `Cmd=["sh"]`, no layers (add some).
 #[derive(Debug, Clone)]
 pub struct ImageBuilder {
-    layers: Vec<Vec<u8>>,
+    layers: Vec<Bytes>,
     compression: Compression,
     format: ManifestFormat,
     os: String,
@@ -520,14 +553,17 @@ impl ImageBuilder {
         let per = total_bytes / n;
         let mut b = Self::new().compression(Compression::None);
         for i in 0..n {
-            b = b.layer(random_layer(per, seed.wrapping_mul(1000).wrapping_add(i as u64)));
+            b = b.layer(random_layer(
+                per,
+                seed.wrapping_mul(1000).wrapping_add(i as u64),
+            ));
         }
         b
     }
 
     /// Appends an (uncompressed) layer tar; it is compressed at build time.
-    pub fn layer(mut self, tar: Vec<u8>) -> Self {
-        self.layers.push(tar);
+    pub fn layer(mut self, tar: impl Into<Bytes>) -> Self {
+        self.layers.push(tar.into());
         self
     }
 
@@ -831,14 +867,38 @@ pub fn hostile_layer(kind: HostileLayer, outside: &Path) -> Vec<u8> {
     match kind {
         HostileLayer::DotDot => {
             let name = format!("{rel}/sentinel-dotdot");
-            b.raw_entry(name.as_bytes(), EntryType::Regular, 0o644, 0, 0, HOSTILE_PAYLOAD, None);
+            b.raw_entry(
+                name.as_bytes(),
+                EntryType::Regular,
+                0o644,
+                0,
+                0,
+                HOSTILE_PAYLOAD,
+                None,
+            );
         }
         HostileLayer::Absolute => {
             let name = format!("{abs}/sentinel-absolute");
-            b.raw_entry(name.as_bytes(), EntryType::Regular, 0o644, 0, 0, HOSTILE_PAYLOAD, None);
+            b.raw_entry(
+                name.as_bytes(),
+                EntryType::Regular,
+                0o644,
+                0,
+                0,
+                HOSTILE_PAYLOAD,
+                None,
+            );
         }
         HostileLayer::SymlinkAbsolute => {
-            b.raw_entry(b"escape", EntryType::Symlink, 0o777, 0, 0, &[], Some(abs.as_bytes()));
+            b.raw_entry(
+                b"escape",
+                EntryType::Symlink,
+                0o777,
+                0,
+                0,
+                &[],
+                Some(abs.as_bytes()),
+            );
             b.raw_entry(
                 b"escape/sentinel-symlink-abs",
                 EntryType::Regular,
@@ -850,7 +910,15 @@ pub fn hostile_layer(kind: HostileLayer, outside: &Path) -> Vec<u8> {
             );
         }
         HostileLayer::SymlinkRelative => {
-            b.raw_entry(b"escape", EntryType::Symlink, 0o777, 0, 0, &[], Some(rel.as_bytes()));
+            b.raw_entry(
+                b"escape",
+                EntryType::Symlink,
+                0o777,
+                0,
+                0,
+                &[],
+                Some(rel.as_bytes()),
+            );
             b.raw_entry(
                 b"escape/sentinel-symlink-rel",
                 EntryType::Regular,
@@ -867,14 +935,54 @@ pub fn hostile_layer(kind: HostileLayer, outside: &Path) -> Vec<u8> {
             } else {
                 format!("{rel}/{HARDLINK_TARGET}")
             };
-            b.raw_entry(b"hl", EntryType::Link, 0o644, 0, 0, &[], Some(target.as_bytes()));
-            b.raw_entry(b"hl", EntryType::Regular, 0o644, 0, 0, HOSTILE_PAYLOAD, None);
+            b.raw_entry(
+                b"hl",
+                EntryType::Link,
+                0o644,
+                0,
+                0,
+                &[],
+                Some(target.as_bytes()),
+            );
+            b.raw_entry(
+                b"hl",
+                EntryType::Regular,
+                0o644,
+                0,
+                0,
+                HOSTILE_PAYLOAD,
+                None,
+            );
         }
         HostileLayer::HardlinkViaSymlink => {
-            b.raw_entry(b"s", EntryType::Symlink, 0o777, 0, 0, &[], Some(abs.as_bytes()));
+            b.raw_entry(
+                b"s",
+                EntryType::Symlink,
+                0o777,
+                0,
+                0,
+                &[],
+                Some(abs.as_bytes()),
+            );
             let target = format!("s/{HARDLINK_TARGET}");
-            b.raw_entry(b"hl", EntryType::Link, 0o644, 0, 0, &[], Some(target.as_bytes()));
-            b.raw_entry(b"hl", EntryType::Regular, 0o644, 0, 0, HOSTILE_PAYLOAD, None);
+            b.raw_entry(
+                b"hl",
+                EntryType::Link,
+                0o644,
+                0,
+                0,
+                &[],
+                Some(target.as_bytes()),
+            );
+            b.raw_entry(
+                b"hl",
+                EntryType::Regular,
+                0o644,
+                0,
+                0,
+                HOSTILE_PAYLOAD,
+                None,
+            );
         }
     }
     b.finish()

@@ -14,7 +14,7 @@
 //!
 //! Every object cleans up in `Drop`, so tests clean up even when they panic. Nothing uses
 //! fixed ports or paths, so tests can run in parallel.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod berthd;
 pub mod cri;
@@ -75,6 +75,16 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local_addr").port()
 }
 
+/// A 127.0.0.1 port that is bound but not listening: connecting to it is refused, and no
+/// other test can take it while the returned socket lives.
+pub fn refused_port() -> (tokio::net::TcpSocket, u16) {
+    let sock = tokio::net::TcpSocket::new_v4().expect("create TCP socket");
+    sock.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind 127.0.0.1:0");
+    let port = sock.local_addr().expect("local_addr").port();
+    (sock, port)
+}
+
 /// Polls `f` every 50ms until it returns `Some`, or panics after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where
@@ -94,11 +104,7 @@ where
 }
 
 /// Blocking variant of [`wait_for`] for sync code.
-pub fn wait_for_blocking<T>(
-    timeout: Duration,
-    what: &str,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
+pub fn wait_for_blocking<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {

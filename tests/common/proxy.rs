@@ -71,6 +71,8 @@ impl Proxy {
             };
             loop {
                 let Ok((client, _)) = listener.accept().await else {
+                    // e.g. EMFILE: do not spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                     continue;
                 };
                 if st.refuse.load(Ordering::SeqCst) {
@@ -199,9 +201,57 @@ async fn handle_conn(client: TcpStream, st: Arc<ProxyState>) -> std::io::Result<
     Ok(())
 }
 
-/// Forwards requests, recording each request line. Bodies with Content-Length are skipped
-/// over; on anything it cannot follow (chunked bodies, TLS) it stops recording and just
-/// forwards.
+/// Incremental parser of the client->upstream byte stream: yields `(method, path)` of
+/// each request. Bodies with Content-Length are skipped; on anything it cannot follow
+/// (chunked bodies, TLS) it gives up and the proxy just forwards.
+#[derive(Default)]
+struct RequestParser {
+    head: Vec<u8>,
+    body_left: u64,
+    passthrough: bool,
+}
+
+impl RequestParser {
+    fn feed(&mut self, data: &[u8]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut pending = data.to_vec();
+        while !self.passthrough && !pending.is_empty() {
+            if self.body_left > 0 {
+                let k = (self.body_left as usize).min(pending.len());
+                self.body_left -= k as u64;
+                pending.drain(..k);
+                continue;
+            }
+            self.head.append(&mut pending);
+            if let Some(pos) = find_subslice(&self.head, b"\r\n\r\n") {
+                let rest = self.head.split_off(pos + 4);
+                let head = std::mem::take(&mut self.head);
+                match parse_request_head(&head) {
+                    Some(req) => {
+                        if req
+                            .header("transfer-encoding")
+                            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+                        {
+                            self.passthrough = true;
+                        }
+                        self.body_left = req
+                            .header("content-length")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        out.push((req.method, req.path));
+                    }
+                    None => self.passthrough = true,
+                }
+                pending = rest;
+            } else if self.head.len() > 64 * 1024 || !looks_like_http(&self.head) {
+                self.passthrough = true;
+            }
+        }
+        out
+    }
+}
+
+/// Forwards client bytes upstream, recording each request.
 async fn client_to_upstream(
     mut cr: OwnedReadHalf,
     mut uw: OwnedWriteHalf,
@@ -209,86 +259,20 @@ async fn client_to_upstream(
     client_gone: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     let mut buf = [0u8; 16 * 1024];
-    let mut head = Vec::new();
-    let mut body_left: u64 = 0;
-    let mut passthrough = false;
+    let mut parser = RequestParser::default();
     let result = async {
         loop {
             let n = cr.read(&mut buf).await?;
             if n == 0 {
                 break;
             }
-            if !passthrough {
-                let mut data = &buf[..n];
-                while !data.is_empty() && !passthrough {
-                    if body_left > 0 {
-                        let k = (body_left as usize).min(data.len());
-                        body_left -= k as u64;
-                        data = &data[k..];
-                        continue;
-                    }
-                    head.extend_from_slice(data);
-                    data = &[];
-                    if let Some(pos) = find_subslice(&head, b"\r\n\r\n") {
-                        let end = pos + 4;
-                        match parse_request_head(&head[..end]) {
-                            Some(req) => {
-                                if let Ok(mut r) = st.requests.lock() {
-                                    r.push(ProxiedRequest {
-                                        method: req.method.clone(),
-                                        path: req.path.clone(),
-                                        at: Instant::now(),
-                                    });
-                                }
-                                if req
-                                    .header("transfer-encoding")
-                                    .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-                                {
-                                    passthrough = true;
-                                }
-                                body_left = req
-                                    .header("content-length")
-                                    .and_then(|v| v.parse().ok())
-                                    .unwrap_or(0);
-                                let rest = head.split_off(end);
-                                head.clear();
-                                // Re-feed what followed the head (body or next request).
-                                let k = (body_left as usize).min(rest.len());
-                                body_left -= k as u64;
-                                head.extend_from_slice(&rest[k..]);
-                                // Loop again over `head` if it holds another request.
-                                while !passthrough
-                                    && body_left == 0
-                                    && find_subslice(&head, b"\r\n\r\n").is_some()
-                                {
-                                    let h = std::mem::take(&mut head);
-                                    let pos = find_subslice(&h, b"\r\n\r\n").unwrap_or(0) + 4;
-                                    if let Some(req) = parse_request_head(&h[..pos]) {
-                                        if let Ok(mut r) = st.requests.lock() {
-                                            r.push(ProxiedRequest {
-                                                method: req.method.clone(),
-                                                path: req.path.clone(),
-                                                at: Instant::now(),
-                                            });
-                                        }
-                                        body_left = req
-                                            .header("content-length")
-                                            .and_then(|v| v.parse().ok())
-                                            .unwrap_or(0);
-                                        let rest = &h[pos..];
-                                        let k = (body_left as usize).min(rest.len());
-                                        body_left -= k as u64;
-                                        head.extend_from_slice(&rest[k..]);
-                                    } else {
-                                        passthrough = true;
-                                    }
-                                }
-                            }
-                            None => passthrough = true,
-                        }
-                    } else if head.len() > 64 * 1024 || !looks_like_http(&head) {
-                        passthrough = true;
-                    }
+            let reqs = parser.feed(&buf[..n]);
+            if !reqs.is_empty()
+                && let Ok(mut r) = st.requests.lock()
+            {
+                let at = Instant::now();
+                for (method, path) in reqs {
+                    r.push(ProxiedRequest { method, path, at });
                 }
             }
             uw.write_all(&buf[..n]).await?;

@@ -142,7 +142,15 @@ impl TlsFiles {
         let serial = format!("0x{:016x}", rand_u64());
         run_cmd(
             Command::new("openssl")
-                .args(["x509", "-req", "-sha256", "-days", "3", "-set_serial", &serial])
+                .args([
+                    "x509",
+                    "-req",
+                    "-sha256",
+                    "-days",
+                    "3",
+                    "-set_serial",
+                    &serial,
+                ])
                 .arg("-in")
                 .arg(&csr)
                 .arg("-CA")
@@ -231,7 +239,9 @@ impl Registry {
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).expect("create registry storage");
 
-        let tls = opts.tls.then(|| TlsFiles::generate(&dir.path().join("tls")));
+        let tls = opts
+            .tls
+            .then(|| TlsFiles::generate(&dir.path().join("tls")));
 
         let mut auth_yaml = String::new();
         let mut token_server = None;
@@ -445,10 +455,11 @@ impl Registry {
             ..Default::default()
         };
         if let Some(t) = &self.tls {
-            cfg.extra_root_certificates.push(oci_client::client::Certificate {
-                encoding: oci_client::client::CertificateEncoding::Der,
-                data: t.ca_der.clone(),
-            });
+            cfg.extra_root_certificates
+                .push(oci_client::client::Certificate {
+                    encoding: oci_client::client::CertificateEncoding::Der,
+                    data: t.ca_der.clone(),
+                });
         }
         oci_client::Client::new(cfg)
     }
@@ -462,7 +473,12 @@ impl Registry {
         client
     }
 
-    async fn push_blobs(&self, client: &oci_client::Client, reference: &Reference, img: &BuiltImage) {
+    async fn push_blobs(
+        &self,
+        client: &oci_client::Client,
+        reference: &Reference,
+        img: &BuiltImage,
+    ) {
         for blob in img.layers.iter().chain(std::iter::once(&img.config)) {
             client
                 .push_blob(reference, blob.data.clone(), &blob.digest)
@@ -500,11 +516,8 @@ impl Registry {
 
     /// Pushes only the blobs of an image, then its manifest by digest (no tag).
     pub async fn push_untagged(&self, repo: &str, img: &BuiltImage) -> PushedImage {
-        let reference = Reference::with_digest(
-            self.host(),
-            repo.to_string(),
-            img.manifest.digest.clone(),
-        );
+        let reference =
+            Reference::with_digest(self.host(), repo.to_string(), img.manifest.digest.clone());
         let client = self.authed_client(&reference).await;
         self.push_blobs(&client, &reference, img).await;
         self.push_manifest_bytes(&client, &reference, &img.manifest)
@@ -520,11 +533,8 @@ impl Registry {
         let client = self.authed_client(&reference).await;
         for img in &index.images {
             self.push_blobs(&client, &reference, img).await;
-            let by_digest = Reference::with_digest(
-                self.host(),
-                repo.to_string(),
-                img.manifest.digest.clone(),
-            );
+            let by_digest =
+                Reference::with_digest(self.host(), repo.to_string(), img.manifest.digest.clone());
             self.push_manifest_bytes(&client, &by_digest, &img.manifest)
                 .await;
         }
@@ -537,7 +547,6 @@ impl Registry {
             .expect("index has an image for linux/<host arch>");
         PushedImage::new(self, repo, tag, &index.manifest.digest, host_img)
     }
-
 }
 
 impl Drop for Registry {
@@ -973,6 +982,8 @@ impl TokenServer {
             };
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
+                    // e.g. EMFILE: do not spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                     continue;
                 };
                 let st = st.clone();
@@ -1015,7 +1026,11 @@ impl TokenServer {
     }
 }
 
-fn sign_token(state: &TokenState, subject: &str, access: &[(String, String, Vec<String>)]) -> String {
+fn sign_token(
+    state: &TokenState,
+    subject: &str,
+    access: &[(String, String, Vec<String>)],
+) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -1081,7 +1096,10 @@ pub fn parse_scope(scope: &str) -> Option<(String, String, Vec<String>)> {
     ))
 }
 
-async fn serve_token(mut stream: tokio::net::TcpStream, st: Arc<TokenState>) -> std::io::Result<()> {
+async fn serve_token(
+    mut stream: tokio::net::TcpStream,
+    st: Arc<TokenState>,
+) -> std::io::Result<()> {
     let Some(req) = read_http_request(&mut stream).await? else {
         return Ok(());
     };

@@ -1,0 +1,658 @@
+//! Pod sandboxes: the durable records, name reservation, the pod's pinned namespaces, its
+//! files (hostname, hosts, resolv.conf), sysctls, the optional pod init, and its network
+//! (through a [`NetworkBackend`]).
+//!
+//! Crash safety: a sandbox is recorded as `Creating` (durably, with everything needed to undo
+//! it) before anything is made, and `Ready` once whole. At start, [`SandboxManager::open`]
+//! removes every sandbox still `Creating`, marks `Ready` ones whose namespaces did not survive
+//! (a reboot) `NotReady`, and lets the network backend free what unknown pods hold.
+
+pub mod files;
+pub mod init;
+pub mod sysctl;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
+
+use k8s_cri::v1 as cri;
+use nix::sched::CloneFlags;
+use serde::{Deserialize, Serialize};
+
+use crate::locks::KeyedLocks;
+use crate::network::{
+    DnsSettings, NetworkBackend, NetworkError, PodNetworkRequest, PodNetworkStatus, PortMapping,
+    Protocol,
+};
+use crate::ns::{self, NewNamespaces, NsError};
+use crate::store::{Batch, Store, StoreError, Table};
+use init::InitProcess;
+use sysctl::{Sysctl, SysctlNamespace};
+
+/// Errors of the sandbox piece.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("pod sandbox {0:?} not found")]
+    NotFound(String),
+    #[error("pod sandbox id prefix {0:?} is ambiguous")]
+    Ambiguous(String),
+    #[error("pod sandbox name {name:?} is already reserved by {id}")]
+    NameReserved { name: String, id: String },
+    #[error("invalid pod sandbox config: {0}")]
+    Invalid(String),
+    #[error("pod network: {0}")]
+    Network(#[from] NetworkError),
+    #[error("pod namespaces: {0}")]
+    Ns(#[from] NsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("sysctl: {0}")]
+    Sysctl(String),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let context = context.into();
+    move |source| SandboxError::Io { context, source }
+}
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Being made; a crash in this phase means "remove it at start".
+    Creating,
+    Ready,
+    NotReady,
+}
+
+/// The durable record of a pod sandbox (key: its id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    /// `name_namespace_uid_attempt`, unique among sandboxes.
+    pub name_key: String,
+    pub phase: Phase,
+    /// Nanoseconds since the epoch.
+    pub created_at: i64,
+    pub config: cri::PodSandboxConfig,
+    pub runtime_handler: String,
+    /// `state/pods/<id>`: pinned namespaces and the pod's files.
+    pub dir: PathBuf,
+    /// Which namespaces the pod has of its own (pinned under `dir/ns`).
+    pub own_net: bool,
+    pub own_ipc: bool,
+    pub own_uts: bool,
+    pub hostname: String,
+    pub init: Option<InitProcess>,
+    /// What the network backend was asked, kept for teardown after a restart.
+    pub network_request: Option<PodNetworkRequest>,
+    pub network: Option<PodNetworkStatus>,
+}
+
+impl SandboxRecord {
+    pub fn netns_path(&self) -> Option<PathBuf> {
+        self.own_net.then(|| self.dir.join("ns/net"))
+    }
+    pub fn ipcns_path(&self) -> Option<PathBuf> {
+        self.own_ipc.then(|| self.dir.join("ns/ipc"))
+    }
+    pub fn utsns_path(&self) -> Option<PathBuf> {
+        self.own_uts.then(|| self.dir.join("ns/uts"))
+    }
+    pub fn hosts_path(&self) -> PathBuf {
+        self.dir.join("hosts")
+    }
+    pub fn resolv_conf_path(&self) -> PathBuf {
+        self.dir.join("resolv.conf")
+    }
+    pub fn hostname_path(&self) -> PathBuf {
+        self.dir.join("hostname")
+    }
+
+    fn namespace_options(&self) -> cri::NamespaceOption {
+        self.config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.clone())
+            .unwrap_or_default()
+    }
+
+    /// The pinned namespaces a process of this pod joins (for the init and sysctls).
+    fn joinable_namespaces(&self) -> Vec<(PathBuf, CloneFlags)> {
+        let mut v = Vec::new();
+        if let Some(p) = self.netns_path() {
+            v.push((p, CloneFlags::CLONE_NEWNET));
+        }
+        if let Some(p) = self.ipcns_path() {
+            v.push((p, CloneFlags::CLONE_NEWIPC));
+        }
+        if let Some(p) = self.utsns_path() {
+            v.push((p, CloneFlags::CLONE_NEWUTS));
+        }
+        v
+    }
+}
+
+/// Sandboxes of one berthd.
+pub struct SandboxManager {
+    store: Arc<Store>,
+    network: Arc<dyn NetworkBackend>,
+    pods_dir: PathBuf,
+    sandboxes: StdRwLock<HashMap<String, SandboxRecord>>,
+    /// name key → id, for atomic reservation.
+    names: StdMutex<HashMap<String, String>>,
+    locks: KeyedLocks,
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// A new random 64-hex id.
+pub fn new_id() -> Result<String, SandboxError> {
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(io_err("read /dev/urandom"))?;
+    Ok(hex::encode(b))
+}
+
+fn name_key(m: &cri::PodSandboxMetadata) -> String {
+    format!("{}_{}_{}_{}", m.name, m.namespace, m.uid, m.attempt)
+}
+
+fn mode(m: i32) -> cri::NamespaceMode {
+    cri::NamespaceMode::try_from(m).unwrap_or(cri::NamespaceMode::Pod)
+}
+
+impl SandboxManager {
+    /// Loads the sandboxes and repairs what a crash left behind.
+    pub async fn open(
+        store: Arc<Store>,
+        network: Arc<dyn NetworkBackend>,
+        state: &Path,
+    ) -> Result<SandboxManager, SandboxError> {
+        let pods_dir = state.join("pods");
+        std::fs::create_dir_all(&pods_dir).map_err(io_err(format!("create {}", pods_dir.display())))?;
+        let records: Vec<(String, SandboxRecord)> = store.all(Table::Sandboxes)?;
+        let mgr = SandboxManager {
+            store,
+            network,
+            pods_dir,
+            sandboxes: StdRwLock::new(HashMap::new()),
+            names: StdMutex::new(HashMap::new()),
+            locks: KeyedLocks::default(),
+        };
+        for (_, mut rec) in records {
+            if rec.phase == Phase::Creating {
+                tracing::info!(id = %rec.id, "removing a pod sandbox left half-made by a crash");
+                mgr.destroy(&rec).await?;
+                let mut b = Batch::new();
+                b.delete(Table::Sandboxes, &rec.id);
+                mgr.store.commit(b)?;
+                continue;
+            }
+            if rec.phase == Phase::Ready && !mgr.namespaces_intact(&rec) {
+                tracing::info!(id = %rec.id, "pod sandbox namespaces are gone (reboot?): NotReady");
+                rec.phase = Phase::NotReady;
+                mgr.persist(&rec)?;
+            }
+            mgr.lock_names().insert(rec.name_key.clone(), rec.id.clone());
+            mgr.write_map().insert(rec.id.clone(), rec);
+        }
+        let live: Vec<PodNetworkRequest> = mgr
+            .read_map()
+            .values()
+            .filter(|r| r.network.is_some())
+            .filter_map(|r| r.network_request.clone())
+            .collect();
+        if let Err(e) = mgr.network.repair(&live).await {
+            tracing::warn!(error = %e, "network repair at start failed");
+        }
+        // Pod directories nobody owns (e.g. a crash before the first record write).
+        if let Ok(entries) = std::fs::read_dir(&mgr.pods_dir) {
+            let known: Vec<String> = mgr.read_map().keys().cloned().collect();
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    remove_pod_dir(&e.path());
+                }
+            }
+        }
+        Ok(mgr)
+    }
+
+    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, SandboxRecord>> {
+        self.sandboxes.read().unwrap_or_else(|p| p.into_inner())
+    }
+    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, SandboxRecord>> {
+        self.sandboxes.write().unwrap_or_else(|p| p.into_inner())
+    }
+    fn lock_names(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn persist(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
+        let mut b = Batch::new();
+        b.put(Table::Sandboxes, &rec.id, rec)?;
+        self.store.commit(b)?;
+        Ok(())
+    }
+
+    fn namespaces_intact(&self, rec: &SandboxRecord) -> bool {
+        [rec.netns_path(), rec.ipcns_path(), rec.utsns_path()]
+            .into_iter()
+            .flatten()
+            .all(|p| ns::is_pinned(&p))
+    }
+
+    /// Whether pods can get a network now (`Err` is the reason).
+    pub async fn network_ready(&self) -> Result<(), String> {
+        self.network.ready().await
+    }
+
+    /// Passes the kubelet's pod CIDR to the network backend.
+    pub async fn set_pod_cidr(&self, cidr: &str) -> Result<(), SandboxError> {
+        Ok(self.network.set_pod_cidr(cidr).await?)
+    }
+
+    /// Resolves a full id or a unique prefix.
+    pub fn resolve_id(&self, id: &str) -> Result<String, SandboxError> {
+        if id.is_empty() {
+            return Err(SandboxError::Invalid("a pod sandbox id is required".to_string()));
+        }
+        let map = self.read_map();
+        if map.contains_key(id) {
+            return Ok(id.to_string());
+        }
+        let mut found = map.keys().filter(|k| k.starts_with(id));
+        match (found.next(), found.next()) {
+            (Some(one), None) => Ok(one.clone()),
+            (Some(_), Some(_)) => Err(SandboxError::Ambiguous(id.to_string())),
+            _ => Err(SandboxError::NotFound(id.to_string())),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<SandboxRecord, SandboxError> {
+        let id = self.resolve_id(id)?;
+        self.read_map()
+            .get(&id)
+            .cloned()
+            .ok_or(SandboxError::NotFound(id))
+    }
+
+    pub fn list(&self) -> Vec<SandboxRecord> {
+        let mut v: Vec<SandboxRecord> = self.read_map().values().cloned().collect();
+        v.sort_by_key(|r| r.created_at);
+        v
+    }
+
+    /// RunPodSandbox: makes a ready pod or leaves nothing behind.
+    pub async fn run(
+        &self,
+        config: cri::PodSandboxConfig,
+        runtime_handler: String,
+    ) -> Result<SandboxRecord, SandboxError> {
+        let meta = config
+            .metadata
+            .clone()
+            .ok_or_else(|| SandboxError::Invalid("metadata is required".to_string()))?;
+        if meta.name.is_empty() || meta.namespace.is_empty() {
+            return Err(SandboxError::Invalid(
+                "metadata name and namespace are required".to_string(),
+            ));
+        }
+        let ns_opts = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.clone())
+            .unwrap_or_default();
+        let own_net = mode(ns_opts.network) != cri::NamespaceMode::Node;
+        let own_ipc = mode(ns_opts.ipc) != cri::NamespaceMode::Node;
+        let pid_mode = mode(ns_opts.pid);
+        let sysctls = self.validate_sysctls(&config, own_net, own_ipc)?;
+        let port_mappings = port_mappings(&config.port_mappings)?;
+        let hostname = if config.hostname.is_empty() {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".to_string())
+        } else {
+            config.hostname.clone()
+        };
+        if own_net && !files::valid_hostname(&hostname) {
+            return Err(SandboxError::Invalid(format!("invalid hostname {hostname:?}")));
+        }
+
+        let key = name_key(&meta);
+        let id = new_id()?;
+        {
+            let mut names = self.lock_names();
+            if let Some(other) = names.get(&key) {
+                return Err(SandboxError::NameReserved {
+                    name: key,
+                    id: other.clone(),
+                });
+            }
+            names.insert(key.clone(), id.clone());
+        }
+        let _lock = self.locks.lock(&id).await;
+        let mut rec = SandboxRecord {
+            id: id.clone(),
+            name_key: key.clone(),
+            phase: Phase::Creating,
+            created_at: now_nanos(),
+            config,
+            runtime_handler,
+            dir: self.pods_dir.join(&id),
+            own_net,
+            own_ipc,
+            // Kubernetes gives a host-network pod the host's UTS namespace too.
+            own_uts: own_net,
+            hostname,
+            init: None,
+            network_request: None,
+            network: None,
+        };
+        let result = self
+            .create(&mut rec, sysctls, port_mappings, pid_mode)
+            .await;
+        match result {
+            Ok(()) => {
+                self.write_map().insert(id, rec.clone());
+                Ok(rec)
+            }
+            Err(e) => {
+                tracing::warn!(id = %rec.id, error = %e, "pod sandbox creation failed; undoing it");
+                if let Err(undo) = self.destroy(&rec).await {
+                    tracing::error!(id = %rec.id, error = %undo, "undoing a failed pod sandbox");
+                }
+                let mut b = Batch::new();
+                b.delete(Table::Sandboxes, &rec.id);
+                if let Err(se) = self.store.commit(b) {
+                    tracing::error!(id = %rec.id, error = %se, "removing a failed pod sandbox record");
+                }
+                self.lock_names().remove(&key);
+                Err(e)
+            }
+        }
+    }
+
+    fn validate_sysctls(
+        &self,
+        config: &cri::PodSandboxConfig,
+        own_net: bool,
+        own_ipc: bool,
+    ) -> Result<Vec<Sysctl>, SandboxError> {
+        let mut out = Vec::new();
+        let Some(linux) = config.linux.as_ref() else {
+            return Ok(out);
+        };
+        let mut names: Vec<(&String, &String)> = linux.sysctls.iter().collect();
+        names.sort();
+        for (name, value) in names {
+            let s = sysctl::classify(name, value).map_err(SandboxError::Invalid)?;
+            match s.ns {
+                SysctlNamespace::Net if !own_net => {
+                    return Err(SandboxError::Invalid(format!(
+                        "sysctl {name} would change the host: the pod uses the host network"
+                    )));
+                }
+                SysctlNamespace::Ipc if !own_ipc => {
+                    return Err(SandboxError::Invalid(format!(
+                        "sysctl {name} would change the host: the pod uses the host IPC namespace"
+                    )));
+                }
+                _ => out.push(s),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn create(
+        &self,
+        rec: &mut SandboxRecord,
+        sysctls: Vec<Sysctl>,
+        port_mappings: Vec<PortMapping>,
+        pid_mode: cri::NamespaceMode,
+    ) -> Result<(), SandboxError> {
+        self.persist(rec)?;
+        let dir = rec.dir.clone();
+        std::fs::create_dir_all(dir.join("ns")).map_err(io_err(format!("create {}", dir.display())))?;
+
+        // The pod's files.
+        std::fs::write(rec.hostname_path(), format!("{}\n", rec.hostname))
+            .map_err(io_err("write hostname"))?;
+        let resolv = match files::resolv_conf(rec.config.dns_config.as_ref()) {
+            Some(text) => text.into_bytes(),
+            None => std::fs::read("/etc/resolv.conf").unwrap_or_default(),
+        };
+        files::write_atomic(&rec.resolv_conf_path(), &resolv).map_err(io_err("write resolv.conf"))?;
+        if !rec.own_net {
+            let host = std::fs::read("/etc/hosts").unwrap_or_default();
+            files::write_atomic(&rec.hosts_path(), &host).map_err(io_err("write hosts"))?;
+        }
+
+        // Namespaces, with the hostname set inside the new UTS namespace.
+        let which = NewNamespaces {
+            net: rec.own_net,
+            ipc: rec.own_ipc,
+            uts: rec.own_uts,
+        };
+        if which.net || which.ipc || which.uts {
+            let hostname = rec.hostname.clone();
+            let set_hostname = which.uts;
+            ns::create_pinned(&dir.join("ns"), which, move || {
+                if set_hostname {
+                    nix::unistd::sethostname(&hostname).map_err(|source| NsError::Sys {
+                        what: "sethostname",
+                        path: PathBuf::from(&hostname),
+                        source,
+                    })?;
+                }
+                Ok::<(), SandboxError>(())
+            })
+            .await?;
+        }
+
+        // Network.
+        if rec.own_net {
+            let meta = rec.config.metadata.clone().unwrap_or_default();
+            let dns = rec.config.dns_config.clone().unwrap_or_default();
+            let req = PodNetworkRequest {
+                pod_id: rec.id.clone(),
+                name: meta.name,
+                namespace: meta.namespace,
+                uid: meta.uid,
+                netns_path: dir.join("ns/net"),
+                port_mappings,
+                dns: DnsSettings {
+                    servers: dns.servers,
+                    searches: dns.searches,
+                    options: dns.options,
+                },
+                annotations: rec
+                    .config
+                    .annotations
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<BTreeMap<_, _>>(),
+            };
+            // Recorded before setup so a crash during setup is torn down at start.
+            rec.network_request = Some(req.clone());
+            self.persist(rec)?;
+            let status = self.network.setup(&req).await?;
+            rec.network = Some(status);
+            let ips: Vec<IpAddr> = rec.network.as_ref().map(|n| n.ips.clone()).unwrap_or_default();
+            files::write_atomic(&rec.hosts_path(), files::hosts(&rec.hostname, &ips).as_bytes())
+                .map_err(io_err("write hosts"))?;
+        }
+
+        // Sysctls, from a thread inside the pod's namespaces (after the network exists, so
+        // per-interface ones find eth0).
+        if !sysctls.is_empty() {
+            let joined = rec.joinable_namespaces();
+            ns::run_in_namespaces(&joined, move || sysctl::apply(&sysctls))
+                .await?
+                .map_err(SandboxError::Sysctl)?;
+        }
+
+        if pid_mode == cri::NamespaceMode::Pod {
+            let joined = rec.joinable_namespaces();
+            let pid_file = dir.join("init.pid");
+            let init = tokio::task::spawn_blocking(move || init::spawn(&pid_file, &joined))
+                .await
+                .map_err(|e| SandboxError::Io {
+                    context: "start pod init".to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                })?
+                .map_err(io_err("start pod init"))?;
+            rec.init = Some(init);
+        }
+
+        rec.phase = Phase::Ready;
+        self.persist(rec)?;
+        Ok(())
+    }
+
+    /// Undoes everything a sandbox may hold: init, network, namespaces, files.
+    async fn destroy(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
+        self.release_runtime_resources(rec).await?;
+        for p in [rec.netns_path(), rec.ipcns_path(), rec.utsns_path()]
+            .into_iter()
+            .flatten()
+        {
+            ns::unpin(&p)?;
+        }
+        remove_pod_dir(&rec.dir);
+        Ok(())
+    }
+
+    /// Stops the init and detaches the network (what StopPodSandbox releases).
+    async fn release_runtime_resources(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
+        if let Some(init) = rec.init {
+            tokio::task::spawn_blocking(move || init.kill())
+                .await
+                .map_err(|e| SandboxError::Io {
+                    context: "stop pod init".to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+        }
+        if let Some(req) = &rec.network_request {
+            self.network.teardown(req).await?;
+        }
+        Ok(())
+    }
+
+    /// StopPodSandbox: idempotent; an unknown id is fine.
+    pub async fn stop(&self, id: &str) -> Result<(), SandboxError> {
+        let id = match self.resolve_id(id) {
+            Ok(id) => id,
+            Err(SandboxError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _lock = self.locks.lock(&id).await;
+        let Some(mut rec) = self.read_map().get(&id).cloned() else {
+            return Ok(());
+        };
+        if rec.phase == Phase::NotReady && rec.network.is_none() && rec.init.is_none() {
+            return Ok(());
+        }
+        self.release_runtime_resources(&rec).await?;
+        rec.phase = Phase::NotReady;
+        rec.network = None;
+        rec.init = None;
+        self.persist(&rec)?;
+        self.write_map().insert(id, rec);
+        Ok(())
+    }
+
+    /// RemovePodSandbox: stops it if needed and removes it; an unknown id is fine.
+    pub async fn remove(&self, id: &str) -> Result<(), SandboxError> {
+        let id = match self.resolve_id(id) {
+            Ok(id) => id,
+            Err(SandboxError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _lock = self.locks.lock(&id).await;
+        let Some(rec) = self.read_map().get(&id).cloned() else {
+            return Ok(());
+        };
+        self.destroy(&rec).await?;
+        let mut b = Batch::new();
+        b.delete(Table::Sandboxes, &id);
+        self.store.commit(b)?;
+        self.write_map().remove(&id);
+        self.lock_names().remove(&rec.name_key);
+        Ok(())
+    }
+}
+
+fn remove_pod_dir(dir: &Path) {
+    // Anything still mounted below (a namespace pinned by a crashed daemon) goes first.
+    for kind in ["net", "ipc", "uts"] {
+        let _ = ns::unpin(&dir.join("ns").join(kind));
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove pod directory");
+    }
+}
+
+/// CRI port mappings → network port mappings (validated).
+fn port_mappings(pms: &[cri::PortMapping]) -> Result<Vec<PortMapping>, SandboxError> {
+    let mut out = Vec::new();
+    for pm in pms {
+        let protocol = match cri::Protocol::try_from(pm.protocol) {
+            Ok(cri::Protocol::Tcp) => Protocol::Tcp,
+            Ok(cri::Protocol::Udp) => Protocol::Udp,
+            Ok(cri::Protocol::Sctp) => Protocol::Sctp,
+            Err(_) => {
+                return Err(SandboxError::Invalid(format!(
+                    "unknown port mapping protocol {}",
+                    pm.protocol
+                )));
+            }
+        };
+        let port = |p: i32, what: &str| {
+            u16::try_from(p)
+                .map_err(|_| SandboxError::Invalid(format!("{what} {p} is not a port number")))
+        };
+        let container_port = port(pm.container_port, "container port")?;
+        let host_port = port(pm.host_port, "host port")?;
+        if container_port == 0 {
+            return Err(SandboxError::Invalid("container port 0".to_string()));
+        }
+        if !pm.host_ip.is_empty() && pm.host_ip.parse::<IpAddr>().is_err() {
+            return Err(SandboxError::Invalid(format!("host IP {:?} is not an address", pm.host_ip)));
+        }
+        // A mapping without a host port only documents the container port.
+        if host_port == 0 {
+            continue;
+        }
+        out.push(PortMapping {
+            protocol,
+            container_port,
+            host_port,
+            host_ip: pm.host_ip.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// CRI namespace options of a record, as PodSandboxStatus reports them.
+pub fn namespace_options(rec: &SandboxRecord) -> cri::NamespaceOption {
+    rec.namespace_options()
+}

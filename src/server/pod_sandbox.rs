@@ -1,0 +1,147 @@
+//! The pod sandbox RPCs of the RuntimeService: RunPodSandbox, StopPodSandbox,
+//! RemovePodSandbox, PodSandboxStatus, ListPodSandbox, UpdateRuntimeConfig. Thin: validation
+//! and mapping; the work is in [`crate::sandbox`].
+
+use std::collections::HashMap;
+
+use k8s_cri::v1 as cri;
+use tonic::Status;
+
+use crate::config::Config;
+use crate::sandbox::{Phase, SandboxManager, SandboxRecord, namespace_options};
+
+fn state_of(rec: &SandboxRecord) -> cri::PodSandboxState {
+    match rec.phase {
+        Phase::Ready => cri::PodSandboxState::SandboxReady,
+        Phase::Creating | Phase::NotReady => cri::PodSandboxState::SandboxNotready,
+    }
+}
+
+fn labels(rec: &SandboxRecord) -> HashMap<String, String> {
+    rec.config.labels.clone()
+}
+
+pub fn to_pod_sandbox(rec: &SandboxRecord) -> cri::PodSandbox {
+    cri::PodSandbox {
+        id: rec.id.clone(),
+        metadata: rec.config.metadata.clone(),
+        state: state_of(rec) as i32,
+        created_at: rec.created_at,
+        labels: labels(rec),
+        annotations: rec.config.annotations.clone(),
+        runtime_handler: rec.runtime_handler.clone(),
+    }
+}
+
+pub fn to_status(rec: &SandboxRecord) -> cri::PodSandboxStatus {
+    let network = rec.network.as_ref().map(|n| {
+        let mut ips = n.ips.iter().map(|ip| ip.to_string());
+        cri::PodSandboxNetworkStatus {
+            ip: ips.next().unwrap_or_default(),
+            additional_ips: ips.map(|ip| cri::PodIp { ip }).collect(),
+        }
+    });
+    cri::PodSandboxStatus {
+        id: rec.id.clone(),
+        metadata: rec.config.metadata.clone(),
+        state: state_of(rec) as i32,
+        created_at: rec.created_at,
+        network: Some(network.unwrap_or_default()),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace {
+                options: Some(namespace_options(rec)),
+            }),
+        }),
+        labels: labels(rec),
+        annotations: rec.config.annotations.clone(),
+        runtime_handler: rec.runtime_handler.clone(),
+    }
+}
+
+/// The `verbose` info of PodSandboxStatus: pid, namespaces, files, the config.
+pub fn verbose_info(rec: &SandboxRecord) -> HashMap<String, String> {
+    let v = serde_json::json!({
+        "pid": rec.init.map(|i| i.pid).unwrap_or(0),
+        "netns": rec.netns_path(),
+        "ipcns": rec.ipcns_path(),
+        "utsns": rec.utsns_path(),
+        "hostname": rec.hostname,
+        "hostsPath": rec.hosts_path(),
+        "resolvConfPath": rec.resolv_conf_path(),
+        "runtimeHandler": rec.runtime_handler,
+        "network": rec.network,
+        "config": rec.config,
+    });
+    HashMap::from([("info".to_string(), v.to_string())])
+}
+
+/// The RuntimeClass handler a request names, checked against the configured runtimes.
+pub fn runtime_handler(config: &Config, requested: &str) -> Result<String, Status> {
+    let name = if requested.is_empty() {
+        config.default_runtime.clone()
+    } else {
+        requested.to_string()
+    };
+    if !config.runtimes.contains_key(&name) {
+        return Err(Status::invalid_argument(format!(
+            "unknown runtime handler {name:?}: configured are {:?}",
+            config.runtimes.keys().collect::<Vec<_>>()
+        )));
+    }
+    Ok(name)
+}
+
+pub async fn run(
+    sandboxes: &SandboxManager,
+    config: &Config,
+    req: cri::RunPodSandboxRequest,
+) -> Result<cri::RunPodSandboxResponse, Status> {
+    let handler = runtime_handler(config, &req.runtime_handler)?;
+    let pod_config = req
+        .config
+        .ok_or_else(|| Status::invalid_argument("a pod sandbox config is required"))?;
+    let rec = sandboxes.run(pod_config, handler).await?;
+    Ok(cri::RunPodSandboxResponse {
+        pod_sandbox_id: rec.id,
+    })
+}
+
+pub async fn status(
+    sandboxes: &SandboxManager,
+    req: cri::PodSandboxStatusRequest,
+) -> Result<cri::PodSandboxStatusResponse, Status> {
+    let rec = sandboxes.get(&req.pod_sandbox_id)?;
+    Ok(cri::PodSandboxStatusResponse {
+        status: Some(to_status(&rec)),
+        info: if req.verbose {
+            verbose_info(&rec)
+        } else {
+            HashMap::new()
+        },
+        containers_statuses: vec![],
+        timestamp: 0,
+    })
+}
+
+pub fn list(sandboxes: &SandboxManager, req: cri::ListPodSandboxRequest) -> cri::ListPodSandboxResponse {
+    let filter = req.filter.unwrap_or_default();
+    let items = sandboxes
+        .list()
+        .iter()
+        .filter(|r| filter.id.is_empty() || r.id.starts_with(&filter.id))
+        .filter(|r| {
+            filter
+                .state
+                .as_ref()
+                .is_none_or(|s| s.state == state_of(r) as i32)
+        })
+        .filter(|r| {
+            filter
+                .label_selector
+                .iter()
+                .all(|(k, v)| r.config.labels.get(k) == Some(v))
+        })
+        .map(to_pod_sandbox)
+        .collect();
+    cri::ListPodSandboxResponse { items }
+}

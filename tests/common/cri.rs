@@ -1,0 +1,145 @@
+//! Small helpers around the CRI ImageService client.
+
+use base64::Engine as _;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    AuthConfig, Image, ImageFilter, ImageFsInfoRequest, ImageSpec, ImageStatusRequest,
+    ListImagesRequest, PullImageRequest, RemoveImageRequest,
+};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+pub type ImageClient = ImageServiceClient<Channel>;
+pub type RuntimeClient = RuntimeServiceClient<Channel>;
+
+/// `ImageSpec { image }`.
+pub fn image_spec(image: &str) -> ImageSpec {
+    ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    }
+}
+
+/// `AuthConfig` with `username` and `password`.
+pub fn auth_user_password(user: &str, password: &str) -> AuthConfig {
+    AuthConfig {
+        username: user.to_string(),
+        password: password.to_string(),
+        ..Default::default()
+    }
+}
+
+/// `AuthConfig` with only the `auth` field (`base64(user:password)`), as the kubelet
+/// passes docker config credentials.
+pub fn auth_base64(user: &str, password: &str) -> AuthConfig {
+    AuthConfig {
+        auth: base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")),
+        ..Default::default()
+    }
+}
+
+/// PullImage; returns `image_ref`.
+pub async fn pull_image(
+    client: &mut ImageClient,
+    image: &str,
+    auth: Option<AuthConfig>,
+) -> Result<String, tonic::Status> {
+    client
+        .pull_image(PullImageRequest {
+            image: Some(image_spec(image)),
+            auth,
+            sandbox_config: None,
+        })
+        .await
+        .map(|r| r.into_inner().image_ref)
+}
+
+/// ImageStatus (not verbose); `None` when the image is unknown. Panics on RPC errors.
+pub async fn image_status(client: &mut ImageClient, image: &str) -> Option<Image> {
+    client
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(image)),
+            verbose: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ImageStatus({image}) failed: {e}"))
+        .into_inner()
+        .image
+}
+
+/// Verbose ImageStatus: the image and `info["info"]` parsed as JSON (`Null` when absent).
+pub async fn image_status_verbose(client: &mut ImageClient, image: &str) -> (Option<Image>, Value) {
+    let resp = client
+        .image_status(ImageStatusRequest {
+            image: Some(image_spec(image)),
+            verbose: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ImageStatus({image}, verbose) failed: {e}"))
+        .into_inner();
+    let info = resp
+        .info
+        .get("info")
+        .map(|s| {
+            serde_json::from_str(s)
+                .unwrap_or_else(|e| panic!("info[\"info\"] of {image} is not JSON: {e}: {s}"))
+        })
+        .unwrap_or(Value::Null);
+    (resp.image, info)
+}
+
+/// ListImages, optionally filtered by an image reference/id.
+pub async fn list_images(client: &mut ImageClient, filter: Option<&str>) -> Vec<Image> {
+    client
+        .list_images(ListImagesRequest {
+            filter: filter.map(|f| ImageFilter {
+                image: Some(image_spec(f)),
+            }),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("ListImages({filter:?}) failed: {e}"))
+        .into_inner()
+        .images
+}
+
+/// RemoveImage.
+pub async fn remove_image(client: &mut ImageClient, image: &str) -> Result<(), tonic::Status> {
+    client
+        .remove_image(RemoveImageRequest {
+            image: Some(image_spec(image)),
+        })
+        .await
+        .map(|_| ())
+}
+
+/// ImageFsInfo: `(used_bytes, inodes_used)` summed over the image filesystems.
+pub async fn image_fs_usage(client: &mut ImageClient) -> (u64, u64) {
+    let resp = client
+        .image_fs_info(ImageFsInfoRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("ImageFsInfo failed: {e}"))
+        .into_inner();
+    let mut bytes = 0;
+    let mut inodes = 0;
+    for fs in &resp.image_filesystems {
+        bytes += fs.used_bytes.as_ref().map(|v| v.value).unwrap_or(0);
+        inodes += fs.inodes_used.as_ref().map(|v| v.value).unwrap_or(0);
+    }
+    (bytes, inodes)
+}
+
+/// Paths in `info["snapshotDirs"]`, lowest layer first.
+pub fn snapshot_dirs(info: &Value) -> Vec<std::path::PathBuf> {
+    info["snapshotDirs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("verbose info has no snapshotDirs list: {info}"))
+        .iter()
+        .map(|v| {
+            std::path::PathBuf::from(
+                v.as_str()
+                    .unwrap_or_else(|| panic!("snapshotDirs entry is not a string: {v}")),
+            )
+        })
+        .collect()
+}
