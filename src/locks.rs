@@ -27,4 +27,3 @@ impl KeyedLocks {
         m.lock_owned().await
     }
 }
-

@@ -87,7 +87,9 @@ fn netns_of(info: &serde_json::Value) -> PathBuf {
 
 /// Runs `f` on a thread inside the pod's network namespace.
 async fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
-    berth::ns::run_in_netns(netns, f).await.expect("join pod netns")
+    berth::ns::run_in_netns(netns, f)
+        .await
+        .expect("join pod netns")
 }
 
 /// A TCP server inside the pod netns that answers each connection with `reply`. It stops
@@ -106,7 +108,8 @@ async fn serve_in_pod(netns: &Path, port: u16, reply: &'static str, count: usize
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(10)).expect("pod server ready");
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("pod server ready");
 }
 
 fn fetch(addr: SocketAddr) -> std::io::Result<String> {
@@ -171,7 +174,9 @@ async fn lifecycle_names_filters_and_idempotence() {
     assert_eq!(id.len(), 64);
 
     // A second pod with the same metadata is refused while the first exists.
-    let e = run(&mut rt, pod_config("web")).await.expect_err("duplicate");
+    let e = run(&mut rt, pod_config("web"))
+        .await
+        .expect_err("duplicate");
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e}");
 
     let (st, info) = status(&mut rt, &id[..12]).await;
@@ -252,10 +257,16 @@ async fn lifecycle_names_filters_and_idempotence() {
         .await
         .expect_err("removed");
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let again = run(&mut rt, pod_config("web")).await.expect("name free again");
+    let again = run(&mut rt, pod_config("web"))
+        .await
+        .expect("name free again");
     stop_remove(&mut rt, &again).await;
     stop_remove(&mut rt, &other).await;
-    assert!(mounts_under(d.dir()).is_empty(), "{:?}", mounts_under(d.dir()));
+    assert!(
+        mounts_under(d.dir()).is_empty(),
+        "{:?}",
+        mounts_under(d.dir())
+    );
 }
 
 #[tokio::test]
@@ -278,12 +289,17 @@ async fn pods_get_addresses_routes_and_reach_each_other_and_the_host() {
         options: vec!["ndots:5".into()],
     });
     let a = run(&mut rt, web).await.expect("run web");
-    let b = run(&mut rt, pod_config("client")).await.expect("run client");
+    let b = run(&mut rt, pod_config("client"))
+        .await
+        .expect("run client");
     let (sa, ia) = status(&mut rt, &a).await;
     let (sb, ib) = status(&mut rt, &b).await;
     let (ipa, ipb) = (pod_ip(&sa), pod_ip(&sb));
     assert_ne!(ipa, ipb);
-    assert!(in_cidr(ipa, &cidr) && in_cidr(ipb, &cidr), "{ipa} {ipb} in {cidr}");
+    assert!(
+        in_cidr(ipa, &cidr) && in_cidr(ipb, &cidr),
+        "{ipa} {ipb} in {cidr}"
+    );
     assert!(links().contains(&bridge));
 
     // Pod files.
@@ -298,12 +314,22 @@ async fn pods_get_addresses_routes_and_reach_each_other_and_the_host() {
     let na = netns_of(&ia);
     let (ifaces, route) = in_netns(&na, || {
         let ifaces: Vec<String> = std::fs::read_dir("/sys/class/net")
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
-        (ifaces, std::fs::read_to_string("/proc/net/route").unwrap_or_default())
+        (
+            ifaces,
+            std::fs::read_to_string("/proc/net/route").unwrap_or_default(),
+        )
     })
     .await;
-    assert!(ifaces.contains(&"eth0".to_string()) && ifaces.contains(&"lo".to_string()), "{ifaces:?}");
+    assert!(
+        ifaces.contains(&"eth0".to_string()) && ifaces.contains(&"lo".to_string()),
+        "{ifaces:?}"
+    );
     assert!(
         route.lines().any(|l| l.starts_with("eth0\t00000000")),
         "no default route via eth0:\n{route}"
@@ -314,7 +340,9 @@ async fn pods_get_addresses_routes_and_reach_each_other_and_the_host() {
     serve_in_pod(&na, 8080, "hello from web", 3).await;
     let nb = netns_of(&ib);
     let target = SocketAddr::new(ipa, 8080);
-    let got = in_netns(&nb, move || fetch(target)).await.expect("pod to pod");
+    let got = in_netns(&nb, move || fetch(target))
+        .await
+        .expect("pod to pod");
     assert_eq!(got, "hello from web");
     assert_eq!(fetch(target).expect("host to pod"), "hello from web");
     let hp = SocketAddr::from(([127, 0, 0, 1], (40000 + (slot.number() % 20000)) as u16));
@@ -334,7 +362,9 @@ async fn pods_get_addresses_routes_and_reach_each_other_and_the_host() {
     });
     let to_host = SocketAddr::new(gw, port);
     assert_eq!(
-        in_netns(&nb, move || fetch(to_host)).await.expect("pod to host"),
+        in_netns(&nb, move || fetch(to_host))
+            .await
+            .expect("pod to host"),
         "hello from host"
     );
 
@@ -368,20 +398,29 @@ async fn host_network_pid_init_and_sysctls() {
     assert_eq!(st.network.map(|n| n.ip).unwrap_or_default(), "");
 
     // PID=POD: an init that is PID 1 of its own PID namespace.
-    let p = run(&mut rt, with_pid_mode(pod_config("shared-pid"), cri::NamespaceMode::Pod))
-        .await
-        .expect("pid pod");
+    let p = run(
+        &mut rt,
+        with_pid_mode(pod_config("shared-pid"), cri::NamespaceMode::Pod),
+    )
+    .await
+    .expect("pid pod");
     let (_, info) = status(&mut rt, &p).await;
     let pid = info["pid"].as_i64().expect("init pid");
     assert!(pid > 0);
     let st = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("init status");
     let nspid = st.lines().find(|l| l.starts_with("NSpid:")).expect("NSpid");
-    assert!(nspid.trim_end().ends_with("\t1"), "init is pid 1 in its namespace: {nspid}");
+    assert!(
+        nspid.trim_end().ends_with("\t1"),
+        "init is pid 1 in its namespace: {nspid}"
+    );
 
     // Namespaced sysctls are applied inside the pod.
     let mut sys = pod_config("sysctl");
     sys.linux.get_or_insert_with(Default::default).sysctls = HashMap::from([
-        ("net.ipv4.ip_unprivileged_port_start".to_string(), "80".to_string()),
+        (
+            "net.ipv4.ip_unprivileged_port_start".to_string(),
+            "80".to_string(),
+        ),
         ("kernel.shm_rmid_forced".to_string(), "1".to_string()),
     ]);
     let s = run(&mut rt, sys).await.expect("sysctl pod");
@@ -407,18 +446,27 @@ async fn host_network_pid_init_and_sysctls() {
     bad.linux.get_or_insert_with(Default::default).sysctls =
         HashMap::from([("net.ipv4.no_such_sysctl".to_string(), "1".to_string())]);
     run(&mut rt, bad.clone()).await.expect_err("unknown sysctl");
-    assert_eq!(bridge_ports(&d), ports_before, "no link left by failed pods");
+    assert_eq!(
+        bridge_ports(&d),
+        ports_before,
+        "no link left by failed pods"
+    );
     // ...and the name was not kept reserved.
-    bad.linux.get_or_insert_with(Default::default).sysctls.clear();
+    bad.linux
+        .get_or_insert_with(Default::default)
+        .sysctls
+        .clear();
     let ok = run(&mut rt, bad).await.expect("name free after failures");
 
     stop_remove(&mut rt, &p).await;
-    assert!(std::fs::metadata(format!("/proc/{pid}")).is_err() || {
-        // A zombie awaiting its reaper is gone as far as the pod is concerned.
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.contains(") Z"))
-            .unwrap_or(true)
-    });
+    assert!(
+        std::fs::metadata(format!("/proc/{pid}")).is_err() || {
+            // A zombie awaiting its reaper is gone as far as the pod is concerned.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z"))
+                .unwrap_or(true)
+        }
+    );
     for id in [h, s, ok] {
         stop_remove(&mut rt, &id).await;
     }
@@ -433,7 +481,9 @@ async fn fifty_pods_in_parallel_get_distinct_addresses_and_leave_nothing() {
     for i in 0..50 {
         let mut rt = rt.clone();
         tasks.push(tokio::spawn(async move {
-            let id = run(&mut rt, pod_config(&format!("p{i}"))).await.expect("run");
+            let id = run(&mut rt, pod_config(&format!("p{i}")))
+                .await
+                .expect("run");
             let (st, _) = status(&mut rt, &id).await;
             (id, pod_ip(&st))
         }));
@@ -458,7 +508,10 @@ async fn fifty_pods_in_parallel_get_distinct_addresses_and_leave_nothing() {
     assert!(left.is_empty(), "links left: {left:?}");
     assert!(mounts_under(d.dir()).is_empty());
     let pods_dir = d.state().join("pods");
-    assert_eq!(std::fs::read_dir(&pods_dir).map(|r| r.count()).unwrap_or(0), 0);
+    assert_eq!(
+        std::fs::read_dir(&pods_dir).map(|r| r.count()).unwrap_or(0),
+        0
+    );
 }
 
 #[tokio::test]
@@ -477,12 +530,79 @@ async fn pods_survive_kill9_and_names_stay_reserved() {
     assert_eq!(st2.state, cri::PodSandboxState::SandboxReady as i32);
     assert_eq!(pod_ip(&st2), ip, "same address after restart");
     serve_in_pod(&netns, 9090, "still here", 1).await;
-    assert_eq!(fetch(SocketAddr::new(ip, 9090)).expect("reachable"), "still here");
-    let e = run(&mut rt, pod_config("durable")).await.expect_err("name still reserved");
+    assert_eq!(
+        fetch(SocketAddr::new(ip, 9090)).expect("reachable"),
+        "still here"
+    );
+    let e = run(&mut rt, pod_config("durable"))
+        .await
+        .expect_err("name still reserved");
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
     stop_remove(&mut rt, &id).await;
     let again = run(&mut rt, pod_config("durable"))
         .await
         .expect("name freed by remove after a restart");
     stop_remove(&mut rt, &again).await;
+}
+
+/// kill -9 while pods are being made: after the restart every listed pod is whole and
+/// reachable in the store's terms, and nothing is left of the others.
+#[tokio::test]
+async fn kill9_during_creation_leaves_only_whole_pods() {
+    let mut d = Berthd::start(BerthdConfig::new()).await;
+    let rt = d.runtime_client().await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut rt = rt.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = run(&mut rt, pod_config(&format!("crash{i}"))).await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    d.kill9();
+    for t in tasks {
+        let _ = t.await;
+    }
+    drop(rt);
+    d.restart().await;
+    let mut rt = d.runtime_client().await;
+    let pods = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    let mut ips = Vec::new();
+    for p in &pods {
+        assert_eq!(p.state, cri::PodSandboxState::SandboxReady as i32, "{p:?}");
+        let (st, info) = status(&mut rt, &p.id).await;
+        ips.push(pod_ip(&st));
+        assert!(berth::ns::is_pinned(&netns_of(&info)));
+    }
+    let n = ips.len();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), n, "distinct addresses");
+    assert_eq!(
+        bridge_ports(&d).len(),
+        pods.len(),
+        "one veth per surviving pod"
+    );
+    assert_eq!(dir_names(&d.state().join("pods")).len(), pods.len());
+    for p in &pods {
+        stop_remove(&mut rt, &p.id).await;
+    }
+    assert!(bridge_ports(&d).is_empty());
+    assert!(
+        mounts_under(d.dir()).is_empty(),
+        "{:?}",
+        mounts_under(d.dir())
+    );
+    // Every name is free again.
+    for i in 0..8 {
+        let id = run(&mut rt, pod_config(&format!("crash{i}")))
+            .await
+            .expect("name free");
+        stop_remove(&mut rt, &id).await;
+    }
 }

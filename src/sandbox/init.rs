@@ -27,7 +27,10 @@ pub struct InitProcess {
 }
 
 /// Starts the pod init inside the given pinned namespaces. Returns it once it runs.
-pub fn spawn(pid_file: &Path, namespaces: &[(PathBuf, CloneFlags)]) -> std::io::Result<InitProcess> {
+pub fn spawn(
+    pid_file: &Path,
+    namespaces: &[(PathBuf, CloneFlags)],
+) -> std::io::Result<InitProcess> {
     let files: Vec<(File, CloneFlags)> = namespaces
         .iter()
         .map(|(p, k)| File::open(p).map(|f| (f, *k)))
@@ -55,7 +58,9 @@ pub fn spawn(pid_file: &Path, namespaces: &[(PathBuf, CloneFlags)]) -> std::io::
     }
     let status = cmd.status()?;
     if !status.success() {
-        return Err(std::io::Error::other(format!("pod init launcher exited with {status}")));
+        return Err(std::io::Error::other(format!(
+            "pod init launcher exited with {status}"
+        )));
     }
     let text = std::fs::read_to_string(pid_file)?;
     let pid: i32 = text
@@ -128,7 +133,12 @@ pub fn launcher_main(pid_file: &Path) -> i32 {
 fn init_main() -> ! {
     let _ = nix::sys::prctl::set_name(c"berth-pod-init");
     let mut set = SigSet::empty();
-    for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
         set.add(s);
     }
     if set.thread_block().is_err() {

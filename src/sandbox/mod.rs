@@ -183,7 +183,8 @@ impl SandboxManager {
         state: &Path,
     ) -> Result<SandboxManager, SandboxError> {
         let pods_dir = state.join("pods");
-        std::fs::create_dir_all(&pods_dir).map_err(io_err(format!("create {}", pods_dir.display())))?;
+        std::fs::create_dir_all(&pods_dir)
+            .map_err(io_err(format!("create {}", pods_dir.display())))?;
         let records: Vec<(String, SandboxRecord)> = store.all(Table::Sandboxes)?;
         let mgr = SandboxManager {
             store,
@@ -207,7 +208,8 @@ impl SandboxManager {
                 rec.phase = Phase::NotReady;
                 mgr.persist(&rec)?;
             }
-            mgr.lock_names().insert(rec.name_key.clone(), rec.id.clone());
+            mgr.lock_names()
+                .insert(rec.name_key.clone(), rec.id.clone());
             mgr.write_map().insert(rec.id.clone(), rec);
         }
         let live: Vec<PodNetworkRequest> = mgr
@@ -269,7 +271,9 @@ impl SandboxManager {
     /// Resolves a full id or a unique prefix.
     pub fn resolve_id(&self, id: &str) -> Result<String, SandboxError> {
         if id.is_empty() {
-            return Err(SandboxError::Invalid("a pod sandbox id is required".to_string()));
+            return Err(SandboxError::Invalid(
+                "a pod sandbox id is required".to_string(),
+            ));
         }
         let map = self.read_map();
         if map.contains_key(id) {
@@ -332,7 +336,9 @@ impl SandboxManager {
             config.hostname.clone()
         };
         if own_net && !files::valid_hostname(&hostname) {
-            return Err(SandboxError::Invalid(format!("invalid hostname {hostname:?}")));
+            return Err(SandboxError::Invalid(format!(
+                "invalid hostname {hostname:?}"
+            )));
         }
 
         let key = name_key(&meta);
@@ -429,7 +435,8 @@ impl SandboxManager {
     ) -> Result<(), SandboxError> {
         self.persist(rec)?;
         let dir = rec.dir.clone();
-        std::fs::create_dir_all(dir.join("ns")).map_err(io_err(format!("create {}", dir.display())))?;
+        std::fs::create_dir_all(dir.join("ns"))
+            .map_err(io_err(format!("create {}", dir.display())))?;
 
         // The pod's files.
         std::fs::write(rec.hostname_path(), format!("{}\n", rec.hostname))
@@ -438,7 +445,8 @@ impl SandboxManager {
             Some(text) => text.into_bytes(),
             None => std::fs::read("/etc/resolv.conf").unwrap_or_default(),
         };
-        files::write_atomic(&rec.resolv_conf_path(), &resolv).map_err(io_err("write resolv.conf"))?;
+        files::write_atomic(&rec.resolv_conf_path(), &resolv)
+            .map_err(io_err("write resolv.conf"))?;
         if !rec.own_net {
             let host = std::fs::read("/etc/hosts").unwrap_or_default();
             files::write_atomic(&rec.hosts_path(), &host).map_err(io_err("write hosts"))?;
@@ -494,9 +502,16 @@ impl SandboxManager {
             self.persist(rec)?;
             let status = self.network.setup(&req).await?;
             rec.network = Some(status);
-            let ips: Vec<IpAddr> = rec.network.as_ref().map(|n| n.ips.clone()).unwrap_or_default();
-            files::write_atomic(&rec.hosts_path(), files::hosts(&rec.hostname, &ips).as_bytes())
-                .map_err(io_err("write hosts"))?;
+            let ips: Vec<IpAddr> = rec
+                .network
+                .as_ref()
+                .map(|n| n.ips.clone())
+                .unwrap_or_default();
+            files::write_atomic(
+                &rec.hosts_path(),
+                files::hosts(&rec.hostname, &ips).as_bytes(),
+            )
+            .map_err(io_err("write hosts"))?;
         }
 
         // Sysctls, from a thread inside the pod's namespaces (after the network exists, so
@@ -636,7 +651,10 @@ fn port_mappings(pms: &[cri::PortMapping]) -> Result<Vec<PortMapping>, SandboxEr
             return Err(SandboxError::Invalid("container port 0".to_string()));
         }
         if !pm.host_ip.is_empty() && pm.host_ip.parse::<IpAddr>().is_err() {
-            return Err(SandboxError::Invalid(format!("host IP {:?} is not an address", pm.host_ip)));
+            return Err(SandboxError::Invalid(format!(
+                "host IP {:?} is not an address",
+                pm.host_ip
+            )));
         }
         // A mapping without a host port only documents the container port.
         if host_port == 0 {

@@ -41,7 +41,9 @@ pub fn classify(name: &str, value: &str) -> Result<Sysctl, String> {
         (name.to_string(), name.replace('.', "/"))
     };
     if name.is_empty()
-        || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+        || rel
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
         || name.contains('\0')
     {
         return Err(format!("invalid sysctl name {name:?}"));
@@ -83,11 +85,23 @@ mod tests {
     fn namespaced_sysctls_are_classified() {
         let s = classify("net.ipv4.ip_unprivileged_port_start", "0").expect("net");
         assert_eq!(s.ns, SysctlNamespace::Net);
-        assert_eq!(s.path, PathBuf::from("/proc/sys/net/ipv4/ip_unprivileged_port_start"));
-        assert_eq!(classify("kernel.shm_rmid_forced", "1").expect("ipc").ns, SysctlNamespace::Ipc);
-        assert_eq!(classify("fs.mqueue.msg_max", "20").expect("ipc").ns, SysctlNamespace::Ipc);
+        assert_eq!(
+            s.path,
+            PathBuf::from("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        );
+        assert_eq!(
+            classify("kernel.shm_rmid_forced", "1").expect("ipc").ns,
+            SysctlNamespace::Ipc
+        );
+        assert_eq!(
+            classify("fs.mqueue.msg_max", "20").expect("ipc").ns,
+            SysctlNamespace::Ipc
+        );
         let slashed = classify("net/ipv4/conf/eth0.1/forwarding", "1").expect("slashes");
-        assert_eq!(slashed.path, PathBuf::from("/proc/sys/net/ipv4/conf/eth0.1/forwarding"));
+        assert_eq!(
+            slashed.path,
+            PathBuf::from("/proc/sys/net/ipv4/conf/eth0.1/forwarding")
+        );
     }
 
     #[test]

@@ -88,7 +88,8 @@ impl Daemon {
                 })??
         };
         let network = crate::network::from_config(&config, store.clone()).await?;
-        let sandboxes = Arc::new(SandboxManager::open(store.clone(), network, &config.state).await?);
+        let sandboxes =
+            Arc::new(SandboxManager::open(store.clone(), network, &config.state).await?);
         // Bound last: a client that can connect finds a daemon whose state is ready.
         let listener = bind_socket(&config.socket).await?;
         Ok(Daemon {
@@ -107,7 +108,8 @@ impl Daemon {
     /// containerd and CRI-O (see [`trace::rpc`]).
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let socket = self.config.socket.clone();
-        let runtime = runtime_service::RuntimeServiceImpl::new(self.config.clone(), self.sandboxes.clone());
+        let runtime =
+            runtime_service::RuntimeServiceImpl::new(self.config.clone(), self.sandboxes.clone());
         let image = image_service::ImageServiceImpl::new(self.images.clone());
         let routes = tonic::service::Routes::new(
             RuntimeServiceServer::new(runtime).max_decoding_message_size(MAX_MESSAGE),

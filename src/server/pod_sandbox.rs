@@ -123,7 +123,10 @@ pub async fn status(
     })
 }
 
-pub fn list(sandboxes: &SandboxManager, req: cri::ListPodSandboxRequest) -> cri::ListPodSandboxResponse {
+pub fn list(
+    sandboxes: &SandboxManager,
+    req: cri::ListPodSandboxRequest,
+) -> cri::ListPodSandboxResponse {
     let filter = req.filter.unwrap_or_default();
     let items = sandboxes
         .list()

@@ -12,8 +12,8 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::error::unimplemented;
-use super::trace::{deadline, rpc};
 use super::pod_sandbox;
+use super::trace::{deadline, rpc};
 use crate::config::{CgroupDriver, Config};
 use crate::sandbox::SandboxManager;
 
@@ -150,7 +150,13 @@ impl RuntimeService for RuntimeServiceImpl {
             .and_then(|c| c.metadata.as_ref())
             .map(|m| format!("{}/{}", m.namespace, m.name))
             .unwrap_or_default();
-        rpc("RunPodSandbox", &name, deadline, pod_sandbox::run(&self.sandboxes, &self.config, req)).await
+        rpc(
+            "RunPodSandbox",
+            &name,
+            deadline,
+            pod_sandbox::run(&self.sandboxes, &self.config, req),
+        )
+        .await
     }
 
     async fn stop_pod_sandbox(
@@ -186,7 +192,13 @@ impl RuntimeService for RuntimeServiceImpl {
         let deadline = deadline(&request);
         let req = request.into_inner();
         let id = req.pod_sandbox_id.clone();
-        rpc("PodSandboxStatus", &id, deadline, pod_sandbox::status(&self.sandboxes, req)).await
+        rpc(
+            "PodSandboxStatus",
+            &id,
+            deadline,
+            pod_sandbox::status(&self.sandboxes, req),
+        )
+        .await
     }
 
     async fn list_pod_sandbox(

@@ -186,17 +186,26 @@ impl CniNetwork {
         })
     }
 
-    /// DEL through the whole list in reverse. Every plugin runs even when one fails (DEL is
-    /// idempotent, so a later retry redoes the lot); the first error is returned.
+    /// DEL through the whole list in reverse. Every plugin found runs even when one fails
+    /// or another is missing (DEL is idempotent, so a later retry redoes the lot); the first
+    /// error is returned.
     async fn del_list(
         &self,
         call: &Call<'_>,
         prev_result: Option<&Value>,
     ) -> Result<(), NetworkError> {
-        let binaries = self.plugin_binaries(call.list)?;
         let mut first_err = None;
-        for (i, binary) in binaries.iter().enumerate().rev() {
-            if let Err(e) = self.run(call, Command::Del, i, binary, prev_result).await {
+        for (i, plugin) in call.list.plugins.iter().enumerate().rev() {
+            let done = match exec::find_plugin(&self.bin_dirs, &plugin.plugin_type) {
+                Some(binary) => self.run(call, Command::Del, i, &binary, prev_result).await,
+                None => Err(NetworkError::NotReady(format!(
+                    "network {}: CNI plugin {:?} not found in {}",
+                    call.list.name,
+                    plugin.plugin_type,
+                    exec::cni_path(&self.bin_dirs)
+                ))),
+            };
+            if let Err(e) = done {
                 tracing::warn!(pod = call.container_id, network = %call.list.name, "CNI DEL: {e}");
                 first_err.get_or_insert(e);
             }
@@ -205,53 +214,81 @@ impl CniNetwork {
     }
 
     /// DEL for a cache entry, with the config, arguments and result it recorded; removes the
-    /// entry when DEL succeeded.
+    /// entry when DEL succeeded. An entry whose config berth cannot read (e.g. written by a
+    /// newer berth) gets a best-effort DEL with the current config instead, and is removed.
     async fn del_cached(
         &self,
         path: &Path,
         entry: &CacheEntry,
         netns: &str,
     ) -> Result<(), NetworkError> {
-        let list = entry
+        match entry
             .config_bytes()
             .and_then(|b| ConfList::from_list_bytes(&b))
-            .map_err(|e| NetworkError::Invalid(format!("cache entry {}: {e}", path.display())))?;
-        let call = Call {
-            list: &list,
-            container_id: &entry.container_id,
-            netns,
-            cni_args: &entry.cni_args,
-            capability_args: &entry.capability_args,
-        };
-        self.del_list(&call, entry.result.as_ref()).await?;
+        {
+            Ok(list) => {
+                let call = Call {
+                    list: &list,
+                    container_id: &entry.container_id,
+                    netns,
+                    cni_args: &entry.cni_args,
+                    capability_args: &entry.capability_args,
+                };
+                self.del_list(&call, entry.result.as_ref()).await?;
+            }
+            Err(e) => {
+                tracing::warn!(pod = %entry.container_id, "CNI cache entry {}: {e}", path.display());
+                self.del_with_current_config(
+                    &entry.container_id,
+                    netns,
+                    &entry.cni_args,
+                    &entry.capability_args,
+                )
+                .await;
+            }
+        }
         self.cache.remove(path)
     }
 
-    /// DEL with the current config for a pod without a (usable) cache entry, as libcni does;
-    /// best effort, since nothing says the pod was ever attached.
-    async fn del_uncached(&self, req: &PodNetworkRequest, netns: &str) {
+    /// DEL with the current config for an attachment whose record is unreadable; best
+    /// effort, since the record would have said what to undo.
+    async fn del_with_current_config(
+        &self,
+        container_id: &str,
+        netns: &str,
+        cni_args: &[[String; 2]],
+        capability_args: &Map<String, Value>,
+    ) {
         let Ok(list) = self.conf.current() else {
             return;
         };
-        let caps = match args::capability_args(req, &self.pod_cidrs()) {
-            Ok(c) => c,
-            Err(_) => {
-                let mut stripped = req.clone();
-                stripped.annotations.clear();
-                args::capability_args(&stripped, &[]).unwrap_or_default()
-            }
-        };
-        let cni_args = args::cni_args(req);
         let call = Call {
             list: &list,
-            container_id: &req.pod_id,
+            container_id,
             netns,
-            cni_args: &cni_args,
-            capability_args: &caps,
+            cni_args,
+            capability_args,
         };
         if let Err(e) = self.del_list(&call, None).await {
-            tracing::warn!(pod = %req.pod_id, "CNI DEL without cached attachment: {e}");
+            tracing::warn!(pod = container_id, "CNI DEL without a usable record: {e}");
         }
+    }
+
+    /// DEL for an unreadable cache file of the pod `req`, then drops the file.
+    async fn del_unreadable(
+        &self,
+        path: &Path,
+        why: &str,
+        req: &PodNetworkRequest,
+    ) -> Result<(), NetworkError> {
+        tracing::warn!(pod = %req.pod_id, "unreadable CNI cache entry {}: {why}", path.display());
+        let mut plain = req.clone();
+        plain.annotations.clear();
+        let caps = args::capability_args(&plain, &[]).unwrap_or_default();
+        let netns = req.netns_path.to_string_lossy();
+        self.del_with_current_config(&req.pod_id, &netns, &args::cni_args(req), &caps)
+            .await;
+        self.cache.remove(path)
     }
 
     async fn setup_locked(
@@ -273,11 +310,7 @@ impl CniNetwork {
                     }
                     self.del_cached(&path, &entry, &netns).await?;
                 }
-                Err(e) => {
-                    tracing::warn!(pod = %req.pod_id, "unreadable CNI cache entry {}: {e}", path.display());
-                    self.del_uncached(req, &netns).await;
-                    self.cache.remove(&path)?;
-                }
+                Err(e) => self.del_unreadable(&path, &e, req).await?,
             }
         }
         let list = self.current_config()?;
@@ -346,19 +379,16 @@ impl CniNetwork {
     async fn teardown_locked(&self, req: &PodNetworkRequest) -> Result<(), NetworkError> {
         let netns = req.netns_path.to_string_lossy().into_owned();
         let entries = self.cache.find(&req.pod_id, IFNAME)?;
+        // Nothing recorded, nothing attached: the record is written before the first
+        // plugin runs.
         if entries.is_empty() {
-            self.del_uncached(req, &netns).await;
             return Ok(());
         }
         let mut first_err = None;
         for (path, entry) in entries {
             let done = match entry {
                 Ok(entry) => self.del_cached(&path, &entry, &netns).await,
-                Err(e) => {
-                    tracing::warn!(pod = %req.pod_id, "unreadable CNI cache entry {}: {e}", path.display());
-                    self.del_uncached(req, &netns).await;
-                    self.cache.remove(&path)
-                }
+                Err(e) => self.del_unreadable(&path, &e, req).await,
             };
             if let Err(e) = done {
                 first_err.get_or_insert(e);
@@ -371,6 +401,20 @@ impl CniNetwork {
             }
             Some(e) => Err(e),
         }
+    }
+}
+
+/// A request that knows only the pod id (for a pod known only from a damaged record).
+fn bare_request(pod_id: &str) -> PodNetworkRequest {
+    PodNetworkRequest {
+        pod_id: pod_id.to_string(),
+        name: String::new(),
+        namespace: String::new(),
+        uid: String::new(),
+        netns_path: PathBuf::new(),
+        port_mappings: Vec::new(),
+        dns: Default::default(),
+        annotations: Default::default(),
     }
 }
 
@@ -481,6 +525,21 @@ impl NetworkBackend for CniNetwork {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!("unreadable CNI cache entry {}: {e}", path.display());
+                    // `<network>-<pod id>-eth0`; pod ids hold no '-'.
+                    let id = path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_suffix(&format!("-{IFNAME}")))
+                        .and_then(|n| n.rsplit('-').next())
+                        .filter(|id| validate_pod_id(id).is_ok() && !live.contains(id));
+                    if let Some(id) = id {
+                        let _guard = self.locks.lock(id).await;
+                        let caps = args::capability_args(&bare_request(id), &[])?;
+                        self.del_with_current_config(id, "", &[], &caps).await;
+                        if let Err(e) = self.cache.remove(&path) {
+                            first_err.get_or_insert(e);
+                        }
+                    }
                     continue;
                 }
             };

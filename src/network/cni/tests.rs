@@ -1028,3 +1028,64 @@ async fn real_plugins_bandwidth_annotations_reach_the_bandwidth_plugin() {
     t.net.teardown(&t.pod).await.expect("teardown");
     t.assert_released();
 }
+
+#[tokio::test]
+async fn fake_plugins_unreadable_records_and_missing_plugins_on_del() {
+    let f = Fake::new();
+    fake_plugin(&f.p("bin"), &f.p("log"), "pa", &result_a(), false);
+    fake_plugin(&f.p("bin"), &f.p("log"), "pb", &result_b(), false);
+    f.conflist("1.0.0", json!([{"type": "pa"}, {"type": "pb"}]));
+    let net = f.network();
+
+    // Never attached: nothing to run, success.
+    let never = unique_id("never");
+    net.teardown(&pod(&never, Path::new("/x")))
+        .await
+        .expect("teardown of a never-attached pod");
+    assert!(f.calls().is_empty());
+
+    // A damaged record: DEL with the current config, record dropped (teardown and repair).
+    let (damaged, damaged2) = (unique_id("damaged"), unique_id("damaged2"));
+    std::fs::create_dir_all(f.p("cache/results")).expect("mkdir");
+    std::fs::write(f.p(&format!("cache/results/fake-{damaged}-eth0")), "{").expect("write");
+    std::fs::write(f.p(&format!("cache/results/fake-{damaged2}-eth0")), "{").expect("write");
+    net.teardown(&pod(&damaged, Path::new("/ns/d")))
+        .await
+        .expect("teardown");
+    assert_eq!(f.calls(), ["pb DEL", "pa DEL"]);
+    assert!(
+        f.env("pa", "DEL")
+            .starts_with(&format!("DEL|{damaged}|/ns/d|"))
+    );
+    assert_eq!(
+        f.stdin("pb", "DEL")["runtimeConfig"],
+        Value::Null,
+        "pb declares nothing"
+    );
+    f.clear_calls();
+    net.repair(&[]).await.expect("repair");
+    assert_eq!(f.calls(), ["pb DEL", "pa DEL"]);
+    assert!(f.env("pa", "DEL").starts_with(&format!("DEL|{damaged2}||")));
+    assert!(net.cache.all().expect("cache").is_empty());
+
+    // A plugin gone since ADD: DEL still runs the others, reports it, keeps the record.
+    let id = unique_id("gone-plugin");
+    let req = pod(&id, Path::new("/x"));
+    net.setup(&req).await.expect("setup");
+    std::fs::remove_file(f.p("bin/pb")).expect("rm plugin");
+    f.clear_calls();
+    let e = net.teardown(&req).await.expect_err("pb missing");
+    assert!(
+        matches!(&e, NetworkError::NotReady(m) if m.contains("\"pb\"")),
+        "{e:?}"
+    );
+    assert_eq!(f.calls(), ["pa DEL"]);
+    assert_eq!(
+        net.cache.find(&id, IFNAME).expect("cache").len(),
+        1,
+        "kept for a retry"
+    );
+    fake_plugin(&f.p("bin"), &f.p("log"), "pb", &result_b(), false);
+    net.teardown(&req).await.expect("teardown once pb is back");
+    assert!(net.cache.find(&id, IFNAME).expect("cache").is_empty());
+}
