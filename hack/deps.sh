@@ -3,7 +3,7 @@
 # Usage: hack/deps.sh run|test
 set -euo pipefail
 what=${1:-test}
-pkgs=(protobuf-compiler runc crun iproute2 nftables containernetworking-plugins)
+pkgs=(protobuf-compiler runc crun iproute2 nftables iptables containernetworking-plugins)
 if [ "$what" = test ]; then
   pkgs+=(busybox-static docker-registry openssl apache2-utils zstd)
 fi
