@@ -172,9 +172,7 @@ async fn version_status_and_unimplemented_rpcs() {
             .clone()
     };
     assert!(cond("RuntimeReady").status);
-    let net = cond("NetworkReady");
-    assert!(!net.status, "no pod network exists yet");
-    assert!(!net.reason.is_empty());
+    assert!(cond("NetworkReady").status, "the native network is usable");
     assert!(s.info.contains_key("config"));
 
     let rc = rt
@@ -188,13 +186,59 @@ async fn version_status_and_unimplemented_rpcs() {
     );
 
     let e = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest::default())
+        .checkpoint_container(cri::CheckpointContainerRequest::default())
         .await
-        .expect_err("not built yet");
+        .expect_err("not built");
     assert_eq!(e.code(), tonic::Code::Unimplemented);
     let e = rt
-        .list_containers(cri::ListContainersRequest::default())
+        .run_pod_sandbox(cri::RunPodSandboxRequest::default())
         .await
-        .expect_err("not built yet");
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
+        .expect_err("no config");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}
+
+/// In CNI mode the network is not ready while no conflist exists, and becomes ready once one
+/// is written.
+#[tokio::test]
+async fn cni_network_ready_follows_the_conflist() {
+    let conf_dir = tempfile::tempdir().expect("tempdir");
+    let d = Berthd::start(
+        BerthdConfig::new()
+            .daemon_default_network()
+            .network_line("mode = \"cni\"")
+            .table(&format!(
+                "[cni]\nconf_dir = {}\nbin_dirs = [\"/usr/lib/cni\"]",
+                common::toml_str(&conf_dir.path().to_string_lossy())
+            )),
+    )
+    .await;
+    let mut rt = d.runtime_client().await;
+    let network_ready = |s: cri::StatusResponse| {
+        s.status
+            .expect("status")
+            .conditions
+            .into_iter()
+            .find(|c| c.r#type == "NetworkReady")
+            .expect("NetworkReady")
+    };
+    let c = network_ready(
+        rt.status(cri::StatusRequest::default())
+            .await
+            .expect("status")
+            .into_inner(),
+    );
+    assert!(!c.status);
+    assert!(c.message.contains("no network config"), "{}", c.message);
+    std::fs::write(
+        conf_dir.path().join("10-test.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"t","plugins":[{"type":"loopback"}]}"#,
+    )
+    .expect("write conflist");
+    let c = network_ready(
+        rt.status(cri::StatusRequest::default())
+            .await
+            .expect("status")
+            .into_inner(),
+    );
+    assert!(c.status, "{}", c.message);
 }

@@ -37,6 +37,8 @@ pub struct BerthdConfig {
     top_level: Vec<String>,
     tables: Vec<String>,
     daemon_default_network: bool,
+    /// Extra `key = value` lines of the `[network]` table (e.g. `mode = "cni"`).
+    network_lines: Vec<String>,
     env: Vec<(String, String)>,
 }
 
@@ -119,6 +121,12 @@ impl BerthdConfig {
         self
     }
 
+    /// An extra `key = value` line in the `[network]` table (e.g. `mode = "cni"`).
+    pub fn network_line(mut self, line: &str) -> Self {
+        self.network_lines.push(line.to_string());
+        self
+    }
+
     /// An extra environment variable for the daemon process.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
@@ -157,6 +165,12 @@ impl BerthdConfig {
                 toml_str(&n.bridge()),
                 toml_str(&n.pod_cidr())
             ));
+        } else if !self.network_lines.is_empty() {
+            s.push_str("\n[network]\n");
+        }
+        for l in &self.network_lines {
+            s.push_str(l);
+            s.push('\n');
         }
         for (host, r) in &self.registries {
             s.push_str(&format!("\n[registries.{}]\n", toml_str(host)));
