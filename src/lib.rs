@@ -1,19 +1,23 @@
 //! berth: a Kubernetes node container runtime speaking the CRI.
 //!
 //! One module per piece of the runtime (see `DESIGN.md`):
+//! - [`cgroups`]: container cgroup paths (cgroupfs, systemd), layouts, OOM counters;
 //! - [`config`]: the TOML configuration contract and its defaults;
 //! - [`store`]: the durable embedded database of berth's records;
 //! - [`image`]: registry pulls, the content store, layer snapshots, image records;
 //! - [`network`]: pod networking, native (rtnetlink + nftables) or CNI;
 //! - [`ns`]: namespace work on dedicated threads, pinned namespaces;
+//! - [`runtime`]: the OCI runtime CLI (runc, crun) per RuntimeClass handler;
 //! - [`sandbox`]: pod sandboxes: namespaces, pod files, sysctls, pod init, records;
 //! - [`server`]: the CRI gRPC services on the unix socket.
 
+pub mod cgroups;
 pub mod config;
 pub mod image;
 pub mod locks;
 pub mod network;
 pub mod ns;
+pub mod runtime;
 pub mod sandbox;
 pub mod server;
 pub mod store;

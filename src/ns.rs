@@ -207,3 +207,37 @@ pub fn is_pinned(path: &Path) -> bool {
         .map(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
         .unwrap_or(false)
 }
+
+/// Brings `lo` up in the calling thread's network namespace (a new netns has it down; the
+/// CNI backend's plugins do not touch it).
+pub fn loopback_up() -> Result<(), NsError> {
+    let fail = |what: &'static str| NsError::Sys {
+        what,
+        path: PathBuf::from("lo"),
+        source: nix::Error::last(),
+    };
+    // SAFETY: a plain datagram socket and the SIOCGIFFLAGS/SIOCSIFFLAGS ioctls on a zeroed,
+    // NUL-terminated ifreq; the fd is closed before returning.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(fail("socket"));
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let result = if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            Err(fail("SIOCGIFFLAGS"))
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+                Err(fail("SIOCSIFFLAGS"))
+            } else {
+                Ok(())
+            }
+        };
+        libc::close(fd);
+        result
+    }
+}

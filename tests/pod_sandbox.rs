@@ -166,9 +166,63 @@ fn in_cidr(ip: IpAddr, cidr: &str) -> bool {
     net.contains(&ip)
 }
 
-#[tokio::test]
-async fn lifecycle_names_filters_and_idempotence() {
-    let d = Berthd::start(BerthdConfig::new()).await;
+/// Which network backend a test daemon uses.
+#[derive(Clone, Copy)]
+enum Mode {
+    Native,
+    Cni,
+}
+
+/// Starts a daemon with its own bridge and subnet, in the given mode. In CNI mode the
+/// returned dir holds its conflist (Debian's bridge, host-local and portmap plugins) and the
+/// host-local data.
+async fn start(mode: Mode) -> (Berthd, Option<tempfile::TempDir>) {
+    match mode {
+        Mode::Native => (Berthd::start(BerthdConfig::new()).await, None),
+        Mode::Cni => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let slot = common::NetSlot::acquire();
+            let conflist = serde_json::json!({
+                "cniVersion": "1.0.0",
+                "name": format!("berth-test-{}", slot.number()),
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": slot.bridge(),
+                        "isGateway": true,
+                        "ipMasq": false,
+                        "hairpinMode": true,
+                        "ipam": {
+                            "type": "host-local",
+                            "ranges": [[{"subnet": slot.pod_cidr()}]],
+                            "routes": [{"dst": "0.0.0.0/0"}],
+                            "dataDir": dir.path().join("ipam"),
+                        }
+                    },
+                    {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
+                ]
+            });
+            let conf_dir = dir.path().join("net.d");
+            std::fs::create_dir_all(&conf_dir).expect("conf dir");
+            std::fs::write(conf_dir.join("10-test.conflist"), conflist.to_string())
+                .expect("conflist");
+            let d = Berthd::start_with_slot(
+                BerthdConfig::new()
+                    .network_line("mode = \"cni\"")
+                    .table(&format!(
+                        "[cni]\nconf_dir = {}\nbin_dirs = [\"/usr/lib/cni\"]",
+                        common::toml_str(&conf_dir.to_string_lossy())
+                    )),
+                slot,
+            )
+            .await;
+            (d, Some(dir))
+        }
+    }
+}
+
+async fn lifecycle_names_filters_and_idempotence(mode: Mode) {
+    let (d, _cni) = start(mode).await;
     let mut rt = d.runtime_client().await;
     let id = run(&mut rt, pod_config("web")).await.expect("run");
     assert_eq!(id.len(), 64);
@@ -269,9 +323,8 @@ async fn lifecycle_names_filters_and_idempotence() {
     );
 }
 
-#[tokio::test]
-async fn pods_get_addresses_routes_and_reach_each_other_and_the_host() {
-    let d = Berthd::start(BerthdConfig::new()).await;
+async fn pods_get_addresses_routes_and_reach_each_other_and_the_host(mode: Mode) {
+    let (d, _cni) = start(mode).await;
     let slot = d.net_slot().expect("own network");
     let (bridge, cidr) = (slot.bridge(), slot.pod_cidr());
     let mut rt = d.runtime_client().await;
@@ -312,6 +365,13 @@ async fn pods_get_addresses_routes_and_reach_each_other_and_the_host() {
 
     // Inside pod a: eth0 and lo are up; a default route exists; the hostname is set.
     let na = netns_of(&ia);
+    let lo_flags = in_netns(&na, || {
+        std::fs::read_to_string("/sys/class/net/lo/flags").unwrap_or_default()
+    })
+    .await;
+    let lo_flags =
+        u32::from_str_radix(lo_flags.trim().trim_start_matches("0x"), 16).expect("flags");
+    assert_eq!(lo_flags & 1, 1, "lo is up");
     let (ifaces, route) = in_netns(&na, || {
         let ifaces: Vec<String> = std::fs::read_dir("/sys/class/net")
             .map(|d| {
@@ -376,9 +436,8 @@ async fn pods_get_addresses_routes_and_reach_each_other_and_the_host() {
     assert!(mounts_under(d.dir()).is_empty());
 }
 
-#[tokio::test]
-async fn host_network_pid_init_and_sysctls() {
-    let d = Berthd::start(BerthdConfig::new()).await;
+async fn host_network_pid_init_and_sysctls(mode: Mode) {
+    let (d, _cni) = start(mode).await;
     let mut rt = d.runtime_client().await;
 
     // Host network: no own netns, no address of its own.
@@ -473,9 +532,8 @@ async fn host_network_pid_init_and_sysctls() {
     assert!(mounts_under(d.dir()).is_empty());
 }
 
-#[tokio::test]
-async fn fifty_pods_in_parallel_get_distinct_addresses_and_leave_nothing() {
-    let d = Berthd::start(BerthdConfig::new()).await;
+async fn fifty_pods_in_parallel_get_distinct_addresses_and_leave_nothing(mode: Mode) {
+    let (d, _cni) = start(mode).await;
     let rt = d.runtime_client().await;
     let mut tasks = Vec::new();
     for i in 0..50 {
@@ -514,9 +572,8 @@ async fn fifty_pods_in_parallel_get_distinct_addresses_and_leave_nothing() {
     );
 }
 
-#[tokio::test]
-async fn pods_survive_kill9_and_names_stay_reserved() {
-    let mut d = Berthd::start(BerthdConfig::new()).await;
+async fn pods_survive_kill9_and_names_stay_reserved(mode: Mode) {
+    let (mut d, _cni) = start(mode).await;
     let mut rt = d.runtime_client().await;
     let id = run(&mut rt, pod_config("durable")).await.expect("run");
     let (st, info) = status(&mut rt, &id).await;
@@ -547,9 +604,8 @@ async fn pods_survive_kill9_and_names_stay_reserved() {
 
 /// kill -9 while pods are being made: after the restart every listed pod is whole and
 /// reachable in the store's terms, and nothing is left of the others.
-#[tokio::test]
-async fn kill9_during_creation_leaves_only_whole_pods() {
-    let mut d = Berthd::start(BerthdConfig::new()).await;
+async fn kill9_during_creation_leaves_only_whole_pods(mode: Mode) {
+    let (mut d, _cni) = start(mode).await;
     let rt = d.runtime_client().await;
     let mut tasks = Vec::new();
     for i in 0..8 {
@@ -605,4 +661,64 @@ async fn kill9_during_creation_leaves_only_whole_pods() {
             .expect("name free");
         stop_remove(&mut rt, &id).await;
     }
+}
+
+#[tokio::test]
+async fn native_lifecycle_names_filters_and_idempotence() {
+    lifecycle_names_filters_and_idempotence(Mode::Native).await;
+}
+
+#[tokio::test]
+async fn cni_lifecycle_names_filters_and_idempotence() {
+    lifecycle_names_filters_and_idempotence(Mode::Cni).await;
+}
+
+#[tokio::test]
+async fn native_pods_get_addresses_routes_and_reach_each_other_and_the_host() {
+    pods_get_addresses_routes_and_reach_each_other_and_the_host(Mode::Native).await;
+}
+
+#[tokio::test]
+async fn cni_pods_get_addresses_routes_and_reach_each_other_and_the_host() {
+    pods_get_addresses_routes_and_reach_each_other_and_the_host(Mode::Cni).await;
+}
+
+#[tokio::test]
+async fn native_host_network_pid_init_and_sysctls() {
+    host_network_pid_init_and_sysctls(Mode::Native).await;
+}
+
+#[tokio::test]
+async fn cni_host_network_pid_init_and_sysctls() {
+    host_network_pid_init_and_sysctls(Mode::Cni).await;
+}
+
+#[tokio::test]
+async fn native_fifty_pods_in_parallel_get_distinct_addresses_and_leave_nothing() {
+    fifty_pods_in_parallel_get_distinct_addresses_and_leave_nothing(Mode::Native).await;
+}
+
+#[tokio::test]
+async fn cni_fifty_pods_in_parallel_get_distinct_addresses_and_leave_nothing() {
+    fifty_pods_in_parallel_get_distinct_addresses_and_leave_nothing(Mode::Cni).await;
+}
+
+#[tokio::test]
+async fn native_pods_survive_kill9_and_names_stay_reserved() {
+    pods_survive_kill9_and_names_stay_reserved(Mode::Native).await;
+}
+
+#[tokio::test]
+async fn cni_pods_survive_kill9_and_names_stay_reserved() {
+    pods_survive_kill9_and_names_stay_reserved(Mode::Cni).await;
+}
+
+#[tokio::test]
+async fn native_kill9_during_creation_leaves_only_whole_pods() {
+    kill9_during_creation_leaves_only_whole_pods(Mode::Native).await;
+}
+
+#[tokio::test]
+async fn cni_kill9_during_creation_leaves_only_whole_pods() {
+    kill9_during_creation_leaves_only_whole_pods(Mode::Cni).await;
 }

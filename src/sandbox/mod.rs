@@ -461,7 +461,11 @@ impl SandboxManager {
         if which.net || which.ipc || which.uts {
             let hostname = rec.hostname.clone();
             let set_hostname = which.uts;
+            let new_net = which.net;
             ns::create_pinned(&dir.join("ns"), which, move || {
+                if new_net {
+                    ns::loopback_up()?;
+                }
                 if set_hostname {
                     nix::unistd::sethostname(&hostname).map_err(|source| NsError::Sys {
                         what: "sethostname",

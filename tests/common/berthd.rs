@@ -261,12 +261,22 @@ impl Berthd {
     /// Creates the dirs, writes the config, starts the daemon and waits until a `Version`
     /// RPC answers on its socket. Panics (printing the daemon log) when it does not.
     pub async fn start(config: BerthdConfig) -> Berthd {
+        let net = (!config.daemon_default_network).then(NetSlot::acquire);
+        Self::start_inner(config, net).await
+    }
+
+    /// Like [`Self::start`] with a network slot the caller already holds (e.g. to write a
+    /// CNI conflist naming its bridge and subnet first).
+    pub async fn start_with_slot(config: BerthdConfig, slot: NetSlot) -> Berthd {
+        Self::start_inner(config, Some(slot)).await
+    }
+
+    async fn start_inner(config: BerthdConfig, net: Option<NetSlot>) -> Berthd {
         init();
         let dir = tempfile::Builder::new()
             .prefix("berthd-")
             .tempdir()
             .expect("create berthd temp dir");
-        let net = (!config.daemon_default_network).then(NetSlot::acquire);
         let mut d = Berthd {
             dir,
             config,

@@ -1,0 +1,288 @@
+//! The OCI runtime CLI (runc, crun, or any runtime with the same command line), one per
+//! RuntimeClass handler. berth only ever uses the CLI: `create` runs in the pod's
+//! berth-monitor (it owns the stdio), everything else (`start`, `state`, `kill`, `delete`,
+//! `exec`, `update`) runs from berthd through [`OciRuntime`].
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use crate::config::{CgroupDriver, Config};
+
+/// Errors of the OCI runtime CLI.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("unknown runtime handler {0:?}")]
+    UnknownHandler(String),
+    #[error("{runtime} {command}: {message}")]
+    Failed {
+        runtime: String,
+        command: &'static str,
+        message: String,
+    },
+    #[error("{runtime} {command}: container does not exist")]
+    NotFound {
+        runtime: String,
+        command: &'static str,
+    },
+    #[error("{runtime} {command} timed out after {after:?}")]
+    Timeout {
+        runtime: String,
+        command: &'static str,
+        after: Duration,
+    },
+    #[error("running {runtime}: {source}")]
+    Spawn {
+        runtime: String,
+        source: std::io::Error,
+    },
+}
+
+/// One configured OCI runtime.
+#[derive(Debug, Clone)]
+pub struct OciRuntime {
+    /// The RuntimeClass handler name.
+    pub handler: String,
+    /// The binary.
+    pub binary: PathBuf,
+    /// Its state directory (`--root`), per handler under berth's `state`.
+    pub root: PathBuf,
+    /// runc's `--systemd-cgroup`.
+    pub systemd_cgroup: bool,
+}
+
+/// What `state` reports.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct RuntimeState {
+    pub status: String,
+    #[serde(default)]
+    pub pid: i32,
+}
+
+/// The output of an `exec`.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit_code: i32,
+    pub timed_out: bool,
+}
+
+/// The most output an ExecSync keeps per stream (the rest is dropped).
+pub const EXEC_OUTPUT_CAP: usize = 16 << 20;
+
+impl OciRuntime {
+    /// The runtime of a handler from the configuration.
+    pub fn for_handler(config: &Config, handler: &str) -> Result<OciRuntime, RuntimeError> {
+        let rc = config
+            .runtimes
+            .get(handler)
+            .ok_or_else(|| RuntimeError::UnknownHandler(handler.to_string()))?;
+        Ok(OciRuntime {
+            handler: handler.to_string(),
+            binary: rc.path.clone(),
+            root: config.state.join("runtime").join(handler),
+            systemd_cgroup: config.cgroup_driver == CgroupDriver::Systemd,
+        })
+    }
+
+    /// The global arguments every command starts with.
+    pub fn global_args(&self) -> Vec<String> {
+        let mut v = vec!["--root".to_string(), self.root.display().to_string()];
+        if self.systemd_cgroup {
+            v.push("--systemd-cgroup".to_string());
+        }
+        v
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.binary);
+        c.args(self.global_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
+    }
+
+    async fn run(&self, command: &'static str, args: &[&str]) -> Result<Vec<u8>, RuntimeError> {
+        let mut c = self.command();
+        c.arg(command).args(args);
+        let out = tokio::time::timeout(Duration::from_secs(60), c.output())
+            .await
+            .map_err(|_| RuntimeError::Timeout {
+                runtime: self.handler.clone(),
+                command,
+                after: Duration::from_secs(60),
+            })?
+            .map_err(|source| RuntimeError::Spawn {
+                runtime: self.binary.display().to_string(),
+                source,
+            })?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if message.contains("does not exist") || message.contains("not found") {
+            return Err(RuntimeError::NotFound {
+                runtime: self.handler.clone(),
+                command,
+            });
+        }
+        Err(RuntimeError::Failed {
+            runtime: self.handler.clone(),
+            command,
+            message,
+        })
+    }
+
+    pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.run("start", &[id]).await.map(|_| ())
+    }
+
+    /// The container's state, or `None` when the runtime does not know it.
+    pub async fn state(&self, id: &str) -> Result<Option<RuntimeState>, RuntimeError> {
+        match self.run("state", &[id]).await {
+            Ok(out) => serde_json::from_slice(&out)
+                .map(Some)
+                .map_err(|e| RuntimeError::Failed {
+                    runtime: self.handler.clone(),
+                    command: "state",
+                    message: format!("unreadable state: {e}"),
+                }),
+            Err(RuntimeError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends a signal to the container's init (`all`: to every process of it).
+    pub async fn kill(&self, id: &str, signal: i32, all: bool) -> Result<(), RuntimeError> {
+        let sig = signal.to_string();
+        let mut args = vec![];
+        if all {
+            args.push("--all");
+        }
+        args.push(id);
+        args.push(&sig);
+        match self.run("kill", &args).await {
+            Ok(_) => Ok(()),
+            // Already stopped: nothing to signal.
+            Err(RuntimeError::Failed { message, .. })
+                if message.contains("not running")
+                    || message.contains("process already finished") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the container; absent is fine.
+    pub async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.run("delete", &["--force", id]).await {
+            Ok(_) | Err(RuntimeError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Changes the container's resources (an OCI `LinuxResources` JSON file).
+    pub async fn update(&self, id: &str, resources_json: &Path) -> Result<(), RuntimeError> {
+        let r = resources_json.display().to_string();
+        self.run("update", &["--resources", &r, id])
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs a process (an OCI `Process` JSON file) in the container and collects its output,
+    /// killing it when `timeout` passes.
+    pub async fn exec(
+        &self,
+        id: &str,
+        process_json: &Path,
+        pid_file: &Path,
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let mut c = self.command();
+        c.arg("exec")
+            .arg("--process")
+            .arg(process_json)
+            .arg("--pid-file")
+            .arg(pid_file)
+            .arg(id);
+        let mut child = c.spawn().map_err(|source| RuntimeError::Spawn {
+            runtime: self.binary.display().to_string(),
+            source,
+        })?;
+        let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(RuntimeError::Failed {
+                runtime: self.handler.clone(),
+                command: "exec",
+                message: "no output pipes".to_string(),
+            });
+        };
+        let read_capped = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                match r.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let room = EXEC_OUTPUT_CAP.saturating_sub(buf.len());
+                        buf.extend_from_slice(&chunk[..n.min(room)]);
+                    }
+                }
+            }
+            buf
+        };
+        let stdout = tokio::spawn(read_capped(Box::new(out)));
+        let stderr = tokio::spawn(read_capped(Box::new(err)));
+        let waited = match timeout {
+            Some(t) => tokio::time::timeout(t, child.wait()).await.ok(),
+            None => Some(child.wait().await),
+        };
+        let (status, timed_out) = match waited {
+            Some(s) => (
+                s.map_err(|source| RuntimeError::Spawn {
+                    runtime: self.binary.display().to_string(),
+                    source,
+                })?,
+                false,
+            ),
+            None => {
+                // Kill the exec'd process itself, then its runtime.
+                if let Some(pid) = std::fs::read_to_string(pid_file)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = child.start_kill();
+                let s = child.wait().await.map_err(|source| RuntimeError::Spawn {
+                    runtime: self.binary.display().to_string(),
+                    source,
+                })?;
+                (s, true)
+            }
+        };
+        let stdout = stdout.await.unwrap_or_default();
+        let stderr = stderr.await.unwrap_or_default();
+        use std::os::unix::process::ExitStatusExt;
+        let exit_code = status
+            .code()
+            .or_else(|| status.signal().map(|s| 128 + s))
+            .unwrap_or(-1);
+        Ok(ExecOutput {
+            stdout,
+            stderr,
+            exit_code,
+            timed_out,
+        })
+    }
+}
