@@ -114,6 +114,11 @@ impl SandboxRecord {
     pub fn hostname_path(&self) -> PathBuf {
         self.dir.join("hostname")
     }
+    /// The pod's `/dev/shm` (a tmpfs shared by its containers) when it has its own IPC
+    /// namespace.
+    pub fn shm_path(&self) -> Option<PathBuf> {
+        self.own_ipc.then(|| self.dir.join("shm"))
+    }
 
     fn namespace_options(&self) -> cri::NamespaceOption {
         self.config
@@ -452,6 +457,24 @@ impl SandboxManager {
             files::write_atomic(&rec.hosts_path(), &host).map_err(io_err("write hosts"))?;
         }
 
+        // The pod's /dev/shm: one tmpfs its containers share.
+        if let Some(shm) = rec.shm_path() {
+            std::fs::create_dir_all(&shm).map_err(io_err("create shm dir"))?;
+            nix::mount::mount(
+                Some("shm"),
+                &shm,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID
+                    | nix::mount::MsFlags::MS_NODEV
+                    | nix::mount::MsFlags::MS_NOEXEC,
+                Some("mode=1777,size=65536k"),
+            )
+            .map_err(|e| SandboxError::Io {
+                context: format!("mount tmpfs at {}", shm.display()),
+                source: e.into(),
+            })?;
+        }
+
         // Namespaces, with the hostname set inside the new UTS namespace.
         let which = NewNamespaces {
             net: rec.own_net,
@@ -623,6 +646,7 @@ fn remove_pod_dir(dir: &Path) {
     for kind in ["net", "ipc", "uts"] {
         let _ = ns::unpin(&dir.join("ns").join(kind));
     }
+    let _ = nix::mount::umount2(&dir.join("shm"), nix::mount::MntFlags::MNT_DETACH);
     if let Err(e) = std::fs::remove_dir_all(dir)
         && e.kind() != std::io::ErrorKind::NotFound
     {

@@ -25,10 +25,18 @@ pub enum Table {
     PodIps,
     /// Small settings that must survive restarts (e.g. the kubelet's pod CIDR), by name.
     Settings,
+    /// Container records keyed by container id.
+    Containers,
 }
 
 impl Table {
-    const ALL: [Table; 4] = [Table::Images, Table::Sandboxes, Table::PodIps, Table::Settings];
+    const ALL: [Table; 5] = [
+        Table::Images,
+        Table::Sandboxes,
+        Table::PodIps,
+        Table::Settings,
+        Table::Containers,
+    ];
 
     fn def(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         match self {
@@ -36,6 +44,7 @@ impl Table {
             Table::Sandboxes => TableDefinition::new("sandboxes"),
             Table::PodIps => TableDefinition::new("pod_ips"),
             Table::Settings => TableDefinition::new("settings"),
+            Table::Containers => TableDefinition::new("containers"),
         }
     }
 }
