@@ -9,7 +9,8 @@
 //!
 //! `push-image` builds an image of random (incompressible) data, gzip layers, an OCI manifest,
 //! and pushes it over plain HTTP; it prints `bytes <layer+config bytes>` and `digest <manifest>`.
-//! `pull` prints one `pull <n> <seconds>` line per cold PullImage.
+//! `pull` prints one `pull <n> <seconds> <bytes in the --wait-empty dirs after it>` line per
+//! PullImage.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -368,6 +369,26 @@ fn count_files(dir: &Path) -> Result<usize> {
     Ok(n)
 }
 
+/// Bytes of regular files (any depth) under `dir`; a missing dir holds none.
+fn file_bytes(dir: &Path) -> Result<u64> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("read dir {}", dir.display())),
+    };
+    let mut n = 0;
+    for entry in entries {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            n += file_bytes(&entry.path())?;
+        } else if ft.is_file() {
+            n += entry.metadata()?.len();
+        }
+    }
+    Ok(n)
+}
+
 /// RemoveImage, then wait until the image is gone and every `wait_empty` dir is empty.
 async fn remove_and_wait(client: &mut ImageServiceClient<Channel>, opts: &PullOpts) -> Result<()> {
     let start = Instant::now();
@@ -437,8 +458,15 @@ async fn pull(endpoint: &str, opts: &PullOpts) -> Result<()> {
             .await
             .with_context(|| format!("PullImage {} (pull {n})", opts.image))?;
         let secs = start.elapsed().as_secs_f64();
-        println!("pull {n} {secs:.3}");
-        eprintln!("pull {n}: {secs:.3}s -> {}", resp.into_inner().image_ref);
+        let mut on_disk = 0;
+        for d in &opts.wait_empty {
+            on_disk += file_bytes(d)?;
+        }
+        println!("pull {n} {secs:.3} {on_disk}");
+        eprintln!(
+            "pull {n}: {secs:.3}s -> {} ({on_disk} bytes in the watched dirs)",
+            resp.into_inner().image_ref
+        );
         if opts.remove_between {
             remove_and_wait(&mut client, opts).await?;
         }

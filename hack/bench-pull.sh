@@ -13,6 +13,7 @@
 # Knobs (environment): PULLS=3 LAYERS=5 TOTAL_MB=100 FILES_PER_LAYER=4
 #                      BENCH_TMPDIR=/tmp (where the temp dirs go; must support overlayfs)
 #                      CONTAINERD=containerd (another build, see containerd-up.sh)
+#                      BENCH_KEEP_LOGS=DIR (copy the registry and daemon logs there on exit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO_ROOT=$(pwd)
@@ -48,6 +49,10 @@ cleanup() {
   local rc=$?
   set +e
   trap - EXIT INT TERM
+  if [ -n "${BENCH_KEEP_LOGS:-}" ]; then
+    mkdir -p "$BENCH_KEEP_LOGS"
+    cp "$T"/registry.log "$T"/berthd.log "$T"/containerd/containerd.log "$BENCH_KEEP_LOGS"/ 2>/dev/null
+  fi
   if [ -n "$BERTHD_PID" ] && kill -0 "$BERTHD_PID" 2>/dev/null; then
     kill -TERM "$BERTHD_PID"
     for _ in $(seq 100); do kill -0 "$BERTHD_PID" 2>/dev/null || break; sleep 0.1; done
@@ -167,25 +172,29 @@ for i in $(seq "$PULLS"); do
     "$BENCH" pull --endpoint "${EP[$rt]}" --image "$IMAGE" --repeat 1 --remove-between \
       "${wait_args[@]}" >"$T/pull.out" 2>"$T/pull.err" ||
       { cat "$T/pull.err" >&2; fail "$rt: pull $i failed"; }
-    secs=$(awk '$1 == "pull" {print $3}' "$T/pull.out")
+    read -r secs disk < <(awk '$1 == "pull" {print $3, $4}' "$T/pull.out")
     echo "$secs" >>"$T/times.$rt"
-    echo "  $rt pull $i: ${secs}s ($(grep -o 'content in [0-9.]*s' "$T/pull.err" | tail -1 | sed 's/content in/content removed in/'))" >&2
+    echo "$disk" >"$T/disk.$rt"
+    echo "  $rt pull $i: ${secs}s, $((disk / 1000000)) MB of blobs+snapshots on disk;" \
+      "$(grep -o 'content in [0-9.]*s' "$T/pull.err" | tail -1 | sed 's/content in/removed with its content in/')" >&2
     kill -0 "${PID[$rt]}" 2>/dev/null || fail "$rt daemon died"
   done
 done
 
 echo
-printf '%-11s %5s %9s %9s %9s %8s %13s %13s\n' runtime pulls min_s median_s max_s MB/s peak_RSS_MB idle_RSS_MB
+printf '%-11s %5s %9s %9s %9s %8s %12s %12s %8s\n' runtime pulls min_s median_s max_s MB/s peak_RSS_MB idle_RSS_MB disk_MB
 for rt in "${RUNTIMES[@]}"; do
   hwm=$(vm "${PID[$rt]}" VmHWM)
-  sort -g "$T/times.$rt" | awk -v rt="$rt" -v bytes="$BYTES" -v hwm="$hwm" -v idle="${IDLE[$rt]}" '
+  sort -g "$T/times.$rt" | awk -v rt="$rt" -v bytes="$BYTES" -v hwm="$hwm" -v idle="${IDLE[$rt]}" \
+    -v disk="$(cat "$T/disk.$rt")" '
     { t[NR] = $1 }
     END {
       med = (NR % 2) ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2
-      printf "%-11s %5d %9.3f %9.3f %9.3f %8.1f %13.1f %13.1f\n", rt, NR, t[1], med, t[NR],
-        bytes / 1e6 / med, hwm / 1024, idle / 1024
+      printf "%-11s %5d %9.3f %9.3f %9.3f %8.1f %12.1f %12.1f %8.1f\n", rt, NR, t[1], med, t[NR],
+        bytes / 1e6 / med, hwm / 1024, idle / 1024, disk / 1e6
     }'
 done
 echo "(image: $LAYERS gzip layers, $TOTAL_MB MB random data, $BYTES bytes compressed; MB/s = compressed MB / median s;"
-echo " peak RSS = VmHWM of the daemon over its life, idle RSS = VmRSS before the first pull;"
+echo " peak RSS = VmHWM of the daemon over its life, idle RSS = VmRSS before the first pull;
+ disk = bytes of blobs + unpacked snapshots right after a pull, all gone before the next;"
 echo " containerd $("${CONTAINERD:-containerd}" --version 2>/dev/null | awk '{print $3}'), berthd $("$BERTHD" --version 2>/dev/null | awk '{print $2}'))"

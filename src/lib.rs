@@ -13,8 +13,10 @@
 
 pub mod cgroups;
 pub mod config;
+pub mod container;
 pub mod image;
 pub mod locks;
+pub mod monitor;
 pub mod network;
 pub mod ns;
 pub mod runtime;

@@ -654,6 +654,17 @@ async fn kill9_during_creation_leaves_only_whole_pods(mode: Mode) {
         "{:?}",
         mounts_under(d.dir())
     );
+    let dir = d.dir().to_string_lossy().into_owned();
+    let leaked: Vec<String> = std::fs::read_dir("/proc")
+        .map(|r| {
+            r.flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .filter(|c| c.contains(&dir) && c.contains("pod-init"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leaked.is_empty(), "pod inits left: {leaked:?}");
     // Every name is free again.
     for i in 0..8 {
         let id = run(&mut rt, pod_config(&format!("crash{i}")))

@@ -217,6 +217,12 @@ impl OciRuntime {
             runtime: self.binary.display().to_string(),
             source,
         })?;
+        // If this future is dropped (the client's deadline passed), the exec'd process goes
+        // too, not only its runtime.
+        let mut guard = KillExecOnDrop {
+            pid_file: pid_file.to_path_buf(),
+            armed: true,
+        };
         let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(RuntimeError::Failed {
                 runtime: self.handler.clone(),
@@ -253,24 +259,26 @@ impl OciRuntime {
                 false,
             ),
             None => {
-                // Kill the exec'd process itself, then its runtime.
-                if let Some(pid) = std::fs::read_to_string(pid_file)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<i32>().ok())
-                {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+                // Kill the exec'd process itself, then its runtime, and wait until it is
+                // gone (reaped by the container's init) so no caller sees it linger.
+                let pid = kill_pid_in(pid_file);
                 let _ = child.start_kill();
                 let s = child.wait().await.map_err(|source| RuntimeError::Spawn {
                     runtime: self.binary.display().to_string(),
                     source,
                 })?;
+                if let Some(pid) = pid {
+                    for _ in 0..100 {
+                        if !Path::new(&format!("/proc/{pid}")).exists() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
                 (s, true)
             }
         };
+        guard.armed = false;
         let stdout = stdout.await.unwrap_or_default();
         let stderr = stderr.await.unwrap_or_default();
         use std::os::unix::process::ExitStatusExt;
@@ -284,5 +292,32 @@ impl OciRuntime {
             exit_code,
             timed_out,
         })
+    }
+}
+
+/// SIGKILLs the process whose pid a runtime wrote to `pid_file`, if any; returns the pid.
+fn kill_pid_in(pid_file: &Path) -> Option<i32> {
+    let pid = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|p| *p > 0)?;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    Some(pid)
+}
+
+/// Kills an exec'd process when the exec is abandoned before it finished.
+struct KillExecOnDrop {
+    pid_file: PathBuf,
+    armed: bool,
+}
+
+impl Drop for KillExecOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = kill_pid_in(&self.pid_file);
+        }
     }
 }

@@ -85,6 +85,25 @@ pub fn start_time(pid: i32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
+/// The pod init named by a pid file, if that process is alive and is this pod's init (its
+/// command line names the pid file).
+pub fn from_pid_file(pid_file: &Path) -> Option<InitProcess> {
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let needle = pid_file.as_os_str().as_encoded_bytes();
+    if !cmdline.windows(needle.len()).any(|w| w == needle) {
+        return None;
+    }
+    Some(InitProcess {
+        pid,
+        start_time: start_time(pid)?,
+    })
+}
+
 impl InitProcess {
     /// Whether this very process still runs.
     pub fn alive(&self) -> bool {

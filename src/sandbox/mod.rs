@@ -583,7 +583,11 @@ impl SandboxManager {
 
     /// Stops the init and detaches the network (what StopPodSandbox releases).
     async fn release_runtime_resources(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
-        if let Some(init) = rec.init {
+        // An init started just before a crash is not in the record: find it by its pid file.
+        let init = rec
+            .init
+            .or_else(|| init::from_pid_file(&rec.dir.join("init.pid")));
+        if let Some(init) = init {
             tokio::task::spawn_blocking(move || init.kill())
                 .await
                 .map_err(|e| SandboxError::Io {

@@ -2,9 +2,13 @@
 
 use tonic::Status;
 
+use crate::cgroups::CgroupError;
+use crate::container::manager::ContainerError;
+use crate::container::spec::SpecError;
 use crate::image::ImageError;
 use crate::image::unpack::UnpackError;
 use crate::network::NetworkError;
+use crate::runtime::RuntimeError;
 use crate::sandbox::SandboxError;
 
 impl From<ImageError> for Status {
@@ -66,6 +70,41 @@ impl From<SandboxError> for Status {
             SandboxError::Ns(_) | SandboxError::Store(_) | SandboxError::Io { .. } => {
                 Status::internal(msg)
             }
+        }
+    }
+}
+
+impl From<ContainerError> for Status {
+    fn from(e: ContainerError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ContainerError::NotFound(_) | ContainerError::ImageNotFound(_) => {
+                Status::not_found(msg)
+            }
+            ContainerError::Ambiguous(_) | ContainerError::Invalid(_) => {
+                Status::invalid_argument(msg)
+            }
+            ContainerError::NameReserved { .. } => Status::already_exists(msg),
+            ContainerError::WrongState { .. } | ContainerError::SandboxNotReady(_) => {
+                Status::failed_precondition(msg)
+            }
+            ContainerError::Sandbox(s) => {
+                let code = Status::from(s).code();
+                Status::new(code, msg)
+            }
+            ContainerError::Image(i) => {
+                let code = Status::from(i).code();
+                Status::new(code, msg)
+            }
+            ContainerError::Spec(SpecError::Invalid(_))
+            | ContainerError::Cgroup(CgroupError::InvalidParent { .. }) => {
+                Status::invalid_argument(msg)
+            }
+            ContainerError::Runtime(RuntimeError::UnknownHandler(_)) => {
+                Status::invalid_argument(msg)
+            }
+            ContainerError::Runtime(RuntimeError::NotFound { .. }) => Status::not_found(msg),
+            _ => Status::internal(msg),
         }
     }
 }

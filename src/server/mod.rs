@@ -2,6 +2,7 @@
 //! RuntimeService and ImageService until asked to stop. Each RPC is thin (see the service
 //! files); errors become statuses in [`error`] only.
 
+pub mod container;
 pub mod error;
 pub mod image_service;
 pub mod pod_sandbox;
@@ -23,6 +24,7 @@ use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::UnixListener;
 
 use crate::config::Config;
+use crate::container::manager::ContainerManager;
 use crate::image::{ImageError, ImageManager};
 use crate::sandbox::SandboxManager;
 use crate::store::{Store, StoreError};
@@ -45,6 +47,8 @@ pub enum ServerError {
     Network(#[from] crate::network::NetworkError),
     #[error("loading pod sandboxes: {0}")]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error("loading containers: {0}")]
+    Container(#[from] crate::container::manager::ContainerError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
@@ -65,6 +69,7 @@ pub struct Daemon {
     listener: UnixListener,
     images: Arc<ImageManager>,
     sandboxes: Arc<SandboxManager>,
+    containers: Arc<ContainerManager>,
 }
 
 impl Daemon {
@@ -90,13 +95,24 @@ impl Daemon {
         let network = crate::network::from_config(&config, store.clone()).await?;
         let sandboxes =
             Arc::new(SandboxManager::open(store.clone(), network, &config.state).await?);
+        let images = Arc::new(images);
+        let containers = Arc::new(
+            ContainerManager::open(
+                config.clone(),
+                store.clone(),
+                images.clone(),
+                sandboxes.clone(),
+            )
+            .await?,
+        );
         // Bound last: a client that can connect finds a daemon whose state is ready.
         let listener = bind_socket(&config.socket).await?;
         Ok(Daemon {
             config,
             listener,
-            images: Arc::new(images),
+            images,
             sandboxes,
+            containers,
         })
     }
 
@@ -108,8 +124,11 @@ impl Daemon {
     /// containerd and CRI-O (see [`trace::rpc`]).
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let socket = self.config.socket.clone();
-        let runtime =
-            runtime_service::RuntimeServiceImpl::new(self.config.clone(), self.sandboxes.clone());
+        let runtime = runtime_service::RuntimeServiceImpl::new(
+            self.config.clone(),
+            self.sandboxes.clone(),
+            self.containers.clone(),
+        );
         let image = image_service::ImageServiceImpl::new(self.images.clone());
         let routes = tonic::service::Routes::new(
             RuntimeServiceServer::new(runtime).max_decoding_message_size(MAX_MESSAGE),

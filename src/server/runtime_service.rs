@@ -1,5 +1,6 @@
-//! `runtime.v1.RuntimeService`: `Version`, `Status` and `RuntimeConfig` are answered here; every
-//! RPC that berth does not build yet answers `Unimplemented` (never a fake success).
+//! `runtime.v1.RuntimeService`: `Version`, `Status` and `RuntimeConfig` are answered here; pod
+//! and container RPCs delegate to [`super::pod_sandbox`] and [`super::container`]; every RPC
+//! that berth does not build yet answers `Unimplemented` (never a fake success).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,9 +13,10 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::error::unimplemented;
-use super::pod_sandbox;
 use super::trace::{deadline, rpc};
+use super::{container, pod_sandbox};
 use crate::config::{CgroupDriver, Config};
+use crate::container::manager::ContainerManager;
 use crate::sandbox::SandboxManager;
 
 /// The CRI API version berth speaks.
@@ -25,11 +27,20 @@ pub const RUNTIME_NAME: &str = "berth";
 pub struct RuntimeServiceImpl {
     config: Config,
     sandboxes: Arc<SandboxManager>,
+    containers: Arc<ContainerManager>,
 }
 
 impl RuntimeServiceImpl {
-    pub fn new(config: Config, sandboxes: Arc<SandboxManager>) -> RuntimeServiceImpl {
-        RuntimeServiceImpl { config, sandboxes }
+    pub fn new(
+        config: Config,
+        sandboxes: Arc<SandboxManager>,
+        containers: Arc<ContainerManager>,
+    ) -> RuntimeServiceImpl {
+        RuntimeServiceImpl {
+            config,
+            sandboxes,
+            containers,
+        }
     }
 
     async fn conditions(&self) -> Vec<cri::RuntimeCondition> {
@@ -166,6 +177,9 @@ impl RuntimeService for RuntimeServiceImpl {
         let deadline = deadline(&request);
         let id = request.into_inner().pod_sandbox_id;
         rpc("StopPodSandbox", &id, deadline, async {
+            if let Ok(full) = self.sandboxes.resolve_id(&id) {
+                self.containers.stop_pod(&full).await?;
+            }
             self.sandboxes.stop(&id).await?;
             Ok(cri::StopPodSandboxResponse {})
         })
@@ -179,6 +193,9 @@ impl RuntimeService for RuntimeServiceImpl {
         let deadline = deadline(&request);
         let id = request.into_inner().pod_sandbox_id;
         rpc("RemovePodSandbox", &id, deadline, async {
+            if let Ok(full) = self.sandboxes.resolve_id(&id) {
+                self.containers.remove_pod(&full).await?;
+            }
             self.sandboxes.remove(&id).await?;
             Ok(cri::RemovePodSandboxResponse {})
         })
@@ -233,16 +250,139 @@ impl RuntimeService for RuntimeServiceImpl {
         .await
     }
 
+    async fn create_container(
+        &self,
+        request: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let name = req
+            .config
+            .as_ref()
+            .and_then(|c| c.metadata.as_ref())
+            .map(|m| format!("{}/{}", req.pod_sandbox_id, m.name))
+            .unwrap_or_default();
+        rpc(
+            "CreateContainer",
+            &name,
+            deadline,
+            container::create(&self.containers, req),
+        )
+        .await
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        let deadline = deadline(&request);
+        let id = request.into_inner().container_id;
+        rpc("StartContainer", &id, deadline, async {
+            self.containers.start(&id).await?;
+            Ok(cri::StartContainerResponse {})
+        })
+        .await
+    }
+
+    async fn stop_container(
+        &self,
+        request: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.container_id.clone();
+        rpc("StopContainer", &id, deadline, async {
+            self.containers.stop(&req.container_id, req.timeout).await?;
+            Ok(cri::StopContainerResponse {})
+        })
+        .await
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        let deadline = deadline(&request);
+        let id = request.into_inner().container_id;
+        rpc("RemoveContainer", &id, deadline, async {
+            self.containers.remove(&id).await?;
+            Ok(cri::RemoveContainerResponse {})
+        })
+        .await
+    }
+
+    async fn list_containers(
+        &self,
+        request: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        rpc("ListContainers", "", deadline, async {
+            Ok(container::list(&self.containers, req))
+        })
+        .await
+    }
+
+    async fn container_status(
+        &self,
+        request: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.container_id.clone();
+        rpc("ContainerStatus", &id, deadline, async {
+            container::status(&self.containers, req)
+        })
+        .await
+    }
+
+    async fn update_container_resources(
+        &self,
+        request: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.container_id.clone();
+        rpc("UpdateContainerResources", &id, deadline, async {
+            let linux = req.linux.unwrap_or_default();
+            self.containers
+                .update_resources(&req.container_id, linux)
+                .await?;
+            Ok(cri::UpdateContainerResourcesResponse {})
+        })
+        .await
+    }
+
+    async fn reopen_container_log(
+        &self,
+        request: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        let deadline = deadline(&request);
+        let id = request.into_inner().container_id;
+        rpc("ReopenContainerLog", &id, deadline, async {
+            self.containers.reopen_log(&id).await?;
+            Ok(cri::ReopenContainerLogResponse {})
+        })
+        .await
+    }
+
+    async fn exec_sync(
+        &self,
+        request: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.container_id.clone();
+        rpc(
+            "ExecSync",
+            &id,
+            deadline,
+            container::exec_sync(&self.containers, req),
+        )
+        .await
+    }
+
     not_yet! {
-        create_container(cri::CreateContainerRequest) -> cri::CreateContainerResponse = "CreateContainer";
-        start_container(cri::StartContainerRequest) -> cri::StartContainerResponse = "StartContainer";
-        stop_container(cri::StopContainerRequest) -> cri::StopContainerResponse = "StopContainer";
-        remove_container(cri::RemoveContainerRequest) -> cri::RemoveContainerResponse = "RemoveContainer";
-        list_containers(cri::ListContainersRequest) -> cri::ListContainersResponse = "ListContainers";
-        container_status(cri::ContainerStatusRequest) -> cri::ContainerStatusResponse = "ContainerStatus";
-        update_container_resources(cri::UpdateContainerResourcesRequest) -> cri::UpdateContainerResourcesResponse = "UpdateContainerResources";
-        reopen_container_log(cri::ReopenContainerLogRequest) -> cri::ReopenContainerLogResponse = "ReopenContainerLog";
-        exec_sync(cri::ExecSyncRequest) -> cri::ExecSyncResponse = "ExecSync";
         exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
         attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";

@@ -574,9 +574,66 @@ impl Drop for Berthd {
                 tail_file(&self.log_path(), 40_000)
             );
         }
+        kill_leftovers(self.dir.path());
         unmount_all_under(self.dir.path());
         if let Some(slot) = &self.net {
             slot.remove_bridge();
+            let _ = Command::new("nft")
+                .args([
+                    "delete",
+                    "table",
+                    "inet",
+                    &format!("berth_{}", slot.bridge()),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Removes what a daemon under `dir` left running: containers in its OCI runtimes' state
+/// dirs, then pod inits and monitors (their command lines name `dir`).
+pub fn kill_leftovers(dir: &Path) {
+    for rt_dir in list_dir(&dir.join("state/runtime")) {
+        let Some(handler) = rt_dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        let Ok(out) = Command::new(&handler)
+            .arg("--root")
+            .arg(&rt_dir)
+            .args(["list", "-q"])
+            .output()
+        else {
+            continue;
+        };
+        for id in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = Command::new(&handler)
+                .arg("--root")
+                .arg(&rt_dir)
+                .args(["delete", "--force", id.trim()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    let needle = dir.to_string_lossy().into_owned();
+    for p in list_dir(Path::new("/proc")) {
+        let Some(pid) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&needle) && pid != std::process::id() as i32 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

@@ -1,0 +1,769 @@
+//! Containers of pods: durable records, per-pod name reservation, create (rootfs, OCI spec,
+//! bundle, `create` through the pod's berth-monitor), start, stop (the image's stop signal,
+//! then SIGKILL), remove, status, exec, resource updates and log reopening.
+//!
+//! Crash safety: a container is recorded as `Creating` before anything is made; at start,
+//! [`ContainerManager::open`] removes what is still `Creating` and reads the exit files that
+//! the monitors wrote while berthd was down.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
+use std::time::Duration;
+
+use k8s_cri::v1 as cri;
+use serde::{Deserialize, Serialize};
+
+use super::rootfs::{self, RootfsError};
+use super::spec::{self, SpecError, SpecInput};
+use crate::cgroups::{self, CgroupError, Layout};
+use crate::config::Config;
+use crate::image::{ImageError, ImageManager};
+use crate::locks::KeyedLocks;
+use crate::monitor::{self, CreateRequest, ExitInfo, MonitorError};
+use crate::runtime::{OciRuntime, RuntimeError};
+use crate::sandbox::{Phase as PodPhase, SandboxError, SandboxManager, SandboxRecord, new_id};
+use crate::store::{Batch, Store, StoreError, Table};
+
+/// Errors of the container piece.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("container {0:?} not found")]
+    NotFound(String),
+    #[error("container id prefix {0:?} is ambiguous")]
+    Ambiguous(String),
+    #[error("container name {name:?} is already reserved by {id}")]
+    NameReserved { name: String, id: String },
+    #[error("invalid container config: {0}")]
+    Invalid(String),
+    #[error("container {id} is {state}: {what}")]
+    WrongState {
+        id: String,
+        state: &'static str,
+        what: &'static str,
+    },
+    #[error("pod sandbox: {0}")]
+    Sandbox(#[from] SandboxError),
+    #[error("pod sandbox {0} is not ready")]
+    SandboxNotReady(String),
+    #[error("image: {0}")]
+    Image(#[from] ImageError),
+    #[error("image {0:?} is not present; pull it first")]
+    ImageNotFound(String),
+    #[error("OCI spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error("rootfs: {0}")]
+    Rootfs(#[from] RootfsError),
+    #[error("OCI runtime: {0}")]
+    Runtime(#[from] RuntimeError),
+    #[error("berth-monitor: {0}")]
+    Monitor(#[from] MonitorError),
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerError {
+    let context = context.into();
+    move |source| ContainerError::Io { context, source }
+}
+
+/// Where a container is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Creating,
+    Created,
+    Running,
+    Exited,
+}
+
+/// The durable record of a container (key: its id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub sandbox_id: String,
+    /// `<sandbox id>/<name>_<attempt>`.
+    pub name_key: String,
+    pub phase: Phase,
+    pub config: cri::ContainerConfig,
+    /// The image id (`sha256:…`).
+    pub image_id: String,
+    /// The image as the client named it.
+    pub image_name: String,
+    /// The image's repo digest, when it has one.
+    pub image_ref: String,
+    pub runtime_handler: String,
+    pub cgroups_path: String,
+    /// `state/containers/<id>`: config.json, rootfs mount point, exit file.
+    pub bundle: PathBuf,
+    pub log_path: Option<PathBuf>,
+    pub pid: i32,
+    pub created_at: i64,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub exit_code: i32,
+    pub reason: String,
+    pub message: String,
+    /// The image's stop signal (number), if any.
+    pub stop_signal: Option<i32>,
+}
+
+impl ContainerRecord {
+    pub fn exit_file(&self) -> PathBuf {
+        self.bundle.join("exit.json")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.bundle.join("rootfs")
+    }
+    pub fn state_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Creating => "being created",
+            Phase::Created => "created",
+            Phase::Running => "running",
+            Phase::Exited => "exited",
+        }
+    }
+}
+
+/// The containers of one berthd.
+pub struct ContainerManager {
+    config: Config,
+    store: Arc<Store>,
+    images: Arc<ImageManager>,
+    sandboxes: Arc<SandboxManager>,
+    containers: StdRwLock<HashMap<String, ContainerRecord>>,
+    names: StdMutex<HashMap<String, String>>,
+    locks: KeyedLocks,
+    layout: Layout,
+    min_oom_score_adj: i32,
+    monitor_bin: PathBuf,
+    exec_seq: std::sync::atomic::AtomicU64,
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// A signal name or number as images give it (`SIGTERM`, `TERM`, `15`).
+pub fn parse_signal(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let up = s.to_ascii_uppercase();
+    let name = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .ok()
+        .map(|s| s as i32)
+}
+
+fn read_exit(path: &Path) -> Option<ExitInfo> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+impl ContainerManager {
+    /// Loads the containers and repairs what a crash left behind.
+    pub async fn open(
+        config: Config,
+        store: Arc<Store>,
+        images: Arc<ImageManager>,
+        sandboxes: Arc<SandboxManager>,
+    ) -> Result<ContainerManager, ContainerError> {
+        let min_oom_score_adj = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let records: Vec<(String, ContainerRecord)> = store.all(Table::Containers)?;
+        let mgr = ContainerManager {
+            monitor_bin: monitor::default_monitor_path(),
+            config,
+            store,
+            images,
+            sandboxes,
+            containers: StdRwLock::new(HashMap::new()),
+            names: StdMutex::new(HashMap::new()),
+            locks: KeyedLocks::default(),
+            layout: cgroups::detect(),
+            min_oom_score_adj,
+            exec_seq: std::sync::atomic::AtomicU64::new(0),
+        };
+        for (_, mut rec) in records {
+            if rec.phase == Phase::Creating || mgr.sandboxes.get(&rec.sandbox_id).is_err() {
+                tracing::info!(id = %rec.id, "removing a container left half-made or orphaned by a crash");
+                mgr.destroy(&rec).await;
+                let mut b = Batch::new();
+                b.delete(Table::Containers, &rec.id);
+                mgr.store.commit(b)?;
+                continue;
+            }
+            mgr.refresh(&mut rec)?;
+            mgr.lock_names()
+                .insert(rec.name_key.clone(), rec.id.clone());
+            mgr.write_map().insert(rec.id.clone(), rec);
+        }
+        Ok(mgr)
+    }
+
+    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, ContainerRecord>> {
+        self.containers.read().unwrap_or_else(|p| p.into_inner())
+    }
+    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, ContainerRecord>> {
+        self.containers.write().unwrap_or_else(|p| p.into_inner())
+    }
+    fn lock_names(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn persist(&self, rec: &ContainerRecord) -> Result<(), ContainerError> {
+        let mut b = Batch::new();
+        b.put(Table::Containers, &rec.id, rec)?;
+        self.store.commit(b)?;
+        Ok(())
+    }
+
+    /// Moves a running container to `Exited` when its monitor recorded the exit.
+    fn refresh(&self, rec: &mut ContainerRecord) -> Result<bool, ContainerError> {
+        if !matches!(rec.phase, Phase::Running | Phase::Created) {
+            return Ok(false);
+        }
+        let Some(exit) = read_exit(&rec.exit_file()) else {
+            return Ok(false);
+        };
+        if rec.phase == Phase::Created {
+            // Created containers have an init waiting for `start`; an exit means it died.
+            rec.started_at = rec.started_at.max(rec.created_at);
+        }
+        rec.phase = Phase::Exited;
+        rec.exit_code = exit.exit_code;
+        rec.finished_at = exit.finished_at;
+        rec.reason = if exit.oom_killed {
+            "OOMKilled".to_string()
+        } else if exit.exit_code == 0 {
+            "Completed".to_string()
+        } else {
+            "Error".to_string()
+        };
+        self.persist(rec)?;
+        Ok(true)
+    }
+
+    /// Resolves a full id or a unique prefix.
+    pub fn resolve_id(&self, id: &str) -> Result<String, ContainerError> {
+        if id.is_empty() {
+            return Err(ContainerError::Invalid(
+                "a container id is required".to_string(),
+            ));
+        }
+        let map = self.read_map();
+        if map.contains_key(id) {
+            return Ok(id.to_string());
+        }
+        let mut found = map.keys().filter(|k| k.starts_with(id));
+        match (found.next(), found.next()) {
+            (Some(one), None) => Ok(one.clone()),
+            (Some(_), Some(_)) => Err(ContainerError::Ambiguous(id.to_string())),
+            _ => Err(ContainerError::NotFound(id.to_string())),
+        }
+    }
+
+    /// The current record (exits noticed).
+    pub fn get(&self, id: &str) -> Result<ContainerRecord, ContainerError> {
+        let id = self.resolve_id(id)?;
+        let mut rec = self
+            .read_map()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ContainerError::NotFound(id.clone()))?;
+        if self.refresh(&mut rec)? {
+            self.write_map().insert(id, rec.clone());
+        }
+        Ok(rec)
+    }
+
+    pub fn list(&self) -> Vec<ContainerRecord> {
+        let ids: Vec<String> = self.read_map().keys().cloned().collect();
+        let mut v: Vec<ContainerRecord> = ids.iter().filter_map(|id| self.get(id).ok()).collect();
+        v.sort_by_key(|r| r.created_at);
+        v
+    }
+
+    fn runtime(&self, handler: &str) -> Result<OciRuntime, ContainerError> {
+        OciRuntime::for_handler(&self.config, handler).map_err(ContainerError::from)
+    }
+
+    fn monitor_dir(&self, sandbox: &SandboxRecord) -> PathBuf {
+        sandbox.dir.join("monitor")
+    }
+
+    async fn connect_monitor(
+        &self,
+        sandbox: &SandboxRecord,
+    ) -> Result<monitor::MonitorClient, MonitorError> {
+        monitor::MonitorClient::connect(&self.monitor_dir(sandbox).join(monitor::SOCKET_NAME)).await
+    }
+
+    /// CreateContainer.
+    pub async fn create(
+        &self,
+        sandbox_id: &str,
+        config: cri::ContainerConfig,
+    ) -> Result<ContainerRecord, ContainerError> {
+        let sandbox = self.sandboxes.get(sandbox_id)?;
+        if sandbox.phase != PodPhase::Ready {
+            return Err(ContainerError::SandboxNotReady(sandbox.id.clone()));
+        }
+        let meta = config
+            .metadata
+            .clone()
+            .ok_or_else(|| ContainerError::Invalid("metadata is required".to_string()))?;
+        if meta.name.is_empty() {
+            return Err(ContainerError::Invalid(
+                "metadata name is required".to_string(),
+            ));
+        }
+        let image_name = config
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        if image_name.is_empty() {
+            return Err(ContainerError::Invalid("an image is required".to_string()));
+        }
+        let image = self
+            .images
+            .resolve(&image_name)
+            .ok_or_else(|| ContainerError::ImageNotFound(image_name.clone()))?;
+        let image_config = self.images.config_json(&image)?;
+        let lower = self.images.snapshot_dirs(&image)?;
+        let parent = sandbox
+            .config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .unwrap_or_default();
+        let key = format!("{}/{}_{}", sandbox.id, meta.name, meta.attempt);
+        let id = new_id()?;
+        let cgroups_path = cgroups::cgroups_path(
+            self.config.cgroup_driver == crate::config::CgroupDriver::Systemd,
+            &parent,
+            &id,
+        )?;
+        {
+            let mut names = self.lock_names();
+            if let Some(other) = names.get(&key) {
+                return Err(ContainerError::NameReserved {
+                    name: key,
+                    id: other.clone(),
+                });
+            }
+            names.insert(key.clone(), id.clone());
+        }
+        let _lock = self.locks.lock(&id).await;
+        let log_path = match (&sandbox.config.log_directory, &config.log_path) {
+            (d, p) if !d.is_empty() && !p.is_empty() => Some(Path::new(d).join(p)),
+            _ => None,
+        };
+        let stop_signal = image_config
+            .pointer("/config/StopSignal")
+            .and_then(|v| v.as_str())
+            .and_then(parse_signal);
+        let mut rec = ContainerRecord {
+            id: id.clone(),
+            sandbox_id: sandbox.id.clone(),
+            name_key: key.clone(),
+            phase: Phase::Creating,
+            config,
+            image_id: image.id.clone(),
+            image_name,
+            image_ref: image
+                .repo_digests
+                .first()
+                .cloned()
+                .unwrap_or_else(|| image.id.clone()),
+            runtime_handler: sandbox.runtime_handler.clone(),
+            cgroups_path,
+            bundle: self.config.state.join("containers").join(&id),
+            log_path,
+            pid: 0,
+            created_at: now_nanos(),
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            stop_signal,
+        };
+        match self.make(&mut rec, &sandbox, &image_config, &lower).await {
+            Ok(()) => {
+                self.write_map().insert(id, rec.clone());
+                Ok(rec)
+            }
+            Err(e) => {
+                tracing::warn!(id = %rec.id, error = %e, "container creation failed; undoing it");
+                self.destroy(&rec).await;
+                let mut b = Batch::new();
+                b.delete(Table::Containers, &rec.id);
+                if let Err(se) = self.store.commit(b) {
+                    tracing::error!(id = %rec.id, error = %se, "removing a failed container record");
+                }
+                self.lock_names().remove(&key);
+                Err(e)
+            }
+        }
+    }
+
+    async fn make(
+        &self,
+        rec: &mut ContainerRecord,
+        sandbox: &SandboxRecord,
+        image_config: &serde_json::Value,
+        lower: &[PathBuf],
+    ) -> Result<(), ContainerError> {
+        self.persist(rec)?;
+        std::fs::create_dir_all(&rec.bundle)
+            .map_err(io_err(format!("create {}", rec.bundle.display())))?;
+        rootfs::mount_rootfs(&self.config.root, &rec.id, lower, &rec.rootfs())?;
+        let pod_pid_ns = sandbox
+            .init
+            .filter(|i| i.alive())
+            .map(|i| PathBuf::from(format!("/proc/{}/ns/pid", i.pid)));
+        let input = SpecInput {
+            container_id: &rec.id,
+            config: &rec.config,
+            sandbox,
+            image_config,
+            rootfs: &rec.rootfs(),
+            cgroups_path: rec.cgroups_path.clone(),
+            pod_pid_ns,
+            pod_shm: sandbox.shm_path(),
+            min_oom_score_adj: self.min_oom_score_adj,
+        };
+        let spec = spec::build_spec(&input)?;
+        let json = serde_json::to_vec_pretty(&spec).map_err(|e| ContainerError::Io {
+            context: "encode config.json".to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(rec.bundle.join("config.json"), json)
+            .map_err(io_err("write config.json"))?;
+        let runtime = self.runtime(&rec.runtime_handler)?;
+        std::fs::create_dir_all(&runtime.root).map_err(io_err("create runtime root"))?;
+        let mut client =
+            monitor::ensure_monitor(&sandbox.id, &self.monitor_dir(sandbox), &self.monitor_bin)
+                .await?;
+        let log_path = rec
+            .log_path
+            .clone()
+            .unwrap_or_else(|| rec.bundle.join("container.log"));
+        let pid = client
+            .create(CreateRequest {
+                id: rec.id.clone(),
+                runtime: runtime.binary.clone(),
+                runtime_root: runtime.root.clone(),
+                systemd_cgroup: runtime.systemd_cgroup,
+                bundle: rec.bundle.clone(),
+                log_path,
+                exit_file: rec.exit_file(),
+                cgroup_oom_files: cgroups::oom_files(self.layout, &rec.cgroups_path),
+                stdin: rec.config.stdin,
+                tty: rec.config.tty,
+            })
+            .await?;
+        rec.pid = pid;
+        rec.phase = Phase::Created;
+        self.persist(rec)?;
+        Ok(())
+    }
+
+    /// Undoes whatever a container may hold (best effort, logged).
+    async fn destroy(&self, rec: &ContainerRecord) {
+        if let Ok(runtime) = self.runtime(&rec.runtime_handler) {
+            let _ = runtime.kill(&rec.id, libc::SIGKILL, true).await;
+            if let Err(e) = runtime.delete(&rec.id).await {
+                tracing::warn!(id = %rec.id, error = %e, "runtime delete");
+            }
+        }
+        if let Ok(sandbox) = self.sandboxes.get(&rec.sandbox_id)
+            && let Ok(mut client) = self.connect_monitor(&sandbox).await
+        {
+            let _ = client.forget(&rec.id).await;
+        }
+        if let Err(e) = rootfs::unmount_rootfs(&rec.rootfs()) {
+            tracing::warn!(id = %rec.id, error = %e, "unmount rootfs");
+        }
+        if let Err(e) = rootfs::remove_rw(&self.config.root, &rec.id) {
+            tracing::warn!(id = %rec.id, error = %e, "remove writable layer");
+        }
+        if let Err(e) = cgroups::remove(self.layout, &rec.cgroups_path) {
+            tracing::warn!(id = %rec.id, error = %e, "remove cgroup");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&rec.bundle)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(id = %rec.id, error = %e, "remove bundle");
+        }
+    }
+
+    /// StartContainer.
+    pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
+        let id = self.resolve_id(id)?;
+        let _lock = self.locks.lock(&id).await;
+        let mut rec = self.get(&id)?;
+        if rec.phase != Phase::Created {
+            return Err(ContainerError::WrongState {
+                id,
+                state: rec.state_name(),
+                what: "only a created container can be started",
+            });
+        }
+        let runtime = self.runtime(&rec.runtime_handler)?;
+        // Taken before `start`: a quick process may exit before `start` returns.
+        let started_at = now_nanos();
+        let result = runtime.start(&rec.id).await;
+        match result {
+            Ok(()) => {
+                rec.phase = Phase::Running;
+                rec.started_at = started_at;
+                self.persist(&rec)?;
+                self.write_map().insert(id, rec);
+                Ok(())
+            }
+            Err(e) => {
+                rec.phase = Phase::Exited;
+                rec.started_at = now_nanos();
+                rec.finished_at = rec.started_at;
+                rec.exit_code = 128;
+                rec.reason = "StartError".to_string();
+                rec.message = e.to_string();
+                self.persist(&rec)?;
+                self.write_map().insert(id, rec);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Waits until the container's exit is recorded, up to `timeout`.
+    async fn wait_exit(&self, rec: &ContainerRecord, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if rec.exit_file().exists() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// StopContainer: the image's stop signal (or SIGTERM), SIGKILL after `timeout` seconds.
+    pub async fn stop(&self, id: &str, timeout_secs: i64) -> Result<(), ContainerError> {
+        let id = match self.resolve_id(id) {
+            Ok(id) => id,
+            // Idempotent: a container that is gone is stopped.
+            Err(ContainerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _lock = self.locks.lock(&id).await;
+        self.stop_locked(&id, timeout_secs).await
+    }
+
+    async fn stop_locked(&self, id: &str, timeout_secs: i64) -> Result<(), ContainerError> {
+        let mut rec = self.get(id)?;
+        if rec.phase != Phase::Running && rec.phase != Phase::Created {
+            return Ok(());
+        }
+        let runtime = self.runtime(&rec.runtime_handler)?;
+        if timeout_secs > 0 && rec.phase == Phase::Running {
+            let sig = rec.stop_signal.unwrap_or(libc::SIGTERM);
+            runtime.kill(&rec.id, sig, false).await?;
+            if self
+                .wait_exit(&rec, Duration::from_secs(timeout_secs as u64))
+                .await
+            {
+                self.refresh(&mut rec)?;
+                self.write_map().insert(rec.id.clone(), rec);
+                return Ok(());
+            }
+        }
+        runtime.kill(&rec.id, libc::SIGKILL, true).await?;
+        if !self.wait_exit(&rec, Duration::from_secs(10)).await {
+            tracing::warn!(id = %rec.id, "no exit recorded 10s after SIGKILL");
+        }
+        self.refresh(&mut rec)?;
+        self.write_map().insert(rec.id.clone(), rec);
+        Ok(())
+    }
+
+    /// RemoveContainer: stops it if needed; an unknown id is fine.
+    pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
+        let id = match self.resolve_id(id) {
+            Ok(id) => id,
+            Err(ContainerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let _lock = self.locks.lock(&id).await;
+        let Some(rec) = self.read_map().get(&id).cloned() else {
+            return Ok(());
+        };
+        self.stop_locked(&id, 0).await?;
+        self.destroy(&rec).await;
+        let mut b = Batch::new();
+        b.delete(Table::Containers, &id);
+        self.store.commit(b)?;
+        self.write_map().remove(&id);
+        self.lock_names().remove(&rec.name_key);
+        Ok(())
+    }
+
+    fn in_pod(&self, sandbox_id: &str) -> Vec<String> {
+        self.read_map()
+            .values()
+            .filter(|r| r.sandbox_id == sandbox_id)
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    /// Stops every container of a pod (StopPodSandbox does this first).
+    pub async fn stop_pod(&self, sandbox_id: &str) -> Result<(), ContainerError> {
+        for id in self.in_pod(sandbox_id) {
+            self.stop(&id, 0).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes every container of a pod and stops its monitor (RemovePodSandbox).
+    pub async fn remove_pod(&self, sandbox_id: &str) -> Result<(), ContainerError> {
+        for id in self.in_pod(sandbox_id) {
+            self.remove(&id).await?;
+        }
+        if let Ok(sandbox) = self.sandboxes.get(sandbox_id)
+            && let Ok(mut client) = self.connect_monitor(&sandbox).await
+        {
+            let _ = client.shutdown().await;
+        }
+        Ok(())
+    }
+
+    /// ExecSync: runs `cmd` in a running container and returns its output and exit code.
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout_secs: i64,
+    ) -> Result<crate::runtime::ExecOutput, ContainerError> {
+        let rec = self.get(id)?;
+        if rec.phase != Phase::Running {
+            return Err(ContainerError::WrongState {
+                id: rec.id.clone(),
+                state: rec.state_name(),
+                what: "exec needs a running container",
+            });
+        }
+        if cmd.is_empty() {
+            return Err(ContainerError::Invalid("exec needs a command".to_string()));
+        }
+        let spec: serde_json::Value = std::fs::read(rec.bundle.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| ContainerError::Io {
+                context: "read config.json".to_string(),
+                source: std::io::Error::other("missing or unreadable"),
+            })?;
+        let mut process = spec.get("process").cloned().unwrap_or_default();
+        process["args"] = serde_json::json!(cmd);
+        process["terminal"] = serde_json::json!(false);
+        let n = self
+            .exec_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let process_file = rec.bundle.join(format!("exec-{n}.json"));
+        let pid_file = rec.bundle.join(format!("exec-{n}.pid"));
+        std::fs::write(&process_file, process.to_string()).map_err(io_err("write exec process"))?;
+        let runtime = self.runtime(&rec.runtime_handler)?;
+        let timeout = (timeout_secs > 0).then(|| Duration::from_secs(timeout_secs as u64));
+        let out = runtime
+            .exec(&rec.id, &process_file, &pid_file, timeout)
+            .await;
+        let _ = std::fs::remove_file(&process_file);
+        let _ = std::fs::remove_file(&pid_file);
+        Ok(out?)
+    }
+
+    /// UpdateContainerResources: applies new limits to a live container.
+    pub async fn update_resources(
+        &self,
+        id: &str,
+        resources: cri::LinuxContainerResources,
+    ) -> Result<(), ContainerError> {
+        let id = self.resolve_id(id)?;
+        let _lock = self.locks.lock(&id).await;
+        let mut rec = self.get(&id)?;
+        if rec.phase != Phase::Running && rec.phase != Phase::Created {
+            return Err(ContainerError::WrongState {
+                id,
+                state: rec.state_name(),
+                what: "resources of a stopped container cannot change",
+            });
+        }
+        let oci = spec::resources_to_oci(&resources)?;
+        let file = rec.bundle.join("resources.json");
+        let json = serde_json::to_vec(&oci).map_err(|e| ContainerError::Io {
+            context: "encode resources".to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        std::fs::write(&file, json).map_err(io_err("write resources.json"))?;
+        self.runtime(&rec.runtime_handler)?
+            .update(&rec.id, &file)
+            .await?;
+        rec.config
+            .linux
+            .get_or_insert_with(Default::default)
+            .resources = Some(resources);
+        self.persist(&rec)?;
+        self.write_map().insert(id, rec);
+        Ok(())
+    }
+
+    /// ReopenContainerLog.
+    pub async fn reopen_log(&self, id: &str) -> Result<(), ContainerError> {
+        let rec = self.get(id)?;
+        if rec.phase != Phase::Running {
+            return Err(ContainerError::WrongState {
+                id: rec.id.clone(),
+                state: rec.state_name(),
+                what: "only a running container's log can be reopened",
+            });
+        }
+        let sandbox = self.sandboxes.get(&rec.sandbox_id)?;
+        let mut client = self.connect_monitor(&sandbox).await?;
+        client.reopen(&rec.id).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse() {
+        assert_eq!(parse_signal("SIGTERM"), Some(15));
+        assert_eq!(parse_signal("term"), Some(15));
+        assert_eq!(parse_signal("SIGQUIT"), Some(3));
+        assert_eq!(parse_signal("9"), Some(9));
+        assert_eq!(parse_signal("SIGNOPE"), None);
+        assert_eq!(parse_signal("0"), None);
+    }
+}

@@ -1,0 +1,738 @@
+//! Containers through a real berthd, a real registry and a real OCI runtime (runc; the same
+//! tests under crun where crun can run here): image rules for command/env/user/workdir,
+//! exit codes and reasons, security settings, cgroup limits and their updates, OOM, CRI logs
+//! with partial lines and reopening, ExecSync with its timeout, and a kill -9 restart.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Berthd, BerthdConfig, ImageBuilder, Registry};
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::Channel;
+
+type Rt = RuntimeServiceClient<Channel>;
+
+/// One test's world: a registry with a busybox image, a daemon that pulled it, one pod.
+struct Env {
+    _reg: Registry,
+    d: Berthd,
+    rt: Rt,
+    image: String,
+    pod: String,
+    logs: tempfile::TempDir,
+    handler: &'static str,
+}
+
+async fn env(handler: &'static str) -> Env {
+    let reg = Registry::anonymous();
+    let img = ImageBuilder::busybox()
+        .entrypoint(&["/bin/sh", "-c"])
+        .cmd(&["echo from image cmd"])
+        .env(&["PATH=/bin", "FROM_IMAGE=img", "SHARED=image"])
+        .working_dir("/home")
+        .build();
+    let pushed = reg.push("test/busybox", "1", &img).await;
+    let d = Berthd::start(BerthdConfig::new().trust(&reg)).await;
+    let mut ic = d.image_client().await;
+    common::pull_image(&mut ic, &pushed.reference, None)
+        .await
+        .expect("pull");
+    let mut rt = d.runtime_client().await;
+    let logs = tempfile::tempdir().expect("log dir");
+    let pod = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_config(logs.path())),
+            runtime_handler: handler.to_string(),
+        })
+        .await
+        .expect("run pod")
+        .into_inner()
+        .pod_sandbox_id;
+    Env {
+        _reg: reg,
+        d,
+        rt,
+        image: pushed.reference,
+        pod,
+        logs,
+        handler,
+    }
+}
+
+fn pod_config(log_dir: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "pod".into(),
+            uid: "pod-uid".into(),
+            namespace: "test".into(),
+            attempt: 0,
+        }),
+        hostname: "podhost".into(),
+        log_directory: log_dir.display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: cri::NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl Env {
+    fn config(&self, name: &str) -> cri::ContainerConfig {
+        cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: self.image.clone(),
+                ..Default::default()
+            }),
+            log_path: format!("{name}.log"),
+            linux: Some(cri::LinuxContainerConfig::default()),
+            ..Default::default()
+        }
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.logs.path().join(format!("{name}.log"))
+    }
+
+    async fn create(&mut self, config: cri::ContainerConfig) -> Result<String, tonic::Status> {
+        self.rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: self.pod.clone(),
+                config: Some(config),
+                sandbox_config: Some(pod_config(self.logs.path())),
+            })
+            .await
+            .map(|r| r.into_inner().container_id)
+    }
+
+    async fn start(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.rt
+            .start_container(cri::StartContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn run(&mut self, config: cri::ContainerConfig) -> String {
+        let id = self.create(config).await.expect("create");
+        self.start(&id).await.expect("start");
+        id
+    }
+
+    async fn status(&mut self, id: &str) -> cri::ContainerStatus {
+        self.rt
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .expect("status")
+            .into_inner()
+            .status
+            .expect("status")
+    }
+
+    async fn info(&mut self, id: &str) -> serde_json::Value {
+        let r = self
+            .rt
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: true,
+            })
+            .await
+            .expect("status")
+            .into_inner();
+        serde_json::from_str(r.info.get("info").expect("info")).expect("json")
+    }
+
+    async fn wait_exited(&mut self, id: &str) -> cri::ContainerStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.status(id).await;
+            if s.state == cri::ContainerState::ContainerExited as i32 {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "container {id} did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn exec(
+        &mut self,
+        id: &str,
+        cmd: &[&str],
+        timeout: i64,
+    ) -> Result<cri::ExecSyncResponse, tonic::Status> {
+        self.rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn remove(&mut self, id: &str) {
+        self.rt
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .expect("remove");
+    }
+
+    async fn remove_pod(&mut self) {
+        self.rt
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: self.pod.clone(),
+            })
+            .await
+            .expect("stop pod");
+        self.rt
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: self.pod.clone(),
+            })
+            .await
+            .expect("remove pod");
+    }
+}
+
+fn sh(config: &mut cri::ContainerConfig, script: &str) {
+    config.command = vec!["sh".into(), "-c".into(), script.into()];
+}
+
+/// The content of a CRI log (the text after `<time> <stream> <tag> `), one entry per line.
+fn log_entries(path: &Path) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut parts = l.splitn(4, ' ');
+            let time = parts.next().unwrap_or_default();
+            assert!(
+                time.contains('T') && time.ends_with('Z'),
+                "timestamp {time:?} is RFC 3339"
+            );
+            (
+                parts.next().unwrap_or_default().to_string(),
+                parts.next().unwrap_or_default().to_string(),
+                parts.next().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn wait_for_log(path: &Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} never reached {}: {:?}",
+            path.display(),
+            std::fs::read_to_string(path)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether crun can run containers on this machine (Debian's crun 1.8.1 refuses the hybrid
+/// cgroup layout). Tests under crun skip with the reason when it cannot.
+async fn crun_refuses(e: &mut Env) -> Option<String> {
+    if e.handler != "crun" {
+        return None;
+    }
+    let mut c = e.config("probe");
+    sh(&mut c, "true");
+    match e.create(c).await {
+        Ok(id) => {
+            e.remove(&id).await;
+            None
+        }
+        Err(s) if s.message().contains("hybrid") => Some(s.message().to_string()),
+        Err(s) => panic!("crun probe failed for another reason: {s}"),
+    }
+}
+
+macro_rules! skip_if_crun_cannot_run {
+    ($e:expr) => {
+        if let Some(reason) = crun_refuses(&mut $e).await {
+            eprintln!("SKIPPED under crun: {reason}");
+            $e.remove_pod().await;
+            return;
+        }
+    };
+}
+
+async fn image_rules_exit_codes_and_lifecycle(handler: &'static str) {
+    let mut e = env(handler).await;
+    skip_if_crun_cannot_run!(e);
+
+    // Only args: the image Entrypoint runs them; env merges; workdir and user apply.
+    let mut c = e.config("rules");
+    c.args = vec!["echo $FROM_IMAGE $SHARED $FROM_CONFIG; pwd; id -u; id -g; hostname".into()];
+    c.envs = vec![
+        cri::KeyValue {
+            key: "FROM_CONFIG".into(),
+            value: "cfg".into(),
+        },
+        cri::KeyValue {
+            key: "SHARED".into(),
+            value: "config".into(),
+        },
+    ];
+    c.working_dir = "/tmp".into();
+    c.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_username: "berth".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = e.run(c).await;
+    let s = e.wait_exited(&id).await;
+    assert_eq!(s.exit_code, 0);
+    assert_eq!(s.reason, "Completed");
+    assert!(s.finished_at >= s.started_at && s.started_at >= s.created_at);
+    let out: Vec<String> = log_entries(&e.log_path("rules"))
+        .into_iter()
+        .filter(|(stream, _, _)| stream == "stdout")
+        .map(|(_, _, text)| text)
+        .collect();
+    assert_eq!(
+        out,
+        ["img config cfg", "/tmp", "1000", "1000", "podhost"],
+        "{out:?}"
+    );
+
+    // Neither command nor args: Entrypoint + Cmd.
+    let id2 = e.run(e.config("defaults")).await;
+    assert_eq!(e.wait_exited(&id2).await.exit_code, 0);
+    wait_for_log(&e.log_path("defaults"), "from image cmd").await;
+
+    // A failing command: its exit code and reason Error.
+    let mut c = e.config("fails");
+    sh(&mut c, "exit 3");
+    let id3 = e.run(c).await;
+    let s = e.wait_exited(&id3).await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (3, "Error"));
+
+    // Names are reserved per pod; starting twice fails; unknown ids are NotFound.
+    let dup = e
+        .create(e.config("fails"))
+        .await
+        .expect_err("duplicate name");
+    assert_eq!(dup.code(), tonic::Code::AlreadyExists);
+    let again = e.start(&id3).await.expect_err("already ran");
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    let nf =
+        e.rt.container_status(cri::ContainerStatusRequest {
+            container_id: "0123456789abcdef".into(),
+            verbose: false,
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(nf.code(), tonic::Code::NotFound);
+    let mut no_image = e.config("noimage");
+    no_image.image = Some(cri::ImageSpec {
+        image: "not/pulled:1".into(),
+        ..Default::default()
+    });
+    assert_eq!(
+        e.create(no_image).await.expect_err("no image").code(),
+        tonic::Code::NotFound
+    );
+
+    // List filters.
+    let listed =
+        e.rt.list_containers(cri::ListContainersRequest {
+            filter: Some(cri::ContainerFilter {
+                pod_sandbox_id: e.pod.clone(),
+                state: Some(cri::ContainerStateValue {
+                    state: cri::ContainerState::ContainerExited as i32,
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .containers;
+    assert_eq!(listed.len(), 3);
+
+    // Stop and remove are idempotent; remove frees the name.
+    for _ in 0..2 {
+        e.rt.stop_container(cri::StopContainerRequest {
+            container_id: id3.clone(),
+            timeout: 0,
+        })
+        .await
+        .expect("stop");
+        e.remove(&id3).await;
+    }
+    let id4 = e.create(e.config("fails")).await.expect("name free again");
+
+    // Removing the pod removes its containers, mounts and cgroups.
+    let cg = e.info(&id4).await["cgroupsPath"]
+        .as_str()
+        .expect("cgroups path")
+        .to_string();
+    e.remove_pod().await;
+    let left =
+        e.rt.list_containers(cri::ListContainersRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .containers;
+    assert!(left.is_empty(), "{left:?}");
+    assert!(common::mounts_under(e.d.dir()).is_empty());
+    for d in berth::cgroups::dirs(berth::cgroups::detect(), &cg) {
+        assert!(!d.exists(), "cgroup {} left", d.display());
+    }
+}
+
+async fn security_settings(handler: &'static str) {
+    let mut e = env(handler).await;
+    skip_if_crun_cannot_run!(e);
+    let sc = |f: &dyn Fn(&mut cri::LinuxContainerSecurityContext)| {
+        let mut s = cri::LinuxContainerSecurityContext::default();
+        f(&mut s);
+        Some(cri::LinuxContainerConfig {
+            security_context: Some(s),
+            ..Default::default()
+        })
+    };
+
+    // Read-only rootfs refuses writes (but /tmp volumes are the user's business).
+    let mut c = e.config("ro");
+    sh(&mut c, "touch /newfile");
+    c.linux = sc(&|s| s.readonly_rootfs = true);
+    let id = e.run(c).await;
+    assert_ne!(
+        e.wait_exited(&id).await.exit_code,
+        0,
+        "write to a read-only rootfs"
+    );
+
+    // A dropped capability is gone: chown needs CAP_CHOWN.
+    let mut c = e.config("nochown");
+    sh(&mut c, "touch /f && chown 1:1 /f");
+    c.linux = sc(&|s| {
+        s.capabilities = Some(cri::Capability {
+            drop_capabilities: vec!["CHOWN".into()],
+            ..Default::default()
+        })
+    });
+    let id = e.run(c).await;
+    assert_ne!(
+        e.wait_exited(&id).await.exit_code,
+        0,
+        "chown without CAP_CHOWN"
+    );
+    let mut c = e.config("chown");
+    sh(&mut c, "touch /f && chown 1:1 /f");
+    let id = e.run(c).await;
+    assert_eq!(
+        e.wait_exited(&id).await.exit_code,
+        0,
+        "chown with the default set"
+    );
+
+    // RuntimeDefault seccomp blocks unshare; Unconfined allows a user namespace.
+    let mut c = e.config("seccomp");
+    sh(&mut c, "unshare -U true");
+    c.linux = sc(&|s| {
+        s.seccomp = Some(cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+            ..Default::default()
+        })
+    });
+    let id = e.run(c).await;
+    assert_ne!(
+        e.wait_exited(&id).await.exit_code,
+        0,
+        "unshare under RuntimeDefault"
+    );
+    let mut c = e.config("unconfined");
+    sh(&mut c, "unshare -U true");
+    c.linux = sc(&|s| {
+        s.seccomp = Some(cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::Unconfined as i32,
+            ..Default::default()
+        })
+    });
+    let id = e.run(c).await;
+    assert_eq!(
+        e.wait_exited(&id).await.exit_code,
+        0,
+        "unshare -U unconfined"
+    );
+    e.remove_pod().await;
+}
+
+async fn limits_updates_and_oom(handler: &'static str) {
+    let mut e = env(handler).await;
+    skip_if_crun_cannot_run!(e);
+    let layout = berth::cgroups::detect();
+
+    let mut c = e.config("limited");
+    sh(&mut c, "sleep 1000");
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 50_000,
+            cpu_shares: 512,
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = e.run(c).await;
+    let cg = e.info(&id).await["cgroupsPath"]
+        .as_str()
+        .expect("cgroups path")
+        .to_string();
+    let read = |controller: &str, v1: &str, v2: &str| {
+        let name = if layout == berth::cgroups::Layout::V1 {
+            v1
+        } else {
+            v2
+        };
+        std::fs::read_to_string(berth::cgroups::file(layout, controller, &cg, name))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    if layout == berth::cgroups::Layout::V1 {
+        assert_eq!(read("cpu", "cpu.cfs_quota_us", ""), "50000");
+        assert_eq!(read("cpu", "cpu.shares", ""), "512");
+        assert_eq!(
+            read("memory", "memory.limit_in_bytes", ""),
+            (64u64 << 20).to_string()
+        );
+    } else {
+        assert_eq!(read("", "", "cpu.max"), "50000 100000");
+        assert_eq!(read("", "", "memory.max"), (64u64 << 20).to_string());
+    }
+    e.rt.update_container_resources(cri::UpdateContainerResourcesRequest {
+        container_id: id.clone(),
+        linux: Some(cri::LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 20_000,
+            cpu_shares: 256,
+            memory_limit_in_bytes: 128 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("update");
+    if layout == berth::cgroups::Layout::V1 {
+        assert_eq!(read("cpu", "cpu.cfs_quota_us", ""), "20000");
+        assert_eq!(read("cpu", "cpu.shares", ""), "256");
+        assert_eq!(
+            read("memory", "memory.limit_in_bytes", ""),
+            (128u64 << 20).to_string()
+        );
+    } else {
+        assert_eq!(read("", "", "cpu.max"), "20000 100000");
+    }
+    let s = e.status(&id).await;
+    let r = s
+        .resources
+        .and_then(|r| r.linux)
+        .expect("resources in status");
+    assert_eq!(r.cpu_quota, 20_000);
+
+    // Over its memory limit a container is OOM-killed and says so.
+    let mut c = e.config("oom");
+    sh(&mut c, "tail /dev/zero");
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 16 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = e.run(c).await;
+    let s = e.wait_exited(&id).await;
+    assert_eq!(s.reason, "OOMKilled", "{s:?}");
+    assert_eq!(s.exit_code, 137);
+    e.remove_pod().await;
+}
+
+async fn logs_exec_and_reopen(handler: &'static str) {
+    let mut e = env(handler).await;
+    skip_if_crun_cannot_run!(e);
+    let mut c = e.config("logger");
+    sh(
+        &mut c,
+        "echo out; echo err >&2; head -c 20000 /dev/zero | tr '\\0' x; echo; sleep 1000",
+    );
+    let id = e.run(c).await;
+    let log = e.log_path("logger");
+    // The long line is complete once its final (`F`) chunk is written.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let entries = loop {
+        let entries = log_entries(&log);
+        if entries
+            .iter()
+            .any(|(_, tag, t)| tag == "F" && t.starts_with("xxx"))
+        {
+            break entries;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no complete long line: {entries:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        entries.contains(&("stdout".into(), "F".into(), "out".into())),
+        "{entries:?}"
+    );
+    assert!(entries.contains(&("stderr".into(), "F".into(), "err".into())));
+    let long: Vec<&(String, String, String)> = entries
+        .iter()
+        .filter(|(_, _, t)| t.starts_with("xxx"))
+        .collect();
+    assert!(long.len() >= 2, "a 20 kB line is split: {}", long.len());
+    assert!(long[..long.len() - 1].iter().all(|(_, tag, _)| tag == "P"));
+    assert_eq!(long[long.len() - 1].1, "F");
+    assert_eq!(long.iter().map(|(_, _, t)| t.len()).sum::<usize>(), 20000);
+
+    // ExecSync: output and exit code.
+    let r = e
+        .exec(&id, &["sh", "-c", "echo hi; echo oops >&2; exit 7"], 10)
+        .await
+        .expect("exec");
+    assert_eq!(
+        (r.stdout.as_slice(), r.stderr.as_slice(), r.exit_code),
+        (&b"hi\n"[..], &b"oops\n"[..], 7)
+    );
+    // Its timeout is honoured and the process is gone afterwards.
+    let started = Instant::now();
+    let err = e
+        .exec(&id, &["sleep", "4321"], 1)
+        .await
+        .expect_err("timeout");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+    let r = e
+        .exec(&id, &["sh", "-c", "pgrep -f 'sleep 4321' || true"], 10)
+        .await
+        .expect("exec");
+    assert!(
+        r.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+
+    // After rotation, ReopenContainerLog sends new output to a new file.
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    e.rt.reopen_container_log(cri::ReopenContainerLogRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("reopen");
+    e.exec(&id, &["sh", "-c", "echo after-rotation > /proc/1/fd/1"], 10)
+        .await
+        .expect("exec");
+    wait_for_log(&log, "after-rotation").await;
+    assert!(
+        !std::fs::read_to_string(&rotated)
+            .unwrap_or_default()
+            .contains("after-rotation")
+    );
+    e.remove_pod().await;
+}
+
+async fn containers_survive_kill9(handler: &'static str) {
+    let mut e = env(handler).await;
+    skip_if_crun_cannot_run!(e);
+    let mut c = e.config("ticker");
+    sh(&mut c, "while true; do echo tick; sleep 0.2; done");
+    let ticker = e.run(c).await;
+    let mut c = e.config("quitter");
+    sh(&mut c, "sleep 2; exit 5");
+    let quitter = e.run(c).await;
+    e.d.kill9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = e.log_path("ticker");
+    let before = std::fs::read_to_string(&log).unwrap_or_default().len();
+    e.d.restart().await;
+    e.rt = e.d.runtime_client().await;
+    let s = e.status(&ticker).await;
+    assert_eq!(s.state, cri::ContainerState::ContainerRunning as i32);
+    let s = e.status(&quitter).await;
+    assert_eq!(
+        s.state,
+        cri::ContainerState::ContainerExited as i32,
+        "exit seen while down"
+    );
+    assert_eq!(s.exit_code, 5);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        std::fs::read_to_string(&log).unwrap_or_default().len() > before,
+        "the log is still written"
+    );
+    let r = e
+        .exec(&ticker, &["echo", "alive"], 10)
+        .await
+        .expect("exec after restart");
+    assert_eq!(r.stdout, b"alive\n");
+    e.rt.stop_container(cri::StopContainerRequest {
+        container_id: ticker.clone(),
+        timeout: 2,
+    })
+    .await
+    .expect("stop");
+    assert_eq!(
+        e.status(&ticker).await.state,
+        cri::ContainerState::ContainerExited as i32
+    );
+    e.remove_pod().await;
+}
+
+macro_rules! for_each_runtime {
+    ($($name:ident),*) => {
+        mod runc {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name("runc").await;
+            })*
+        }
+        mod crun {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name("crun").await;
+            })*
+        }
+    };
+}
+
+for_each_runtime!(
+    image_rules_exit_codes_and_lifecycle,
+    security_settings,
+    limits_updates_and_oom,
+    logs_exec_and_reopen,
+    containers_survive_kill9
+);
