@@ -561,6 +561,33 @@ async fn limits_updates_and_oom(handler: &'static str) {
         .expect("resources in status");
     assert_eq!(r.cpu_quota, 20_000);
 
+    // The kubelet's negative oom_score_adj is raised to berthd's own where lower is refused
+    // (no CAP_SYS_RESOURCE here): the container still starts.
+    let own = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", e.d.pid().expect("pid")))
+        .expect("berthd oom_score_adj");
+    let mut c = e.config("oomadj");
+    sh(&mut c, "cat /proc/self/oom_score_adj");
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            oom_score_adj: -998,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = e.run(c).await;
+    assert_eq!(e.wait_exited(&id).await.exit_code, 0);
+    let adj: Vec<String> = log_entries(&e.log_path("oomadj"))
+        .into_iter()
+        .map(|(_, _, t)| t)
+        .collect();
+    let want = own
+        .trim()
+        .parse::<i32>()
+        .expect("int")
+        .max(-998)
+        .to_string();
+    assert_eq!(adj, vec![want]);
+
     // Over its memory limit a container is OOM-killed and says so.
     let mut c = e.config("oom");
     sh(&mut c, "tail /dev/zero");
@@ -736,3 +763,81 @@ for_each_runtime!(
     logs_exec_and_reopen,
     containers_survive_kill9
 );
+
+/// The systemd cgroup driver: containers land in `<slice>:cri-berth:<id>` scopes. It needs a
+/// running systemd (runc talks to it over D-Bus); without one the test says so and skips.
+#[tokio::test]
+async fn systemd_cgroup_driver() {
+    if !Path::new("/run/systemd/system").exists() {
+        eprintln!(
+            "SKIPPED: systemd is not running here (PID 1 is not systemd), so runc's systemd cgroup driver cannot be exercised"
+        );
+        return;
+    }
+    let reg = Registry::anonymous();
+    let pushed = reg
+        .push("test/busybox", "1", &ImageBuilder::busybox().build())
+        .await;
+    let d = Berthd::start(
+        BerthdConfig::new()
+            .trust(&reg)
+            .top_level("cgroup_driver = \"systemd\""),
+    )
+    .await;
+    let mut ic = d.image_client().await;
+    common::pull_image(&mut ic, &pushed.reference, None)
+        .await
+        .expect("pull");
+    let mut rt = d.runtime_client().await;
+    let logs = tempfile::tempdir().expect("logs");
+    let mut pc = pod_config(logs.path());
+    pc.linux.get_or_insert_with(Default::default).cgroup_parent = "berthtest.slice".into();
+    let pod = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pc.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("pod")
+        .into_inner()
+        .pod_sandbox_id;
+    let id = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: "c".into(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: pushed.reference.clone(),
+                    ..Default::default()
+                }),
+                command: vec!["sleep".into(), "100".into()],
+                ..Default::default()
+            }),
+            sandbox_config: Some(pc),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .expect("start");
+    let path = berth::cgroups::cgroups_path(true, "berthtest.slice", &id).expect("path");
+    let dirs = berth::cgroups::dirs(berth::cgroups::detect(), &path);
+    assert!(dirs.iter().any(|d| d.exists()), "no scope among {dirs:?}");
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("stop");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("remove");
+}

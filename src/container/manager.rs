@@ -146,6 +146,9 @@ pub struct ContainerManager {
     exec_seq: std::sync::atomic::AtomicU64,
 }
 
+/// Whether the oom_score_adj clamp was logged already.
+static OOM_CLAMP_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -436,6 +439,22 @@ impl ContainerManager {
         std::fs::create_dir_all(&rec.bundle)
             .map_err(io_err(format!("create {}", rec.bundle.display())))?;
         rootfs::mount_rootfs(&self.config.root, &rec.id, lower, &rec.rootfs())?;
+        let requested_oom = rec
+            .config
+            .linux
+            .as_ref()
+            .and_then(|l| l.resources.as_ref())
+            .map(|r| r.oom_score_adj)
+            .unwrap_or(0);
+        if requested_oom < i64::from(self.min_oom_score_adj)
+            && !OOM_CLAMP_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(
+                requested = requested_oom,
+                used = self.min_oom_score_adj,
+                "oom_score_adj below berthd's own is raised to it (restrict_oom_score_adj); logged once"
+            );
+        }
         let pod_pid_ns = sandbox
             .init
             .filter(|i| i.alive())
