@@ -4,6 +4,7 @@
 //! - [`cgroups`]: container cgroup paths (cgroupfs, systemd), layouts, OOM counters;
 //! - [`config`]: the TOML configuration contract and its defaults;
 //! - [`store`]: the durable embedded database of berth's records;
+//! - [`ids`]: object ids, id-prefix lookup, timestamps;
 //! - [`image`]: registry pulls, the content store, layer snapshots, image records;
 //! - [`network`]: pod networking, native (rtnetlink + nftables) or CNI;
 //! - [`ns`]: namespace work on dedicated threads, pinned namespaces;
@@ -14,6 +15,7 @@
 pub mod cgroups;
 pub mod config;
 pub mod container;
+pub mod ids;
 pub mod image;
 pub mod locks;
 pub mod monitor;

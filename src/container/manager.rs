@@ -18,11 +18,12 @@ use super::rootfs::{self, RootfsError};
 use super::spec::{self, SpecError, SpecInput};
 use crate::cgroups::{self, CgroupError, Layout};
 use crate::config::Config;
+use crate::ids::{self, Lookup, now_nanos};
 use crate::image::{ImageError, ImageManager};
 use crate::locks::KeyedLocks;
 use crate::monitor::{self, CreateRequest, ExitInfo, MonitorError};
 use crate::runtime::{OciRuntime, RuntimeError};
-use crate::sandbox::{Phase as PodPhase, SandboxError, SandboxManager, SandboxRecord, new_id};
+use crate::sandbox::{Phase as PodPhase, SandboxError, SandboxManager, SandboxRecord};
 use crate::store::{Batch, Store, StoreError, Table};
 
 /// Errors of the container piece.
@@ -149,13 +150,6 @@ pub struct ContainerManager {
 /// Whether the oom_score_adj clamp was logged already.
 static OOM_CLAMP_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
 /// A signal name or number as images give it (`SIGTERM`, `TERM`, `15`).
 pub fn parse_signal(s: &str) -> Option<i32> {
     if let Ok(n) = s.parse::<i32>() {
@@ -270,15 +264,10 @@ impl ContainerManager {
                 "a container id is required".to_string(),
             ));
         }
-        let map = self.read_map();
-        if map.contains_key(id) {
-            return Ok(id.to_string());
-        }
-        let mut found = map.keys().filter(|k| k.starts_with(id));
-        match (found.next(), found.next()) {
-            (Some(one), None) => Ok(one.clone()),
-            (Some(_), Some(_)) => Err(ContainerError::Ambiguous(id.to_string())),
-            _ => Err(ContainerError::NotFound(id.to_string())),
+        match ids::lookup(&self.read_map(), id) {
+            Lookup::Found(id) => Ok(id),
+            Lookup::Ambiguous => Err(ContainerError::Ambiguous(id.to_string())),
+            Lookup::Missing => Err(ContainerError::NotFound(id.to_string())),
         }
     }
 
@@ -358,7 +347,7 @@ impl ContainerManager {
             .map(|l| l.cgroup_parent.clone())
             .unwrap_or_default();
         let key = format!("{}/{}_{}", sandbox.id, meta.name, meta.attempt);
-        let id = new_id()?;
+        let id = ids::new_id().map_err(io_err("read /dev/urandom"))?;
         let cgroups_path = cgroups::cgroups_path(
             self.config.cgroup_driver == crate::config::CgroupDriver::Systemd,
             &parent,

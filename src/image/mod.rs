@@ -18,9 +18,10 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock as StdRwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use crate::ids::now_nanos;
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
@@ -142,13 +143,6 @@ pub struct ImageManager {
     pull_locks: KeyedLocks,
     gc_lock: tokio::sync::RwLock<()>,
     root: PathBuf,
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 fn sha256_digest(bytes: &[u8]) -> String {

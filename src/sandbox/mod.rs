@@ -12,7 +12,6 @@ pub mod init;
 pub mod sysctl;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
@@ -21,6 +20,7 @@ use k8s_cri::v1 as cri;
 use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{self, Lookup, now_nanos};
 use crate::locks::KeyedLocks;
 use crate::network::{
     DnsSettings, NetworkBackend, NetworkError, PodNetworkRequest, PodNetworkStatus, PortMapping,
@@ -156,22 +156,6 @@ pub struct SandboxManager {
     locks: KeyedLocks,
 }
 
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
-/// A new random 64-hex id.
-pub fn new_id() -> Result<String, SandboxError> {
-    let mut b = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(io_err("read /dev/urandom"))?;
-    Ok(hex::encode(b))
-}
-
 fn name_key(m: &cri::PodSandboxMetadata) -> String {
     format!("{}_{}_{}_{}", m.name, m.namespace, m.uid, m.attempt)
 }
@@ -280,15 +264,10 @@ impl SandboxManager {
                 "a pod sandbox id is required".to_string(),
             ));
         }
-        let map = self.read_map();
-        if map.contains_key(id) {
-            return Ok(id.to_string());
-        }
-        let mut found = map.keys().filter(|k| k.starts_with(id));
-        match (found.next(), found.next()) {
-            (Some(one), None) => Ok(one.clone()),
-            (Some(_), Some(_)) => Err(SandboxError::Ambiguous(id.to_string())),
-            _ => Err(SandboxError::NotFound(id.to_string())),
+        match ids::lookup(&self.read_map(), id) {
+            Lookup::Found(id) => Ok(id),
+            Lookup::Ambiguous => Err(SandboxError::Ambiguous(id.to_string())),
+            Lookup::Missing => Err(SandboxError::NotFound(id.to_string())),
         }
     }
 
@@ -347,7 +326,7 @@ impl SandboxManager {
         }
 
         let key = name_key(&meta);
-        let id = new_id()?;
+        let id = ids::new_id().map_err(io_err("read /dev/urandom"))?;
         {
             let mut names = self.lock_names();
             if let Some(other) = names.get(&key) {

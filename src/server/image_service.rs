@@ -14,6 +14,7 @@ use k8s_cri::v1::{
 use tonic::{Request, Response, Status};
 
 use super::trace::{deadline, rpc};
+use crate::ids::now_nanos;
 use crate::image::{Credentials, ImageManager, ImageRecord};
 
 pub struct ImageServiceImpl {
@@ -91,13 +92,6 @@ pub fn to_cri(r: &ImageRecord) -> Image {
         }),
         pinned: r.pinned,
     }
-}
-
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 #[tonic::async_trait]
