@@ -21,17 +21,19 @@ const APPLETS: &[&str] = &[
     "sh", "echo", "sleep", "cat", "printf", "tr", "head", "true", "test", "[",
 ];
 
-fn find_runc() -> Option<PathBuf> {
+fn find_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join("runc"))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
 
-/// One test's world: a temp dir with the monitor dir, runc's root and bundles; cleans up.
+/// One test's world: a temp dir with the monitor dir, the OCI runtime's root and bundles;
+/// cleans up.
 struct Env {
     tmp: tempfile::TempDir,
+    /// The OCI runtime (runc unless the test asks for another one).
     runc: PathBuf,
     name: String,
     ids: std::cell::RefCell<Vec<String>>,
@@ -39,12 +41,16 @@ struct Env {
 
 impl Env {
     fn new(name: &str) -> Option<Env> {
+        Env::with_runtime(name, "runc")
+    }
+
+    fn with_runtime(name: &str, runtime: &str) -> Option<Env> {
         if !nix::unistd::Uid::effective().is_root() {
             eprintln!("skipping {name}: needs root for runc, cgroups and namespaces");
             return None;
         }
-        let Some(runc) = find_runc() else {
-            eprintln!("skipping {name}: runc not found");
+        let Some(runc) = find_binary(runtime) else {
+            eprintln!("skipping {name}: {runtime} not found");
             return None;
         };
         if !Path::new("/bin/busybox").is_file() {
@@ -102,7 +108,8 @@ impl Env {
         for a in APPLETS {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).expect("symlink");
         }
-        let st = Command::new(&self.runc)
+        // runc's default spec (crun's is alike); any runtime runs it.
+        let st = Command::new(find_binary("runc").unwrap_or_else(|| self.runc.clone()))
             .arg("spec")
             .arg("--bundle")
             .arg(&bundle)
@@ -294,6 +301,37 @@ async fn logs_both_streams_and_exit_code() {
     assert!(m.state().await.expect("state").is_empty());
     let e = m.forget(&id).await.expect_err("forget twice");
     assert!(e.is_not_found(), "{e}");
+}
+
+#[tokio::test]
+async fn crun_works_too() {
+    let Some(env) = Env::with_runtime("crun", "crun") else {
+        return;
+    };
+    let mut m = env.monitor().await;
+    let req = env.container(
+        "c",
+        &["sh", "-c", "echo via-crun; echo e >&2; exit 5"],
+        false,
+    );
+    let (id, log) = (req.id.clone(), req.log_path.clone());
+    match m.create(req).await {
+        Ok(_) => {}
+        // crun refuses cgroup v1 hosts whose v2 hierarchy has controllers (hybrid layout).
+        Err(MonitorError::Remote { message, .. }) if message.contains("hybrid mode") => {
+            eprintln!("skipping crun_works_too: {message}");
+            return;
+        }
+        Err(e) => panic!("create: {e}"),
+    }
+    env.start(&id);
+    assert_eq!(wait_exit(&mut m, &id).await.exit_code, 5);
+    let mut lines = log_lines(&log);
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec![line("stderr", "F", "e"), line("stdout", "F", "via-crun")]
+    );
 }
 
 #[tokio::test]

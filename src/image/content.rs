@@ -196,6 +196,17 @@ impl BlobWriter {
         tokio::fs::rename(&self.tmp, &self.final_path)
             .await
             .map_err(|e| ImageError::io(&self.final_path, e))?;
+        // The rename is durable once the directory is.
+        if let Some(dir) = self.final_path.parent() {
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                std::fs::File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| ImageError::io(&dir, e))
+            })
+            .await
+            .map_err(|e| ImageError::Internal(e.to_string()))??;
+        }
         Ok(())
     }
 }

@@ -420,6 +420,9 @@ impl ImageManager {
                             actual: u.diff_id,
                         });
                     }
+                    // Durable before it is published: the image record that follows
+                    // must never point at files a power loss could tear.
+                    snapshots.sync(&tmp)?;
                     snapshots.commit(&tmp, &chain_id)
                 });
             if result.is_err() {
