@@ -739,6 +739,44 @@ async fn containers_survive_kill9(handler: &'static str) {
     e.remove_pod().await;
 }
 
+/// A container that stopped while both berthd and its pod's monitor were gone is reported
+/// `Exited` after the restart, with the reason it has no exit code.
+#[tokio::test]
+async fn exit_while_the_monitor_is_gone_is_reported() {
+    let mut e = env("runc").await;
+    let mut c = e.config("orphan");
+    sh(&mut c, "sleep 1000");
+    let id = e.run(c).await;
+    let pod_dir = e.d.state().join("pods").join(&e.pod).join("monitor");
+    let pid: i32 = std::fs::read_to_string(pod_dir.join(berth::monitor::PID_FILE))
+        .expect("monitor pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    e.d.kill9();
+    let kill = |pid: i32| {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    };
+    kill(pid);
+    let status = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(e.d.state().join("runtime/runc"))
+        .args(["kill", &id, "KILL"])
+        .status()
+        .expect("runc kill");
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    e.d.restart().await;
+    e.rt = e.d.runtime_client().await;
+    let s = e.status(&id).await;
+    assert_eq!(s.state, cri::ContainerState::ContainerExited as i32);
+    assert!(s.message.contains("monitor"), "{s:?}");
+    e.remove_pod().await;
+}
+
 macro_rules! for_each_runtime {
     ($($name:ident),*) => {
         mod runc {

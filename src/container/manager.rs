@@ -207,6 +207,7 @@ impl ContainerManager {
                 continue;
             }
             mgr.refresh(&mut rec)?;
+            mgr.settle_lost_monitor(&mut rec).await?;
             mgr.lock_names()
                 .insert(rec.name_key.clone(), rec.id.clone());
             mgr.write_map().insert(rec.id.clone(), rec);
@@ -255,6 +256,38 @@ impl ContainerManager {
         };
         self.persist(rec)?;
         Ok(true)
+    }
+
+    /// At start: a container still `Running` whose pod monitor is gone can no longer have its
+    /// exit recorded. If the runtime says it stopped, it is `Exited` with an unknown code.
+    async fn settle_lost_monitor(&self, rec: &mut ContainerRecord) -> Result<(), ContainerError> {
+        if rec.phase != Phase::Running {
+            return Ok(());
+        }
+        let Ok(sandbox) = self.sandboxes.get(&rec.sandbox_id) else {
+            return Ok(());
+        };
+        if monitor::running_pid(&self.monitor_dir(&sandbox)).is_some() {
+            return Ok(());
+        }
+        let running = match self.runtime(&rec.runtime_handler)?.state(&rec.id).await {
+            Ok(Some(st)) => st.status == "running",
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(id = %rec.id, error = %e, "runtime state at start");
+                return Ok(());
+            }
+        };
+        if !running {
+            tracing::warn!(id = %rec.id, "container stopped while its berth-monitor was gone; exit code unknown");
+            rec.phase = Phase::Exited;
+            rec.finished_at = ids::now_nanos();
+            rec.exit_code = 255;
+            rec.reason = "Error".to_string();
+            rec.message = "the exit was not recorded: the pod's berth-monitor was gone".to_string();
+            self.persist(rec)?;
+        }
+        Ok(())
     }
 
     /// Resolves a full id or a unique prefix.
