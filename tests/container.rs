@@ -389,6 +389,24 @@ async fn image_rules_exit_codes_and_lifecycle(handler: &'static str) {
     }
     let id4 = e.create(e.config("fails")).await.expect("name free again");
 
+    // A stopped pod takes no new containers; an unknown handler is refused by name.
+    e.rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: e.pod.clone(),
+    })
+    .await
+    .expect("stop pod");
+    let refused = e.create(e.config("late")).await.expect_err("pod stopped");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    let bad =
+        e.rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_config(e.logs.path())),
+            runtime_handler: "kata".into(),
+        })
+        .await
+        .expect_err("unknown handler");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("kata"));
+
     // Removing the pod removes its containers, mounts and cgroups.
     let cg = e.info(&id4).await["cgroupsPath"]
         .as_str()
