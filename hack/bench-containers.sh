@@ -1,0 +1,87 @@
+#!/bin/bash
+# Container benchmark: berthd vs Debian's containerd (CRI plugin), side by side, same runc.
+#
+# As root on Debian. Starts Debian's docker-registry on 127.0.0.1 (temp storage) and fills it
+# with ../shared/critest-images/build-and-push.sh (busybox, pause), starts berthd and a baseline
+# containerd (../shared/baseline/containerd-up.sh), and for each runtime in turn
+# (cri_bench containers), in one pod with a log directory:
+#   - CreateContainer+StartContainer of COUNT containers (IMAGE, `sleep 3600`), one at a time;
+#   - StopContainer (timeout 0) + RemoveContainer of each, one at a time;
+#   - the per-pod helper's memory with 0, 1, 10 and COUNT containers: berth-monitor (one per
+#     pod, started with the pod's first container) vs containerd-shim-runc-v2 (one per pod,
+#     started with the pod; it also parents the pause container, not counted here).
+# Images are pulled before anything is timed. Prints p50/p95/max latency and VmRSS (Pss).
+# Everything it starts or creates is stopped and removed on exit (see hack/bench-lib.sh).
+#
+# Knobs (environment): COUNT=100 IMAGE=registry.k8s.io/e2e-test-images/busybox:1.29-2
+#                      PID_MODE=container, and those of bench-lib.sh.
+set -euo pipefail
+COUNT=${COUNT:-100}
+IMAGE=${IMAGE:-registry.k8s.io/e2e-test-images/busybox:1.29-2}
+PID_MODE=${PID_MODE:-container}
+# shellcheck source=hack/bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
+bench_init bench-containers.sh
+bench_registry
+bench_critest_images
+bench_berthd
+bench_containerd
+
+PAUSE=registry.k8s.io/pause:3.9
+declare -A ARGS
+ARGS[berth]="--endpoint unix://$BERTH_SOCK --daemon-pid $BERTHD_PID --helper-comm berth-monitor"
+ARGS[containerd]="--endpoint unix://$CTRD_SOCK --daemon-pid $CTRD_PID --helper-comm containerd-shim --pause-image $PAUSE"
+RUNTIMES=(berth containerd)
+for rt in "${RUNTIMES[@]}"; do
+  echo "$rt: $COUNT containers in one pod ..." >&2
+  mkdir -p "$T/logs/$rt"
+  # shellcheck disable=SC2086
+  "$BENCH" containers ${ARGS[$rt]} --count "$COUNT" --image "$IMAGE" --command "sleep 3600" \
+    --log-dir "$T/logs/$rt" --pid-mode "$PID_MODE" --helper-at "0,1,10" \
+    >"$T/out.$rt" || { cat "$T/out.$rt" >&2; bench_fail "$rt: cri_bench containers failed"; }
+  kill -0 "$([ "$rt" = berth ] && echo "$BERTHD_PID" || echo "$CTRD_PID")" 2>/dev/null ||
+    bench_fail "$rt daemon died"
+done
+
+echo
+printf '%-11s %-23s  %-23s  %-23s  %-23s  %s\n' "" "Create+Start (ms)" "Create (ms)" "Start (ms)" \
+  "Stop(0)+Remove (ms)" "containers/s"
+printf '%-11s %7s %7s %7s  %7s %7s %7s  %7s %7s %7s  %7s %7s %7s  %6s %6s\n' runtime \
+  p50 p95 max p50 p95 max p50 p95 max p50 p95 max up down
+for rt in "${RUNTIMES[@]}"; do
+  awk -v rt="$rt" '
+    $1 == "lat" { p50[$2] = $5; p95[$2] = $6; mx[$2] = $7 }
+    $1 == "wall" { rate[$2] = $4 / $5 }
+    END {
+      printf "%-11s", rt
+      n = split("create_start create start stop_remove", ops, " ")
+      for (i = 1; i <= n; i++) printf " %7.1f %7.1f %7.1f ", p50[ops[i]], p95[ops[i]], mx[ops[i]]
+      printf " %6.1f %6.1f\n", rate["create_start"], rate["stop_remove"]
+    }' "$T/out.$rt"
+done
+for rt in "${RUNTIMES[@]}"; do
+  awk -v rt="$rt" '$1 == "lat" && ($2 == "stop" || $2 == "remove") {
+    printf "  %s %s: p50 %.1f ms, p95 %.1f ms, max %.1f ms\n", rt, $2, $5, $6, $7 }' "$T/out.$rt"
+done
+echo
+printf '%-11s %-22s %8s %10s %10s %12s\n' runtime "per-pod helper" containers "RSS (MiB)" "Pss (MiB)" "daemon RSS"
+for rt in "${RUNTIMES[@]}"; do
+  helper=$([ "$rt" = berth ] && echo berth-monitor || echo containerd-shim-runc-v2)
+  awk -v rt="$rt" -v helper="$helper" '
+    $1 == "rss" && $2 == "helper" { n = $3; sub(/ctr$/, "", n); ns[++k] = n + 0; r[n + 0] = $5; p[n + 0] = $6; c[n + 0] = $4 }
+    $1 == "rss" && $2 == "daemon" { d = $5; dn = $3; sub(/ctr$/, "", dn) }
+    END {
+      for (i = 1; i <= k; i++) {
+        n = ns[i]
+        label = c[n] == 1 ? helper : c[n] == 0 ? "(none running)" : helper " x" c[n]
+        dd = (n == dn + 0) ? sprintf("%.1f", d / 1024) : "-"
+        printf "%-11s %-22s %8d %10.2f %10.2f %12s\n", rt, label, n, r[n] / 1024, p[n] / 1024, dd
+      }
+    }' "$T/out.$rt"
+done
+echo "(p50/p95 nearest-rank over $COUNT containers in one pod, serial; containers/s = $COUNT / wall time"
+echo " of the phase; image $IMAGE, command sleep 3600,"
+echo " logs to the pod's log directory; pod PID mode: $PID_MODE;"
+echo " helper = the process whose comm/argv0 is berth-monitor or containerd-shim* and whose command"
+echo " line names the pod id; daemon RSS with $COUNT containers running;"
+echo " $(bench_versions))"

@@ -1,0 +1,85 @@
+#!/bin/bash
+# Pod sandbox benchmark: berthd vs Debian's containerd (CRI plugin, pause image), side by side.
+#
+# As root on Debian. Starts Debian's docker-registry on 127.0.0.1 (temp storage) and fills it
+# with ../shared/critest-images/build-and-push.sh (pause:3.9 for containerd), starts berthd
+# (bridge bbench0, 10.99.0.0/16) and a baseline containerd (../shared/baseline/containerd-up.sh:
+# bridge CNI on ctrd0, 10.98.0.0/16), and for each runtime in turn (cri_bench pods):
+#   - RunPodSandbox of COUNT pods one at a time, then StopPodSandbox+RemovePodSandbox of each;
+#   - the same with PARALLEL calls in flight (over one connection, as the kubelet does);
+#   - memory with COUNT pods running (after the serial starts and after the parallel ones).
+# containerd's pause image is pulled before anything is timed. Pods are kubelet-like: own
+# network, IPC and UTS namespaces, PID namespace per container (PID_MODE=pod: one per pod).
+# Prints p50/p95/max latency per runtime and mode, and VmRSS (Pss in brackets).
+# Everything it starts or creates is stopped and removed on exit (see hack/bench-lib.sh).
+#
+# Knobs (environment): COUNT=100 PARALLEL=10 PID_MODE=container, and those of bench-lib.sh.
+set -euo pipefail
+COUNT=${COUNT:-100}
+PARALLEL=${PARALLEL:-10}
+PID_MODE=${PID_MODE:-container}
+# shellcheck source=hack/bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
+bench_init bench-pods.sh
+bench_registry
+bench_critest_images
+bench_berthd
+bench_containerd
+
+PAUSE=registry.k8s.io/pause:3.9
+declare -A ARGS
+# helpers counted with the pods: for berth whatever runs with its state dir on the command
+# line (berth-monitor, berth-pod-init), for containerd its shims (-address <its socket>), and
+# all their descendants (the pause processes).
+ARGS[berth]="--endpoint unix://$BERTH_SOCK --daemon-pid $BERTHD_PID --helpers-cmdline $T/berth/"
+ARGS[containerd]="--endpoint unix://$CTRD_SOCK --daemon-pid $CTRD_PID --helpers-cmdline $CTRD_SOCK --pause-image $PAUSE"
+RUNTIMES=(berth containerd)
+for rt in "${RUNTIMES[@]}"; do
+  echo "$rt: $COUNT pods serial, then $PARALLEL in parallel ..." >&2
+  # shellcheck disable=SC2086
+  "$BENCH" pods ${ARGS[$rt]} --count "$COUNT" --parallel "$PARALLEL" --pid-mode "$PID_MODE" \
+    >"$T/out.$rt" || { cat "$T/out.$rt" >&2; bench_fail "$rt: cri_bench pods failed"; }
+  kill -0 "$([ "$rt" = berth ] && echo "$BERTHD_PID" || echo "$CTRD_PID")" 2>/dev/null ||
+    bench_fail "$rt daemon died"
+done
+
+echo
+printf '%-11s %-9s %-28s %-28s\n' "" "" "RunPodSandbox (ms)" "Stop+RemovePodSandbox (ms)"
+printf '%-11s %-9s %8s %8s %8s %8s %8s %8s %8s %8s\n' runtime mode p50 p95 max "pods/s" p50 p95 max "pods/s"
+for rt in "${RUNTIMES[@]}"; do
+  for mode in serial parallel; do
+    awk -v rt="$rt" -v mode="$mode" '
+      $1 == "lat" && $3 == mode { p50[$2] = $5; p95[$2] = $6; mx[$2] = $7 }
+      $1 == "wall" && $3 == mode { rate[$2] = $4 / $5 }
+      END {
+        printf "%-11s %-9s %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f\n", rt, mode,
+          p50["run"], p95["run"], mx["run"], rate["run"],
+          p50["stop_remove"], p95["stop_remove"], mx["stop_remove"], rate["stop_remove"]
+      }' "$T/out.$rt"
+  done
+done
+echo
+printf '%-11s %-26s %11s %12s %12s %8s  %s\n' runtime "memory (MiB)" "daemon RSS" "helpers RSS" "helpers Pss" "per pod" "helper processes"
+for rt in "${RUNTIMES[@]}"; do
+  awk -v rt="$rt" -v count="$COUNT" '
+    $1 == "rss" { k = $3; if (!(k in seen)) { seen[k] = 1; keys[++n] = k } }
+    $1 == "rss" && $2 == "daemon" { d[$3] = $5 }
+    $1 == "rss" && $2 == "helpers" { h[$3] = $5; hp[$3] = $6; hc[$3] = $7 }
+    END {
+      for (i = 1; i <= n; i++) {
+        k = keys[i]; label = k
+        if (k == "idle") label = "idle, no pods"
+        else if (k == "after") label = "after removing all"
+        else if (split(k, a, "pods-") == 2) label = a[1] " pods up (" a[2] ")"
+        per = (k ~ /pods-/) ? sprintf("%.2f", (d[k] - d["idle"] + h[k] - h["idle"]) / 1024 / count) : "-"
+        printf "%-11s %-26s %11.1f %12.1f %12.1f %8s  %s\n", rt, label, d[k] / 1024, h[k] / 1024,
+          hp[k] / 1024, per, hc[k]
+      }
+    }' "$T/out.$rt"
+done
+echo "(p50/p95 nearest-rank over $COUNT pods; pods/s = pods / wall time of the phase; pod PID mode: $PID_MODE;"
+echo " helpers = for berth every process with berth's state dir on its command line and their"
+echo " descendants, for containerd every containerd-shim-runc-v2 (comm containerd-shim) with its"
+echo " socket as -address and their descendants (the pause processes); RSS sums count a shared page"
+echo " in every process mapping it, Pss splits it; per pod = (daemon + helpers RSS - idle) / $COUNT in MiB;"
+echo " $(bench_versions))"
