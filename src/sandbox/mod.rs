@@ -417,7 +417,10 @@ impl SandboxManager {
         port_mappings: Vec<PortMapping>,
         pid_mode: cri::NamespaceMode,
     ) -> Result<(), SandboxError> {
+        let t0 = std::time::Instant::now();
+        let mark = |step: &str| tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1000.0, "pod creation");
         self.persist(rec)?;
+        mark("record");
         let dir = rec.dir.clone();
         std::fs::create_dir_all(dir.join("ns"))
             .map_err(io_err(format!("create {}", dir.display())))?;
@@ -454,6 +457,7 @@ impl SandboxManager {
             })?;
         }
 
+        mark("files");
         // Namespaces, with the hostname set inside the new UTS namespace.
         let which = NewNamespaces {
             net: rec.own_net,
@@ -480,6 +484,7 @@ impl SandboxManager {
             .await?;
         }
 
+        mark("namespaces");
         // Network.
         if rec.own_net {
             let meta = rec.config.metadata.clone().unwrap_or_default();
@@ -506,7 +511,9 @@ impl SandboxManager {
             // Recorded before setup so a crash during setup is torn down at start.
             rec.network_request = Some(req.clone());
             self.persist(rec)?;
+            mark("network record");
             let status = self.network.setup(&req).await?;
+            mark("network setup");
             rec.network = Some(status);
             let ips: Vec<IpAddr> = rec
                 .network
@@ -544,6 +551,7 @@ impl SandboxManager {
 
         rec.phase = Phase::Ready;
         self.persist(rec)?;
+        mark("ready");
         Ok(())
     }
 

@@ -129,6 +129,12 @@ pub struct NativeNetwork {
     /// Serializes pod CIDR changes.
     cidr_change: tokio::sync::Mutex<()>,
     pod_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The per-pod nftables chains that exist, once known (after `repair` read the table):
+    /// pods without hostPorts then cost no `nft` run at all.
+    pod_chains: Mutex<Option<std::collections::HashSet<String>>>,
+    /// The pod CIDRs the host side (bridge addresses, sysctls, base nftables) was last set
+    /// up for; a pod setup redoes only the cheap bridge check while they are unchanged.
+    host_ready_for: Mutex<Option<Vec<IpNet>>>,
     /// Tests make `setup` fail at a named step to check the rollback.
     #[cfg(test)]
     fail_at: Mutex<Option<&'static str>>,
@@ -168,6 +174,8 @@ impl NativeNetwork {
             cidrs: RwLock::new(cidrs.clone()),
             cidr_change: tokio::sync::Mutex::new(()),
             pod_locks: Mutex::new(HashMap::new()),
+            pod_chains: Mutex::new(None),
+            host_ready_for: Mutex::new(None),
             #[cfg(test)]
             fail_at: Mutex::new(None),
         };
@@ -195,9 +203,19 @@ impl NativeNetwork {
     /// (localhost hostPorts), nftables table with `cidrs` in its sets. Returns the bridge index.
     async fn ensure_host(&self, cidrs: &[IpNet]) -> Result<u32, NetworkError> {
         let nl = Netlink::connect()?;
+        let existed = nl.link_by_name(&self.bridge).await?.is_some();
         let index = nl
             .ensure_bridge(&self.bridge, bridge_mac(&self.bridge))
             .await?;
+        let ready = self
+            .host_ready_for
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            == Some(cidrs);
+        if existed && ready {
+            return Ok(index);
+        }
         for c in cidrs {
             let gw = IpNet::new(ipam::gateway(c), c.prefix_len())
                 .map_err(|e| NetworkError::Invalid(format!("gateway of {c}: {e}")))?;
@@ -212,7 +230,36 @@ impl NativeNetwork {
             write_sysctl("net/ipv6/conf/all/forwarding", "1")?;
         }
         self.nft.ensure_base(cidrs).await?;
+        *self
+            .host_ready_for
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(cidrs.to_vec());
         Ok(index)
+    }
+
+    /// Records whether the pod has an nftables chain (when the set is known).
+    fn note_pod_chain(&self, pod_id: &str, present: bool) {
+        if let Some(set) = self
+            .pod_chains
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            if present {
+                set.insert(nft::pod_chain(pod_id));
+            } else {
+                set.remove(&nft::pod_chain(pod_id));
+            }
+        }
+    }
+
+    /// Whether the pod may have an nftables chain (true when unknown).
+    fn may_have_pod_chain(&self, pod_id: &str) -> bool {
+        self.pod_chains
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|set| set.contains(&nft::pod_chain(pod_id)))
     }
 
     #[cfg(test)]
@@ -310,6 +357,7 @@ impl NativeNetwork {
             let st = status(&existing);
             let rules = dnat_rules(&req.port_mappings, &st.ips)?;
             self.nft.apply_pod(&req.pod_id, &rules).await?;
+            self.note_pod_chain(&req.pod_id, !rules.is_empty());
             return Ok(st);
         }
         // Leftovers of an interrupted attempt (the addresses are reused).
@@ -364,7 +412,10 @@ impl NativeNetwork {
         self.inject("after_netns")?;
         let st = status(allocations);
         let rules = dnat_rules(&req.port_mappings, &st.ips)?;
-        self.nft.apply_pod(&req.pod_id, &rules).await?;
+        if !rules.is_empty() || self.may_have_pod_chain(&req.pod_id) {
+            self.nft.apply_pod(&req.pod_id, &rules).await?;
+            self.note_pod_chain(&req.pod_id, !rules.is_empty());
+        }
         self.inject("after_nft")?;
         Ok(st)
     }
@@ -372,7 +423,15 @@ impl NativeNetwork {
     /// Removes the pod's nftables rules and its veth pair (absent is fine).
     /// The host veth of another pod whose id shares the first 11 characters is left alone.
     async fn remove_link_and_rules(&self, pod_id: &str) -> Result<(), NetworkError> {
-        let rules = self.nft.remove_pod(pod_id).await;
+        let rules = if self.may_have_pod_chain(pod_id) {
+            let r = self.nft.remove_pod(pod_id).await;
+            if r.is_ok() {
+                self.note_pod_chain(pod_id, false);
+            }
+            r
+        } else {
+            Ok(())
+        };
         let nl = Netlink::connect()?;
         let name = host_veth_name(pod_id);
         let ours = veth_alias(&self.bridge, pod_id);
@@ -562,6 +621,17 @@ impl NetworkBackend for NativeNetwork {
                     tracing::warn!(pod = %req.pod_id, error = %e, "cannot restore hostPort rules")
                 }
             }
+        }
+        // From now on the pod chains are tracked here instead of read back with `nft`.
+        if first_err.is_none() {
+            let state = self.nft.state().await?;
+            let chains = state
+                .chains
+                .iter()
+                .filter(|c| c.starts_with(nft::POD_CHAIN_PREFIX))
+                .cloned()
+                .collect();
+            *self.pod_chains.lock().unwrap_or_else(|p| p.into_inner()) = Some(chains);
         }
         match first_err {
             Some(e) => Err(e),

@@ -23,7 +23,7 @@ use crate::network::{NetworkError, PortMapping, Protocol};
 /// The chain that holds the jumps to the per-pod chains.
 const HOSTPORTS: &str = "hostports";
 /// Prefix of the per-pod chains.
-const POD_CHAIN_PREFIX: &str = "pod_";
+pub(super) const POD_CHAIN_PREFIX: &str = "pod_";
 
 /// The name of berth's table for `bridge` (non-alphanumerics become `_`).
 pub fn table_name(bridge: &str) -> String {
@@ -34,7 +34,7 @@ pub fn table_name(bridge: &str) -> String {
     format!("berth_{clean}")
 }
 
-fn pod_chain(pod_id: &str) -> String {
+pub(super) fn pod_chain(pod_id: &str) -> String {
     format!("{POD_CHAIN_PREFIX}{pod_id}")
 }
 
