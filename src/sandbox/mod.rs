@@ -418,7 +418,13 @@ impl SandboxManager {
         pid_mode: cri::NamespaceMode,
     ) -> Result<(), SandboxError> {
         let t0 = std::time::Instant::now();
-        let mark = |step: &str| tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1000.0, "pod creation");
+        let mark = |step: &str| {
+            tracing::debug!(
+                step,
+                ms = t0.elapsed().as_secs_f64() * 1000.0,
+                "pod creation"
+            )
+        };
         self.persist(rec)?;
         mark("record");
         let dir = rec.dir.clone();
