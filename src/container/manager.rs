@@ -457,10 +457,20 @@ impl ContainerManager {
         image_config: &serde_json::Value,
         lower: &[PathBuf],
     ) -> Result<(), ContainerError> {
+        let t0 = std::time::Instant::now();
+        let mark = |step: &str| {
+            tracing::debug!(
+                step,
+                ms = t0.elapsed().as_secs_f64() * 1000.0,
+                "container creation"
+            )
+        };
         self.persist(rec)?;
+        mark("record");
         std::fs::create_dir_all(&rec.bundle)
             .map_err(io_err(format!("create {}", rec.bundle.display())))?;
         rootfs::mount_rootfs(&self.config.root, &rec.id, lower, &rec.rootfs())?;
+        mark("rootfs");
         let requested_oom = rec
             .config
             .linux
@@ -499,11 +509,13 @@ impl ContainerManager {
         })?;
         std::fs::write(rec.bundle.join("config.json"), json)
             .map_err(io_err("write config.json"))?;
+        mark("spec");
         let runtime = self.runtime(&rec.runtime_handler)?;
         std::fs::create_dir_all(&runtime.root).map_err(io_err("create runtime root"))?;
         let mut client =
             monitor::ensure_monitor(&sandbox.id, &self.monitor_dir(sandbox), &self.monitor_bin)
                 .await?;
+        mark("monitor");
         let log_path = rec
             .log_path
             .clone()
@@ -522,9 +534,11 @@ impl ContainerManager {
                 tty: rec.config.tty,
             })
             .await?;
+        mark("runtime create");
         rec.pid = pid;
         rec.phase = Phase::Created;
         self.persist(rec)?;
+        mark("created");
         Ok(())
     }
 
