@@ -617,6 +617,11 @@ pub fn kill_leftovers(dir: &Path) {
                 .status();
         }
     }
+    // The default cgroup parent of containers: removed once empty (rmdir refuses while
+    // another test's containers use it).
+    for controller in list_dir(Path::new("/sys/fs/cgroup")) {
+        let _ = std::fs::remove_dir(controller.join("berth"));
+    }
     let needle = dir.to_string_lossy().into_owned();
     for p in list_dir(Path::new("/proc")) {
         let Some(pid) = p
