@@ -1,8 +1,10 @@
 //! Ids and times shared by every piece: random 64-hex object ids, id-prefix resolution as CRI
-//! clients use it, and CRI timestamps.
+//! clients use it, the in-memory [`Index`] of records with atomic name reservation, and CRI
+//! timestamps.
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::sync::{Mutex, RwLock};
 
 /// What an id or id prefix names among existing ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +27,91 @@ pub fn lookup<V>(map: &HashMap<String, V>, id: &str) -> Lookup {
         (Some(one), None) if !id.is_empty() => Lookup::Found(one.clone()),
         (Some(_), Some(_)) => Lookup::Ambiguous,
         _ => Lookup::Missing,
+    }
+}
+
+/// The in-memory index of one kind of record (pods, containers) by id, with the reservation
+/// of their names: a name is reserved atomically, so a duplicate create fails.
+pub struct Index<R> {
+    records: RwLock<HashMap<String, R>>,
+    /// name → id of the record holding it.
+    names: Mutex<HashMap<String, String>>,
+}
+
+impl<R: Clone> Default for Index<R> {
+    fn default() -> Self {
+        Index {
+            records: RwLock::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<R: Clone> Index<R> {
+    /// Reserves `name` for `id`; `Err` holds the id that already has it.
+    pub fn reserve(&self, name: &str, id: &str) -> Result<(), String> {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(holder) = names.get(name) {
+            return Err(holder.clone());
+        }
+        names.insert(name.to_string(), id.to_string());
+        Ok(())
+    }
+
+    /// Frees a name.
+    pub fn release(&self, name: &str) {
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    /// What a full id or id prefix names.
+    pub fn lookup(&self, id: &str) -> Lookup {
+        lookup(&self.records.read().unwrap_or_else(|p| p.into_inner()), id)
+    }
+
+    pub fn get(&self, id: &str) -> Option<R> {
+        self.records
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Inserts or replaces a record.
+    pub fn insert(&self, id: &str, rec: R) {
+        self.records
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), rec);
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.records
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Every record (in no particular order).
+    pub fn values(&self) -> Vec<R> {
+        self.records
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Every id.
+    pub fn ids(&self) -> Vec<String> {
+        self.records
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 }
 
@@ -57,6 +144,16 @@ mod tests {
         assert_eq!(lookup(&map, ""), Lookup::Ambiguous);
         let one: HashMap<String, ()> = [("abc".to_string(), ())].into();
         assert_eq!(lookup(&one, ""), Lookup::Missing);
+        let index: Index<u8> = Index::default();
+        index.reserve("web", "abc1").expect("free");
+        assert_eq!(index.reserve("web", "zzz"), Err("abc1".to_string()));
+        index.release("web");
+        index.reserve("web", "zzz").expect("free again");
+        index.insert("abc1", 1);
+        assert_eq!(index.lookup("ab"), Lookup::Found("abc1".into()));
+        assert_eq!(index.get("abc1"), Some(1));
+        index.remove("abc1");
+        assert!(index.values().is_empty() && index.ids().is_empty());
         let id = new_id().expect("id");
         assert_eq!(id.len(), 64);
         assert_ne!(id, new_id().expect("id"));

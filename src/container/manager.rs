@@ -6,9 +6,8 @@
 //! [`ContainerManager::open`] removes what is still `Creating` and reads the exit files that
 //! the monitors wrote while berthd was down.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_cri::v1 as cri;
@@ -18,7 +17,7 @@ use super::rootfs::{self, RootfsError};
 use super::spec::{self, SpecError, SpecInput};
 use crate::cgroups::{self, CgroupError, Layout};
 use crate::config::Config;
-use crate::ids::{self, Lookup, now_nanos};
+use crate::ids::{self, Index, Lookup, now_nanos};
 use crate::image::{ImageError, ImageManager};
 use crate::locks::KeyedLocks;
 use crate::monitor::{self, CreateRequest, ExitInfo, MonitorError};
@@ -138,8 +137,8 @@ pub struct ContainerManager {
     store: Arc<Store>,
     images: Arc<ImageManager>,
     sandboxes: Arc<SandboxManager>,
-    containers: StdRwLock<HashMap<String, ContainerRecord>>,
-    names: StdMutex<HashMap<String, String>>,
+    /// The containers by id, and their reserved names.
+    index: Index<ContainerRecord>,
     locks: KeyedLocks,
     layout: Layout,
     min_oom_score_adj: i32,
@@ -190,8 +189,7 @@ impl ContainerManager {
             store,
             images,
             sandboxes,
-            containers: StdRwLock::new(HashMap::new()),
-            names: StdMutex::new(HashMap::new()),
+            index: Index::default(),
             locks: KeyedLocks::default(),
             layout: cgroups::detect(),
             min_oom_score_adj,
@@ -208,21 +206,10 @@ impl ContainerManager {
             }
             mgr.refresh(&mut rec)?;
             mgr.settle_lost_monitor(&mut rec).await?;
-            mgr.lock_names()
-                .insert(rec.name_key.clone(), rec.id.clone());
-            mgr.write_map().insert(rec.id.clone(), rec);
+            let _ = mgr.index.reserve(&rec.name_key, &rec.id);
+            mgr.index.insert(&rec.id.clone(), rec);
         }
         Ok(mgr)
-    }
-
-    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, ContainerRecord>> {
-        self.containers.read().unwrap_or_else(|p| p.into_inner())
-    }
-    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, ContainerRecord>> {
-        self.containers.write().unwrap_or_else(|p| p.into_inner())
-    }
-    fn lock_names(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.names.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn persist(&self, rec: &ContainerRecord) -> Result<(), ContainerError> {
@@ -297,7 +284,7 @@ impl ContainerManager {
                 "a container id is required".to_string(),
             ));
         }
-        match ids::lookup(&self.read_map(), id) {
+        match self.index.lookup(id) {
             Lookup::Found(id) => Ok(id),
             Lookup::Ambiguous => Err(ContainerError::Ambiguous(id.to_string())),
             Lookup::Missing => Err(ContainerError::NotFound(id.to_string())),
@@ -308,18 +295,17 @@ impl ContainerManager {
     pub fn get(&self, id: &str) -> Result<ContainerRecord, ContainerError> {
         let id = self.resolve_id(id)?;
         let mut rec = self
-            .read_map()
+            .index
             .get(&id)
-            .cloned()
             .ok_or_else(|| ContainerError::NotFound(id.clone()))?;
         if self.refresh(&mut rec)? {
-            self.write_map().insert(id, rec.clone());
+            self.index.insert(&id, rec.clone());
         }
         Ok(rec)
     }
 
     pub fn list(&self) -> Vec<ContainerRecord> {
-        let ids: Vec<String> = self.read_map().keys().cloned().collect();
+        let ids = self.index.ids();
         let mut v: Vec<ContainerRecord> = ids.iter().filter_map(|id| self.get(id).ok()).collect();
         v.sort_by_key(|r| r.created_at);
         v
@@ -386,15 +372,11 @@ impl ContainerManager {
             &parent,
             &id,
         )?;
-        {
-            let mut names = self.lock_names();
-            if let Some(other) = names.get(&key) {
-                return Err(ContainerError::NameReserved {
-                    name: key,
-                    id: other.clone(),
-                });
-            }
-            names.insert(key.clone(), id.clone());
+        if let Err(holder) = self.index.reserve(&key, &id) {
+            return Err(ContainerError::NameReserved {
+                name: key,
+                id: holder,
+            });
         }
         let _lock = self.locks.lock(&id).await;
         let log_path = match (&sandbox.config.log_directory, &config.log_path) {
@@ -433,7 +415,7 @@ impl ContainerManager {
         };
         match self.make(&mut rec, &sandbox, &image_config, &lower).await {
             Ok(()) => {
-                self.write_map().insert(id, rec.clone());
+                self.index.insert(&id, rec.clone());
                 Ok(rec)
             }
             Err(e) => {
@@ -444,7 +426,7 @@ impl ContainerManager {
                 if let Err(se) = self.store.commit(b) {
                     tracing::error!(id = %rec.id, error = %se, "removing a failed container record");
                 }
-                self.lock_names().remove(&key);
+                self.index.release(&key);
                 Err(e)
             }
         }
@@ -592,7 +574,7 @@ impl ContainerManager {
                 rec.phase = Phase::Running;
                 rec.started_at = started_at;
                 self.persist(&rec)?;
-                self.write_map().insert(id, rec);
+                self.index.insert(&id, rec);
                 Ok(())
             }
             Err(e) => {
@@ -603,7 +585,7 @@ impl ContainerManager {
                 rec.reason = "StartError".to_string();
                 rec.message = e.to_string();
                 self.persist(&rec)?;
-                self.write_map().insert(id, rec);
+                self.index.insert(&id, rec);
                 Err(e.into())
             }
         }
@@ -649,7 +631,7 @@ impl ContainerManager {
                 .await
             {
                 self.refresh(&mut rec)?;
-                self.write_map().insert(rec.id.clone(), rec);
+                self.index.insert(&rec.id.clone(), rec);
                 return Ok(());
             }
         }
@@ -658,7 +640,7 @@ impl ContainerManager {
             tracing::warn!(id = %rec.id, "no exit recorded 10s after SIGKILL");
         }
         self.refresh(&mut rec)?;
-        self.write_map().insert(rec.id.clone(), rec);
+        self.index.insert(&rec.id.clone(), rec);
         Ok(())
     }
 
@@ -670,7 +652,7 @@ impl ContainerManager {
             Err(e) => return Err(e),
         };
         let _lock = self.locks.lock(&id).await;
-        let Some(rec) = self.read_map().get(&id).cloned() else {
+        let Some(rec) = self.index.get(&id) else {
             return Ok(());
         };
         self.stop_locked(&id, 0).await?;
@@ -678,14 +660,15 @@ impl ContainerManager {
         let mut b = Batch::new();
         b.delete(Table::Containers, &id);
         self.store.commit(b)?;
-        self.write_map().remove(&id);
-        self.lock_names().remove(&rec.name_key);
+        self.index.remove(&id);
+        self.index.release(&rec.name_key);
         Ok(())
     }
 
     fn in_pod(&self, sandbox_id: &str) -> Vec<String> {
-        self.read_map()
+        self.index
             .values()
+            .into_iter()
             .filter(|r| r.sandbox_id == sandbox_id)
             .map(|r| r.id.clone())
             .collect()
@@ -787,7 +770,7 @@ impl ContainerManager {
             .get_or_insert_with(Default::default)
             .resources = Some(resources);
         self.persist(&rec)?;
-        self.write_map().insert(id, rec);
+        self.index.insert(&id, rec);
         Ok(())
     }
 

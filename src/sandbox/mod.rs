@@ -11,16 +11,16 @@ pub mod files;
 pub mod init;
 pub mod sysctl;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
+use std::sync::Arc;
 
 use k8s_cri::v1 as cri;
 use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{self, Lookup, now_nanos};
+use crate::ids::{self, Index, Lookup, now_nanos};
 use crate::locks::KeyedLocks;
 use crate::network::{
     DnsSettings, NetworkBackend, NetworkError, PodNetworkRequest, PodNetworkStatus, PortMapping,
@@ -150,9 +150,8 @@ pub struct SandboxManager {
     store: Arc<Store>,
     network: Arc<dyn NetworkBackend>,
     pods_dir: PathBuf,
-    sandboxes: StdRwLock<HashMap<String, SandboxRecord>>,
-    /// name key → id, for atomic reservation.
-    names: StdMutex<HashMap<String, String>>,
+    /// The sandboxes by id, and their reserved names.
+    index: Index<SandboxRecord>,
     locks: KeyedLocks,
 }
 
@@ -179,8 +178,7 @@ impl SandboxManager {
             store,
             network,
             pods_dir,
-            sandboxes: StdRwLock::new(HashMap::new()),
-            names: StdMutex::new(HashMap::new()),
+            index: Index::default(),
             locks: KeyedLocks::default(),
         };
         for (_, mut rec) in records {
@@ -197,13 +195,13 @@ impl SandboxManager {
                 rec.phase = Phase::NotReady;
                 mgr.persist(&rec)?;
             }
-            mgr.lock_names()
-                .insert(rec.name_key.clone(), rec.id.clone());
-            mgr.write_map().insert(rec.id.clone(), rec);
+            let _ = mgr.index.reserve(&rec.name_key, &rec.id);
+            mgr.index.insert(&rec.id.clone(), rec);
         }
         let live: Vec<PodNetworkRequest> = mgr
-            .read_map()
+            .index
             .values()
+            .iter()
             .filter(|r| r.network.is_some())
             .filter_map(|r| r.network_request.clone())
             .collect();
@@ -212,7 +210,7 @@ impl SandboxManager {
         }
         // Pod directories nobody owns (e.g. a crash before the first record write).
         if let Ok(entries) = std::fs::read_dir(&mgr.pods_dir) {
-            let known: Vec<String> = mgr.read_map().keys().cloned().collect();
+            let known = mgr.index.ids();
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if !known.contains(&name) {
@@ -221,16 +219,6 @@ impl SandboxManager {
             }
         }
         Ok(mgr)
-    }
-
-    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, SandboxRecord>> {
-        self.sandboxes.read().unwrap_or_else(|p| p.into_inner())
-    }
-    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, SandboxRecord>> {
-        self.sandboxes.write().unwrap_or_else(|p| p.into_inner())
-    }
-    fn lock_names(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.names.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn persist(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
@@ -264,7 +252,7 @@ impl SandboxManager {
                 "a pod sandbox id is required".to_string(),
             ));
         }
-        match ids::lookup(&self.read_map(), id) {
+        match self.index.lookup(id) {
             Lookup::Found(id) => Ok(id),
             Lookup::Ambiguous => Err(SandboxError::Ambiguous(id.to_string())),
             Lookup::Missing => Err(SandboxError::NotFound(id.to_string())),
@@ -273,14 +261,11 @@ impl SandboxManager {
 
     pub fn get(&self, id: &str) -> Result<SandboxRecord, SandboxError> {
         let id = self.resolve_id(id)?;
-        self.read_map()
-            .get(&id)
-            .cloned()
-            .ok_or(SandboxError::NotFound(id))
+        self.index.get(&id).ok_or(SandboxError::NotFound(id))
     }
 
     pub fn list(&self) -> Vec<SandboxRecord> {
-        let mut v: Vec<SandboxRecord> = self.read_map().values().cloned().collect();
+        let mut v = self.index.values();
         v.sort_by_key(|r| r.created_at);
         v
     }
@@ -327,15 +312,11 @@ impl SandboxManager {
 
         let key = name_key(&meta);
         let id = ids::new_id().map_err(io_err("read /dev/urandom"))?;
-        {
-            let mut names = self.lock_names();
-            if let Some(other) = names.get(&key) {
-                return Err(SandboxError::NameReserved {
-                    name: key,
-                    id: other.clone(),
-                });
-            }
-            names.insert(key.clone(), id.clone());
+        if let Err(holder) = self.index.reserve(&key, &id) {
+            return Err(SandboxError::NameReserved {
+                name: key,
+                id: holder,
+            });
         }
         let _lock = self.locks.lock(&id).await;
         let mut rec = SandboxRecord {
@@ -360,7 +341,7 @@ impl SandboxManager {
             .await;
         match result {
             Ok(()) => {
-                self.write_map().insert(id, rec.clone());
+                self.index.insert(&id, rec.clone());
                 Ok(rec)
             }
             Err(e) => {
@@ -373,7 +354,7 @@ impl SandboxManager {
                 if let Err(se) = self.store.commit(b) {
                     tracing::error!(id = %rec.id, error = %se, "removing a failed pod sandbox record");
                 }
-                self.lock_names().remove(&key);
+                self.index.release(&key);
                 Err(e)
             }
         }
@@ -602,7 +583,7 @@ impl SandboxManager {
             Err(e) => return Err(e),
         };
         let _lock = self.locks.lock(&id).await;
-        let Some(mut rec) = self.read_map().get(&id).cloned() else {
+        let Some(mut rec) = self.index.get(&id) else {
             return Ok(());
         };
         if rec.phase == Phase::NotReady && rec.network.is_none() && rec.init.is_none() {
@@ -613,7 +594,7 @@ impl SandboxManager {
         rec.network = None;
         rec.init = None;
         self.persist(&rec)?;
-        self.write_map().insert(id, rec);
+        self.index.insert(&id, rec);
         Ok(())
     }
 
@@ -625,15 +606,15 @@ impl SandboxManager {
             Err(e) => return Err(e),
         };
         let _lock = self.locks.lock(&id).await;
-        let Some(rec) = self.read_map().get(&id).cloned() else {
+        let Some(rec) = self.index.get(&id) else {
             return Ok(());
         };
         self.destroy(&rec).await?;
         let mut b = Batch::new();
         b.delete(Table::Sandboxes, &id);
         self.store.commit(b)?;
-        self.write_map().remove(&id);
-        self.lock_names().remove(&rec.name_key);
+        self.index.remove(&id);
+        self.index.release(&rec.name_key);
         Ok(())
     }
 }

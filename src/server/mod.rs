@@ -58,6 +58,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
     }
 }
 
+/// Whether `labels` has every key and value of a List filter's `label_selector`.
+pub fn labels_match(
+    selector: &std::collections::HashMap<String, String>,
+    labels: &std::collections::HashMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 /// The largest CRI message accepted (a big ListContainers answer or a pod config).
 const MAX_MESSAGE: usize = 16 << 20;
 /// How long a stopping daemon waits for in-flight RPCs.

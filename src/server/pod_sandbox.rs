@@ -138,12 +138,7 @@ pub fn list(
                 .as_ref()
                 .is_none_or(|s| s.state == state_of(r) as i32)
         })
-        .filter(|r| {
-            filter
-                .label_selector
-                .iter()
-                .all(|(k, v)| r.config.labels.get(k) == Some(v))
-        })
+        .filter(|r| super::labels_match(&filter.label_selector, &r.config.labels))
         .map(to_pod_sandbox)
         .collect();
     cri::ListPodSandboxResponse { items }
