@@ -36,12 +36,12 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use berth::cri::v1 as cri;
+use berth::cri::v1::image_service_client::ImageServiceClient;
+use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
+use berth::cri::v1::{ImageSpec, ImageStatusRequest, PullImageRequest, RemoveImageRequest};
 use clap::{Parser, Subcommand};
 use flate2::write::GzEncoder;
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{ImageSpec, ImageStatusRequest, PullImageRequest, RemoveImageRequest};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Reference, RegistryOperation};

@@ -2,6 +2,7 @@
 //!
 //! One module per piece of the runtime (see `DESIGN.md`):
 //! - [`cgroups`]: container cgroup paths (cgroupfs, systemd), layouts, OOM counters;
+//! - [`cri`]: the CRI types, servers and clients generated from the pinned `api.proto`;
 //! - [`config`]: the TOML configuration contract and its defaults;
 //! - [`store`]: the durable embedded database of berth's records;
 //! - [`ids`]: object ids, id-prefix lookup, timestamps;
@@ -15,6 +16,7 @@
 pub mod cgroups;
 pub mod config;
 pub mod container;
+pub mod cri;
 pub mod ids;
 pub mod image;
 pub mod locks;

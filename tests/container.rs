@@ -8,9 +8,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use berth::cri::v1 as cri;
+use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
 use common::{Berthd, BerthdConfig, ImageBuilder, Registry};
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
 type Rt = RuntimeServiceClient<Channel>;

@@ -6,8 +6,8 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::process::Command;
 
+use berth::cri::v1 as cri;
 use common::{Berthd, BerthdConfig};
-use k8s_cri::v1 as cri;
 
 const BERTHD: &str = env!("CARGO_BIN_EXE_berthd");
 

@@ -8,8 +8,8 @@ use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _}
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use berth::cri::v1::Image;
 use common::*;
-use k8s_cri::v1::Image;
 use tonic::Code;
 
 const BUSYBOX_REPO: &str = "test/busybox";
@@ -46,7 +46,7 @@ fn tags(img: &Image) -> BTreeSet<String> {
 async fn pull_ok(
     c: &mut ImageClient,
     reference: &str,
-    auth: Option<k8s_cri::v1::AuthConfig>,
+    auth: Option<berth::cri::v1::AuthConfig>,
     expect_id: &str,
 ) {
     let image_ref = pull_image(c, reference, auth).await.unwrap_or_else(|e| {

@@ -2,7 +2,10 @@
 //! cgroupfs driver, `slice:prefix:name` with the systemd driver, as runc expects
 //! `linux.cgroupsPath`), which layout the machine has (v1 per-controller hierarchies, the
 //! v1+v2 "hybrid", or pure v2), where OOM kills are counted, and removing what the runtime
-//! left. The runtime creates the cgroup and applies limits; berth names and cleans.
+//! left. The runtime creates the cgroup and applies limits; berth names and cleans. [`pod`]
+//! writes the limits of a pod's own cgroup (`UpdatePodSandboxResources`).
+
+pub mod pod;
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +32,16 @@ pub enum CgroupError {
     InvalidParent {
         parent: String,
         reason: &'static str,
+    },
+    #[error("cgroup {0} does not exist")]
+    Missing(PathBuf),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("writing {value:?} to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        source: std::io::Error,
     },
     #[error("removing cgroup {path}: {source}")]
     Remove {

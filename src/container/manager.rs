@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use serde::{Deserialize, Serialize};
 
 use super::rootfs::{self, RootfsError};

@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use oci_spec::runtime::{
     Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompArgBuilder,
     LinuxSeccompFilterFlag, LinuxSeccompOperator, LinuxSyscall,

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use oci_spec::runtime::{
     LinuxCpu, LinuxDeviceCgroup, LinuxHugepageLimit, LinuxMemory, LinuxNamespace,
     LinuxNamespaceType, LinuxResources, Process, Root, Spec, User,
@@ -404,7 +404,13 @@ pub fn environment(
                 kv.key
             )));
         }
-        set(&mut env, format!("{}={}", kv.key, kv.value));
+        let value = std::str::from_utf8(&kv.value).map_err(|_| {
+            SpecError::Invalid(format!(
+                "the value of environment variable {:?} is not valid UTF-8",
+                kv.key
+            ))
+        })?;
+        set(&mut env, format!("{}={value}", kv.key));
     }
     Ok(env)
 }

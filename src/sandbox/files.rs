@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use k8s_cri::v1::DnsConfig;
+use crate::cri::v1::DnsConfig;
 
 /// `resolv.conf` text from the pod's DNS config; `None` when the config is absent or empty
 /// (the host's file is used then).

@@ -9,6 +9,7 @@
 
 pub mod files;
 pub mod init;
+pub mod resources;
 pub mod sysctl;
 
 use std::collections::BTreeMap;
@@ -16,7 +17,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +56,8 @@ pub enum SandboxError {
     },
     #[error("sysctl: {0}")]
     Sysctl(String),
+    #[error("pod cgroup: {0}")]
+    Cgroup(#[from] crate::cgroups::CgroupError),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use tonic::Status;
 
 use crate::container::manager::{ContainerManager, ContainerRecord, Phase};

@@ -67,6 +67,18 @@ impl From<SandboxError> for Status {
                 let code = Status::from(n).code();
                 Status::new(code, msg)
             }
+            SandboxError::Cgroup(c) => match c {
+                CgroupError::InvalidParent { .. } | CgroupError::Missing(_) => {
+                    Status::failed_precondition(msg)
+                }
+                CgroupError::Unsupported(_) => Status::invalid_argument(msg),
+                CgroupError::Write { source, .. } => match source.raw_os_error() {
+                    Some(libc::EINVAL) | Some(libc::ERANGE) => Status::invalid_argument(msg),
+                    Some(libc::EBUSY) => Status::failed_precondition(msg),
+                    _ => Status::internal(msg),
+                },
+                CgroupError::Remove { .. } => Status::internal(msg),
+            },
             SandboxError::Ns(_) | SandboxError::Store(_) | SandboxError::Io { .. } => {
                 Status::internal(msg)
             }

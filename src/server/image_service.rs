@@ -3,14 +3,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use base64::Engine;
-use k8s_cri::v1::image_service_server::ImageService;
-use k8s_cri::v1::{
+use crate::cri::v1::image_service_server::ImageService;
+use crate::cri::v1::{
     AuthConfig, FilesystemIdentifier, FilesystemUsage, Image, ImageFsInfoRequest,
     ImageFsInfoResponse, ImageSpec, ImageStatusRequest, ImageStatusResponse, Int64Value,
     ListImagesRequest, ListImagesResponse, PullImageRequest, PullImageResponse, RemoveImageRequest,
-    RemoveImageResponse, UInt64Value,
+    RemoveImageResponse, StreamImagesRequest, StreamImagesResponse, UInt64Value,
 };
+use base64::Engine;
+use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::trace::{deadline, rpc};
@@ -24,6 +25,18 @@ pub struct ImageServiceImpl {
 impl ImageServiceImpl {
     pub fn new(images: Arc<ImageManager>) -> ImageServiceImpl {
         ImageServiceImpl { images }
+    }
+}
+
+impl ImageServiceImpl {
+    /// The images ListImages and StreamImages answer: all, or those `filter` names.
+    fn list(&self, filter: &str) -> Vec<Image> {
+        let images = if filter.is_empty() {
+            self.images.list()
+        } else {
+            self.images.resolve(filter).into_iter().collect()
+        };
+        images.iter().map(to_cri).collect()
     }
 }
 
@@ -108,13 +121,8 @@ impl ImageService for ImageServiceImpl {
             .map(|f| spec_name(&f.image).trim().to_string())
             .unwrap_or_default();
         rpc("ListImages", &filter, deadline, async {
-            let images = if filter.is_empty() {
-                self.images.list()
-            } else {
-                self.images.resolve(&filter).into_iter().collect()
-            };
             Ok(ListImagesResponse {
-                images: images.iter().map(to_cri).collect(),
+                images: self.list(&filter),
             })
         })
         .await
@@ -166,6 +174,27 @@ impl ImageService for ImageServiceImpl {
             let creds = credentials(&req.auth)?;
             let id = self.images.pull(name, &creds).await?;
             Ok(PullImageResponse { image_ref: id })
+        })
+        .await
+    }
+
+    type StreamImagesStream = BoxStream<StreamImagesResponse>;
+
+    async fn stream_images(
+        &self,
+        request: Request<StreamImagesRequest>,
+    ) -> Result<Response<Self::StreamImagesStream>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let filter = req
+            .filter
+            .as_ref()
+            .map(|f| spec_name(&f.image).trim().to_string())
+            .unwrap_or_default();
+        rpc("StreamImages", &filter, deadline, async {
+            Ok(super::list_stream::stream(self.list(&filter), |images| {
+                StreamImagesResponse { images }
+            }))
         })
         .await
     }

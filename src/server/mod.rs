@@ -5,6 +5,7 @@
 pub mod container;
 pub mod error;
 pub mod image_service;
+pub mod list_stream;
 pub mod pod_sandbox;
 pub mod runtime_service;
 pub mod trace;
@@ -19,8 +20,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 
-use k8s_cri::v1::image_service_server::ImageServiceServer;
-use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use crate::cri::v1::image_service_server::ImageServiceServer;
+use crate::cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::UnixListener;
 
 use crate::config::Config;

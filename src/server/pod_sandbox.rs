@@ -1,10 +1,11 @@
 //! The pod sandbox RPCs of the RuntimeService: RunPodSandbox, StopPodSandbox,
-//! RemovePodSandbox, PodSandboxStatus, ListPodSandbox, UpdateRuntimeConfig. Thin: validation
+//! RemovePodSandbox, PodSandboxStatus, ListPodSandbox, UpdatePodSandboxResources,
+//! UpdateRuntimeConfig. Thin: validation
 //! and mapping; the work is in [`crate::sandbox`].
 
 use std::collections::HashMap;
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use tonic::Status;
 
 use crate::config::Config;
@@ -121,6 +122,26 @@ pub async fn status(
         containers_statuses: vec![],
         timestamp: 0,
     })
+}
+
+pub async fn update_resources(
+    sandboxes: &SandboxManager,
+    config: &Config,
+    req: cri::UpdatePodSandboxResourcesRequest,
+) -> Result<cri::UpdatePodSandboxResourcesResponse, Status> {
+    let rec = sandboxes.get(&req.pod_sandbox_id)?;
+    let systemd = config.cgroup_driver == crate::config::CgroupDriver::Systemd;
+    tokio::task::spawn_blocking(move || {
+        crate::sandbox::resources::update(
+            &rec,
+            systemd,
+            req.overhead.as_ref(),
+            req.resources.as_ref(),
+        )
+    })
+    .await
+    .map_err(|e| Status::internal(format!("updating pod resources: {e}")))??;
+    Ok(cri::UpdatePodSandboxResourcesResponse {})
 }
 
 pub fn list(

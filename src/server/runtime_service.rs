@@ -7,14 +7,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_server::RuntimeService;
+use crate::cri::v1 as cri;
+use crate::cri::v1::runtime_service_server::RuntimeService;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::error::unimplemented;
 use super::trace::{deadline, rpc};
-use super::{container, pod_sandbox};
+use super::{container, list_stream, pod_sandbox};
 use crate::config::{CgroupDriver, Config};
 use crate::container::manager::ContainerManager;
 use crate::sandbox::SandboxManager;
@@ -250,6 +250,40 @@ impl RuntimeService for RuntimeServiceImpl {
         .await
     }
 
+    type StreamPodSandboxesStream = BoxStream<cri::StreamPodSandboxesResponse>;
+
+    async fn stream_pod_sandboxes(
+        &self,
+        request: Request<cri::StreamPodSandboxesRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxesStream>, Status> {
+        let deadline = deadline(&request);
+        let filter = request.into_inner().filter;
+        rpc("StreamPodSandboxes", "", deadline, async {
+            let items =
+                pod_sandbox::list(&self.sandboxes, cri::ListPodSandboxRequest { filter }).items;
+            Ok(list_stream::stream(items, |pod_sandboxes| {
+                cri::StreamPodSandboxesResponse { pod_sandboxes }
+            }))
+        })
+        .await
+    }
+
+    async fn update_pod_sandbox_resources(
+        &self,
+        request: Request<cri::UpdatePodSandboxResourcesRequest>,
+    ) -> Result<Response<cri::UpdatePodSandboxResourcesResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.pod_sandbox_id.clone();
+        rpc(
+            "UpdatePodSandboxResources",
+            &id,
+            deadline,
+            pod_sandbox::update_resources(&self.sandboxes, &self.config, req),
+        )
+        .await
+    }
+
     async fn create_container(
         &self,
         request: Request<cri::CreateContainerRequest>,
@@ -323,6 +357,24 @@ impl RuntimeService for RuntimeServiceImpl {
         .await
     }
 
+    type StreamContainersStream = BoxStream<cri::StreamContainersResponse>;
+
+    async fn stream_containers(
+        &self,
+        request: Request<cri::StreamContainersRequest>,
+    ) -> Result<Response<Self::StreamContainersStream>, Status> {
+        let deadline = deadline(&request);
+        let filter = request.into_inner().filter;
+        rpc("StreamContainers", "", deadline, async {
+            let items =
+                container::list(&self.containers, cri::ListContainersRequest { filter }).containers;
+            Ok(list_stream::stream(items, |containers| {
+                cri::StreamContainersResponse { containers }
+            }))
+        })
+        .await
+    }
+
     async fn container_status(
         &self,
         request: Request<cri::ContainerStatusRequest>,
@@ -390,9 +442,60 @@ impl RuntimeService for RuntimeServiceImpl {
         list_container_stats(cri::ListContainerStatsRequest) -> cri::ListContainerStatsResponse = "ListContainerStats";
         pod_sandbox_stats(cri::PodSandboxStatsRequest) -> cri::PodSandboxStatsResponse = "PodSandboxStats";
         list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest) -> cri::ListPodSandboxStatsResponse = "ListPodSandboxStats";
-        checkpoint_container(cri::CheckpointContainerRequest) -> cri::CheckpointContainerResponse = "CheckpointContainer";
         list_metric_descriptors(cri::ListMetricDescriptorsRequest) -> cri::ListMetricDescriptorsResponse = "ListMetricDescriptors";
         list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest) -> cri::ListPodSandboxMetricsResponse = "ListPodSandboxMetrics";
+    }
+
+    async fn checkpoint_container(
+        &self,
+        request: Request<cri::CheckpointContainerRequest>,
+    ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
+        let deadline = deadline(&request);
+        let id = request.into_inner().container_id;
+        rpc("CheckpointContainer", &id, deadline, async {
+            Err::<cri::CheckpointContainerResponse, Status>(Status::unimplemented(
+                "berth does not checkpoint containers: it needs CRIU and an OCI runtime \
+                 `checkpoint`, which berth does not drive (containerd and CRI-O need CRIU too)",
+            ))
+        })
+        .await
+    }
+
+    type StreamContainerStatsStream = BoxStream<cri::StreamContainerStatsResponse>;
+    type StreamPodSandboxStatsStream = BoxStream<cri::StreamPodSandboxStatsResponse>;
+    type StreamPodSandboxMetricsStream = BoxStream<cri::StreamPodSandboxMetricsResponse>;
+
+    // The streaming forms of the stats and metrics RPCs answer as their unary forms do.
+    async fn stream_container_stats(
+        &self,
+        _request: Request<cri::StreamContainerStatsRequest>,
+    ) -> Result<Response<Self::StreamContainerStatsStream>, Status> {
+        rpc("StreamContainerStats", "", None, async {
+            Err::<Self::StreamContainerStatsStream, Status>(unimplemented("ListContainerStats"))
+        })
+        .await
+    }
+
+    async fn stream_pod_sandbox_stats(
+        &self,
+        _request: Request<cri::StreamPodSandboxStatsRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxStatsStream>, Status> {
+        rpc("StreamPodSandboxStats", "", None, async {
+            Err::<Self::StreamPodSandboxStatsStream, Status>(unimplemented("ListPodSandboxStats"))
+        })
+        .await
+    }
+
+    async fn stream_pod_sandbox_metrics(
+        &self,
+        _request: Request<cri::StreamPodSandboxMetricsRequest>,
+    ) -> Result<Response<Self::StreamPodSandboxMetricsStream>, Status> {
+        rpc("StreamPodSandboxMetrics", "", None, async {
+            Err::<Self::StreamPodSandboxMetricsStream, Status>(unimplemented(
+                "ListPodSandboxMetrics",
+            ))
+        })
+        .await
     }
 
     type GetContainerEventsStream = BoxStream<cri::ContainerEventResponse>;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use berth::cri::v1::image_service_client::ImageServiceClient;
+use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
@@ -409,7 +409,7 @@ impl Berthd {
                 && let Ok(ch) = connect_unix(&self.socket()).await
             {
                 let mut rt = RuntimeServiceClient::new(ch);
-                let req = k8s_cri::v1::VersionRequest {
+                let req = berth::cri::v1::VersionRequest {
                     version: "v1".into(),
                 };
                 if tokio::time::timeout(Duration::from_secs(5), rt.version(req))

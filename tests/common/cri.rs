@@ -1,9 +1,9 @@
 //! Small helpers around the CRI ImageService client.
 
 use base64::Engine as _;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{
+use berth::cri::v1::image_service_client::ImageServiceClient;
+use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
+use berth::cri::v1::{
     AuthConfig, Image, ImageFilter, ImageFsInfoRequest, ImageSpec, ImageStatusRequest,
     ListImagesRequest, PullImageRequest, RemoveImageRequest,
 };

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use oci_spec::runtime::{Capabilities, Capability, LinuxCapabilities};
 
 use super::SpecError;

@@ -5,7 +5,7 @@
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceCgroup, LinuxDeviceType};
 
 use super::{SpecError, io_err};

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use oci_spec::runtime::Mount;
 
 use super::{SpecError, SpecInput};

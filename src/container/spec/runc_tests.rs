@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use serde_json::json;
 
 use super::tests::sandbox_record;
@@ -220,7 +220,7 @@ fn runc_runs_the_spec() {
     let mut cfg = config(script);
     cfg.envs = vec![cri::KeyValue {
         key: "FOO".to_string(),
-        value: "bar".to_string(),
+        value: "bar".into(),
     }];
     cfg.mounts = vec![cri::Mount {
         container_path: "/data".to_string(),

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use oci_spec::runtime::{
     Capability, LinuxDeviceType, LinuxNamespaceType, LinuxSeccompAction, Mount, Spec,
 };
@@ -239,11 +239,11 @@ fn env_merges_image_then_config() {
     config.envs = vec![
         cri::KeyValue {
             key: "FOO".to_string(),
-            value: "config".to_string(),
+            value: "config".into(),
         },
         cri::KeyValue {
             key: "NEW".to_string(),
-            value: "a=b".to_string(),
+            value: "a=b".into(),
         },
     ];
     let s = build(&f, &config);
