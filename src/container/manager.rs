@@ -54,6 +54,9 @@ pub enum ContainerError {
     Spec(#[from] SpecError),
     #[error("rootfs: {0}")]
     Rootfs(#[from] RootfsError),
+    /// The container's command does not exist in it (the runtime's noise left out).
+    #[error("the container's command {command:?} was not found: {reason}")]
+    CommandNotFound { command: String, reason: String },
     #[error("OCI runtime: {0}")]
     Runtime(#[from] RuntimeError),
     #[error("berth-monitor: {0}")]
@@ -110,8 +113,21 @@ pub struct ContainerRecord {
     pub exit_code: i32,
     pub reason: String,
     pub message: String,
-    /// The image's stop signal (number), if any.
+    /// The signal that stops it (number): the config's, else the image's, else SIGTERM.
+    /// (Records from before the config could name one hold the image's, or none.)
     pub stop_signal: Option<i32>,
+    /// The identity its first process starts with (from the OCI spec); `None` before the
+    /// spec is written, and in older records.
+    #[serde(default)]
+    pub user: Option<ProcessUser>,
+}
+
+/// The uid, gid and supplementary groups a container's first process starts with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
 }
 
 impl ContainerRecord {
@@ -149,20 +165,25 @@ pub struct ContainerManager {
 /// Whether the oom_score_adj clamp was logged already.
 static OOM_CLAMP_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// A signal name or number as images give it (`SIGTERM`, `TERM`, `15`).
-pub fn parse_signal(s: &str) -> Option<i32> {
-    if let Ok(n) = s.parse::<i32>() {
-        return (1..=64).contains(&n).then_some(n);
+/// [`ContainerError::CommandNotFound`] when a runtime's error says `command` was not found,
+/// else `other`.
+fn not_found_or(message: &str, command: &str, other: ContainerError) -> ContainerError {
+    match crate::runtime::log::command_not_found(message, command) {
+        Some(reason) if !command.is_empty() => ContainerError::CommandNotFound {
+            command: command.to_string(),
+            reason,
+        },
+        _ => other,
     }
-    let up = s.to_ascii_uppercase();
-    let name = if up.starts_with("SIG") {
-        up
-    } else {
-        format!("SIG{up}")
-    };
-    name.parse::<nix::sys::signal::Signal>()
+}
+
+/// The first argument of the process in a bundle's `config.json` (empty if unreadable).
+fn bundle_command(bundle: &Path) -> String {
+    std::fs::read(bundle.join("config.json"))
         .ok()
-        .map(|s| s as i32)
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.pointer("/process/args/0")?.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn read_exit(path: &Path) -> Option<ExitInfo> {
@@ -383,10 +404,8 @@ impl ContainerManager {
             (d, p) if !d.is_empty() && !p.is_empty() => Some(Path::new(d).join(p)),
             _ => None,
         };
-        let stop_signal = image_config
-            .pointer("/config/StopSignal")
-            .and_then(|v| v.as_str())
-            .and_then(parse_signal);
+        let stop_signal =
+            super::signal::effective(&config, &image_config).map_err(ContainerError::Invalid)?;
         let mut rec = ContainerRecord {
             id: id.clone(),
             sandbox_id: sandbox.id.clone(),
@@ -411,7 +430,8 @@ impl ContainerManager {
             exit_code: 0,
             reason: String::new(),
             message: String::new(),
-            stop_signal,
+            stop_signal: Some(stop_signal),
+            user: None,
         };
         match self.make(&mut rec, &sandbox, &image_config, &lower).await {
             Ok(()) => {
@@ -485,6 +505,17 @@ impl ContainerManager {
             min_oom_score_adj: self.min_oom_score_adj,
         };
         let spec = spec::build_spec(&input)?;
+        let command = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.args().as_ref())
+            .and_then(|a| a.first().cloned())
+            .unwrap_or_default();
+        rec.user = spec.process().as_ref().map(|p| ProcessUser {
+            uid: p.user().uid(),
+            gid: p.user().gid(),
+            groups: p.user().additional_gids().clone().unwrap_or_default(),
+        });
         let json = serde_json::to_vec_pretty(&spec).map_err(|e| ContainerError::Io {
             context: "encode config.json".to_string(),
             source: std::io::Error::other(e),
@@ -515,7 +546,14 @@ impl ContainerManager {
                 stdin: rec.config.stdin,
                 tty: rec.config.tty,
             })
-            .await?;
+            .await
+            .map_err(|e| {
+                let message = match &e {
+                    MonitorError::Remote { message, .. } => message.clone(),
+                    _ => String::new(),
+                };
+                not_found_or(&message, &command, e.into())
+            })?;
         mark("runtime create");
         rec.pid = pid;
         rec.phase = Phase::Created;
@@ -568,7 +606,13 @@ impl ContainerManager {
         let runtime = self.runtime(&rec.runtime_handler)?;
         // Taken before `start`: a quick process may exit before `start` returns.
         let started_at = now_nanos();
-        let result = runtime.start(&rec.id).await;
+        let result = runtime.start(&rec.id).await.map_err(|e| {
+            let message = match &e {
+                RuntimeError::Failed { message, .. } => message.clone(),
+                _ => String::new(),
+            };
+            not_found_or(&message, &bundle_command(&rec.bundle), e.into())
+        });
         match result {
             Ok(()) => {
                 rec.phase = Phase::Running;
@@ -586,7 +630,7 @@ impl ContainerManager {
                 rec.message = e.to_string();
                 self.persist(&rec)?;
                 self.index.insert(&id, rec);
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -788,20 +832,5 @@ impl ContainerManager {
         let mut client = self.connect_monitor(&sandbox).await?;
         client.reopen(&rec.id).await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn signals_parse() {
-        assert_eq!(parse_signal("SIGTERM"), Some(15));
-        assert_eq!(parse_signal("term"), Some(15));
-        assert_eq!(parse_signal("SIGQUIT"), Some(3));
-        assert_eq!(parse_signal("9"), Some(9));
-        assert_eq!(parse_signal("SIGNOPE"), None);
-        assert_eq!(parse_signal("0"), None);
     }
 }

@@ -489,48 +489,23 @@ impl ImageManager {
         v
     }
 
-    /// Removes an image by what a client names it. Named by a tag, only that tag goes unless it
-    /// is the last one; named by id or digest, the whole image goes. Absent is fine. Content
-    /// no other image needs is collected in the background.
+    /// Removes an image, with all its tags, by any name a client gives it (a tag, its id or a
+    /// digest). Absent is fine. Content no other image needs is collected in the background.
     pub async fn remove(self: &Arc<Self>, spec: &str) -> Result<(), ImageError> {
         let _records = self.records_lock.lock().await;
         let Some(img) = self.resolve(spec) else {
             return Ok(());
         };
-        let by_tag = Reference::parse(spec)
-            .ok()
-            .filter(|r| r.digest.is_none())
-            .and_then(|r| r.tagged())
-            .filter(|t| img.repo_tags.contains(t));
+        // Any reference removes the whole image with all its tags, as containerd does (crictl
+        // warns its users of exactly that; the kubelet removes by id).
         let mut batch = Batch::new();
-        let remaining = match by_tag {
-            Some(tag) if img.repo_tags.len() > 1 => {
-                let mut r = img.clone();
-                r.repo_tags.retain(|t| *t != tag);
-                batch.put(Table::Images, &r.id, &r)?;
-                Some(r)
-            }
-            _ => {
-                batch.delete(Table::Images, &img.id);
-                None
-            }
-        };
+        batch.delete(Table::Images, &img.id);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.commit(batch))
             .await
             .map_err(|e| ImageError::Internal(e.to_string()))??;
-        {
-            let mut images = self.write_images();
-            match remaining {
-                Some(r) => {
-                    images.insert(r.id.clone(), r);
-                }
-                None => {
-                    images.remove(&img.id);
-                }
-            }
-        }
-        tracing::info!(image = %spec, id = %img.id, "removed");
+        self.write_images().remove(&img.id);
+        tracing::info!(image = %spec, id = %img.id, tags = ?img.repo_tags, "removed");
         let me = Arc::clone(self);
         tokio::spawn(async move {
             if let Err(e) = me.collect_garbage().await {

@@ -686,7 +686,9 @@ impl Monitor {
         cmd.arg("--root")
             .arg(&req.runtime_root)
             .arg("--log")
-            .arg(&runtime_log);
+            .arg(&runtime_log)
+            .arg("--log-format")
+            .arg("json");
         if req.systemd_cgroup {
             cmd.arg("--systemd-cgroup");
         }
@@ -814,13 +816,20 @@ impl Monitor {
         let runtime = p.req.runtime.display().to_string();
         if !matches!(status, WaitStatus::Exited(_, 0)) {
             let log = std::fs::read(p.req.bundle.join("runtime.log")).unwrap_or_default();
-            let log = String::from_utf8_lossy(&log[log.len().saturating_sub(4096)..]);
+            let log = String::from_utf8_lossy(&log[log.len().saturating_sub(16384)..]);
+            // The runtime's errors alone (its warnings are noise to a user).
+            let said = crate::runtime::log::errors(&log);
+            if !said.is_empty() {
+                return Err(said);
+            }
             let how = match status {
                 WaitStatus::Exited(_, code) => format!("exit status {code}"),
                 WaitStatus::Signaled(_, sig, _) => format!("killed by {sig}"),
                 _ => "ended".to_string(),
             };
-            return Err(format!("{runtime} create failed ({how}): {}", log.trim()));
+            return Err(format!(
+                "{runtime} create failed ({how}) and logged nothing"
+            ));
         }
         let pid_file = p.req.bundle.join("init.pid");
         let text = std::fs::read_to_string(&pid_file)

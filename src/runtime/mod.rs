@@ -1,7 +1,10 @@
 //! The OCI runtime CLI (runc, crun, or any runtime with the same command line), one per
 //! RuntimeClass handler. berth only ever uses the CLI: `create` runs in the pod's
 //! berth-monitor (it owns the stdio), everything else (`start`, `state`, `kill`, `delete`,
-//! `exec`, `update`) runs from berthd through [`OciRuntime`].
+//! `exec`, `update`) runs from berthd through [`OciRuntime`]. [`log`] reads what the runtime
+//! said when it failed.
+
+pub mod log;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -126,7 +129,11 @@ impl OciRuntime {
         if out.status.success() {
             return Ok(out.stdout);
         }
-        let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let raw = String::from_utf8_lossy(&out.stderr);
+        let message = match log::errors(&raw) {
+            m if m.is_empty() => raw.trim().to_string(),
+            m => m,
+        };
         if message.contains("does not exist") || message.contains("not found") {
             return Err(RuntimeError::NotFound {
                 runtime: self.handler.clone(),

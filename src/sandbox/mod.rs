@@ -84,7 +84,12 @@ pub struct SandboxRecord {
     /// Nanoseconds since the epoch.
     pub created_at: i64,
     pub config: cri::PodSandboxConfig,
+    /// The handler its containers run with (the default one resolved).
     pub runtime_handler: String,
+    /// The handler the client asked for, as it asked (`""` = the default): what statuses
+    /// report. `None` in records from before it was kept.
+    #[serde(default)]
+    pub requested_runtime_handler: Option<String>,
     /// `state/pods/<id>`: pinned namespaces and the pod's files.
     pub dir: PathBuf,
     /// Which namespaces the pod has of its own (pinned under `dir/ns`).
@@ -99,6 +104,13 @@ pub struct SandboxRecord {
 }
 
 impl SandboxRecord {
+    /// The RuntimeClass handler statuses report: the one the client asked for.
+    pub fn reported_runtime_handler(&self) -> &str {
+        self.requested_runtime_handler
+            .as_deref()
+            .unwrap_or(&self.runtime_handler)
+    }
+
     pub fn netns_path(&self) -> Option<PathBuf> {
         self.own_net.then(|| self.dir.join("ns/net"))
     }
@@ -278,6 +290,7 @@ impl SandboxManager {
         &self,
         config: cri::PodSandboxConfig,
         runtime_handler: String,
+        requested_runtime_handler: String,
     ) -> Result<SandboxRecord, SandboxError> {
         let meta = config
             .metadata
@@ -329,6 +342,7 @@ impl SandboxManager {
             created_at: now_nanos(),
             config,
             runtime_handler,
+            requested_runtime_handler: Some(requested_runtime_handler),
             dir: self.pods_dir.join(&id),
             own_net,
             own_ipc,

@@ -9,6 +9,7 @@ use crate::cri::v1 as cri;
 use tonic::Status;
 
 use crate::container::manager::{ContainerManager, ContainerRecord, Phase};
+use crate::container::signal;
 
 fn state_of(rec: &ContainerRecord) -> cri::ContainerState {
     match rec.phase {
@@ -72,7 +73,14 @@ pub fn to_status(rec: &ContainerRecord) -> cri::ContainerStatus {
                 ..Default::default()
             }),
         image_id: rec.image_id.clone(),
-        ..Default::default()
+        user: rec.user.as_ref().map(|u| cri::ContainerUser {
+            linux: Some(cri::LinuxContainerUser {
+                uid: i64::from(u.uid),
+                gid: i64::from(u.gid),
+                supplemental_groups: u.groups.iter().map(|g| i64::from(*g)).collect(),
+            }),
+        }),
+        stop_signal: signal::to_cri(rec.stop_signal.unwrap_or(libc::SIGTERM)) as i32,
     }
 }
 

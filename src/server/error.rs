@@ -93,9 +93,9 @@ impl From<ContainerError> for Status {
             ContainerError::NotFound(_) | ContainerError::ImageNotFound(_) => {
                 Status::not_found(msg)
             }
-            ContainerError::Ambiguous(_) | ContainerError::Invalid(_) => {
-                Status::invalid_argument(msg)
-            }
+            ContainerError::Ambiguous(_)
+            | ContainerError::Invalid(_)
+            | ContainerError::CommandNotFound { .. } => Status::invalid_argument(msg),
             ContainerError::NameReserved { .. } => Status::already_exists(msg),
             ContainerError::WrongState { .. } | ContainerError::SandboxNotReady(_) => {
                 Status::failed_precondition(msg)

@@ -20,11 +20,29 @@ use crate::image::{Credentials, ImageManager, ImageRecord};
 
 pub struct ImageServiceImpl {
     images: Arc<ImageManager>,
+    /// The configured RuntimeClass handlers (an image pull may name one).
+    handlers: Vec<String>,
 }
 
 impl ImageServiceImpl {
-    pub fn new(images: Arc<ImageManager>) -> ImageServiceImpl {
-        ImageServiceImpl { images }
+    pub fn new(images: Arc<ImageManager>, handlers: Vec<String>) -> ImageServiceImpl {
+        ImageServiceImpl { images, handlers }
+    }
+
+    /// `ImageSpec.runtime_handler`: images are shared by every handler here, but an unknown
+    /// one is rejected, as the CRI asks.
+    fn check_handler(&self, spec: &Option<ImageSpec>) -> Result<(), Status> {
+        let handler = spec
+            .as_ref()
+            .map(|s| s.runtime_handler.as_str())
+            .unwrap_or("");
+        if handler.is_empty() || self.handlers.iter().any(|h| h == handler) {
+            return Ok(());
+        }
+        Err(Status::invalid_argument(format!(
+            "unknown runtime handler {handler:?}: configured are {:?}",
+            self.handlers
+        )))
     }
 }
 
@@ -171,6 +189,7 @@ impl ImageService for ImageServiceImpl {
         let name = spec_name(&req.image).to_string();
         rpc("PullImage", &name, deadline, async {
             let name = require_spec(&req.image)?;
+            self.check_handler(&req.image)?;
             let creds = credentials(&req.auth)?;
             let id = self.images.pull(name, &creds).await?;
             Ok(PullImageResponse { image_ref: id })

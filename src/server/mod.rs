@@ -138,7 +138,10 @@ impl Daemon {
             self.sandboxes.clone(),
             self.containers.clone(),
         );
-        let image = image_service::ImageServiceImpl::new(self.images.clone());
+        let image = image_service::ImageServiceImpl::new(
+            self.images.clone(),
+            self.config.runtimes.keys().cloned().collect(),
+        );
         let routes = tonic::service::Routes::new(
             RuntimeServiceServer::new(runtime).max_decoding_message_size(MAX_MESSAGE),
         )

@@ -30,7 +30,7 @@ pub fn to_pod_sandbox(rec: &SandboxRecord) -> cri::PodSandbox {
         created_at: rec.created_at,
         labels: labels(rec),
         annotations: rec.config.annotations.clone(),
-        runtime_handler: rec.runtime_handler.clone(),
+        runtime_handler: rec.reported_runtime_handler().to_string(),
     }
 }
 
@@ -55,7 +55,7 @@ pub fn to_status(rec: &SandboxRecord) -> cri::PodSandboxStatus {
         }),
         labels: labels(rec),
         annotations: rec.config.annotations.clone(),
-        runtime_handler: rec.runtime_handler.clone(),
+        runtime_handler: rec.reported_runtime_handler().to_string(),
     }
 }
 
@@ -101,7 +101,9 @@ pub async fn run(
     let pod_config = req
         .config
         .ok_or_else(|| Status::invalid_argument("a pod sandbox config is required"))?;
-    let rec = sandboxes.run(pod_config, handler).await?;
+    let rec = sandboxes
+        .run(pod_config, handler, req.runtime_handler)
+        .await?;
     Ok(cri::RunPodSandboxResponse {
         pod_sandbox_id: rec.id,
     })

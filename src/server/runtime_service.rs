@@ -125,7 +125,12 @@ impl RuntimeService for RuntimeServiceImpl {
                 }),
                 info,
                 runtime_handlers: vec![],
-                features: None,
+                // berth resolves users and groups itself (src/container/user.rs).
+                features: Some(cri::RuntimeFeatures {
+                    supplemental_groups_policy: true,
+                    // No user namespaces here (runc 1.1 has no idmapped mounts).
+                    user_namespaces_host_network: false,
+                }),
             })
         })
         .await

@@ -47,6 +47,7 @@ pub(super) fn sandbox_record(dir: &Path, own: bool, privileged: bool) -> Sandbox
             ..Default::default()
         },
         runtime_handler: String::new(),
+        requested_runtime_handler: None,
         dir: pod_dir,
         own_net: own,
         own_ipc: own,
