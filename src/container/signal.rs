@@ -32,6 +32,13 @@ pub fn parse(s: &str) -> Option<i32> {
     if let Some(rest) = name.strip_prefix("RTMAX") {
         return rt(SIGRTMAX, rest.strip_prefix('-').unwrap_or(rest), -1);
     }
+    // Old names Linux keeps as aliases.
+    let name = match name {
+        "CLD" => "CHLD",
+        "IOT" => "ABRT",
+        "POLL" => "IO",
+        n => n,
+    };
     format!("SIG{name}")
         .parse::<nix::sys::signal::Signal>()
         .ok()
