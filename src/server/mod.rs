@@ -1,7 +1,10 @@
 //! The gRPC server: opens berth's state, binds the CRI unix socket and serves the
 //! RuntimeService and ImageService until asked to stop. Each RPC is thin (see the service
-//! files); errors become statuses in [`error`] only.
+//! files); errors become statuses in [`error`] only. Every accepted connection goes
+//! through [`authority`] so that clients sending their socket path as `:authority` are
+//! served.
 
+pub mod authority;
 pub mod container;
 pub mod error;
 pub mod image_service;
@@ -151,7 +154,8 @@ impl Daemon {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let service = TowerToHyperService::new(routes.clone());
-                        let conn = http2.serve_connection(TokioIo::new(stream), service);
+                        let io = TokioIo::new(authority::AuthorityFix::new(stream));
+                        let conn = http2.serve_connection(io, service);
                         let conn = graceful.watch(conn);
                         tokio::spawn(async move {
                             if let Err(e) = conn.await {
