@@ -52,6 +52,8 @@ pub const MAX_HEADER_BLOCK: usize = 1 << 20;
 /// The HPACK dynamic table size the server allows: berthd does not set
 /// SETTINGS_HEADER_TABLE_SIZE, so it is the protocol default.
 const HEADER_TABLE_SIZE: usize = 4096;
+/// Buffer room a connection keeps after a large header block has gone through.
+const KEEP_CAPACITY: usize = 64 << 10;
 /// What replaces an `:authority` that `http::uri::Authority` rejects.
 const REPLACEMENT_AUTHORITY: &[u8] = b"localhost";
 
@@ -282,13 +284,11 @@ impl Rewriter {
                     priority = Some(*fields);
                     p = rest;
                 }
-                let fragment = p
-                    .get(
-                        ..p.len()
-                            .checked_sub(pad)
-                            .ok_or(AuthorityError::Padding(h.stream))?,
-                    )
+                let end = p
+                    .len()
+                    .checked_sub(pad)
                     .ok_or(AuthorityError::Padding(h.stream))?;
+                let fragment = &p[..end];
                 self.block.insert(Block {
                     stream: h.stream,
                     end_stream: h.flags & FLAG_END_STREAM != 0,
@@ -460,6 +460,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 if this.out_pos == this.out.len() {
                     this.out.clear();
                     this.out_pos = 0;
+                    // A long-lived connection does not keep the room of a rare huge block.
+                    this.out.shrink_to(KEEP_CAPACITY);
+                    this.held.shrink_to(KEEP_CAPACITY);
                 }
                 return Poll::Ready(Ok(()));
             }

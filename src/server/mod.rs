@@ -145,6 +145,8 @@ impl Daemon {
             RuntimeServiceServer::new(runtime).max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(ImageServiceServer::new(image).max_decoding_message_size(MAX_MESSAGE));
+        // Keep the default SETTINGS_HEADER_TABLE_SIZE: [`authority::AuthorityFix`] decodes
+        // the clients' header blocks with the table size that implies.
         let http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         let graceful = GracefulShutdown::new();
         tracing::info!(socket = %socket.display(), root = %self.config.root.display(), "serving CRI");
