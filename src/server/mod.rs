@@ -1,7 +1,10 @@
 //! The gRPC server: opens berth's state, binds the CRI unix socket and serves the
 //! RuntimeService and ImageService until asked to stop. Each RPC is thin (see the service
-//! files); errors become statuses in [`error`] only.
+//! files); errors become statuses in [`error`] only. Every accepted connection goes
+//! through [`authority`] so that clients sending their socket path as `:authority` are
+//! served.
 
+pub mod authority;
 pub mod container;
 pub mod error;
 pub mod image_service;
@@ -146,6 +149,8 @@ impl Daemon {
             RuntimeServiceServer::new(runtime).max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(ImageServiceServer::new(image).max_decoding_message_size(MAX_MESSAGE));
+        // Keep the default SETTINGS_HEADER_TABLE_SIZE: [`authority::AuthorityFix`] decodes
+        // the clients' header blocks with the table size that implies.
         let http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         let graceful = GracefulShutdown::new();
         tracing::info!(socket = %socket.display(), root = %self.config.root.display(), "serving CRI");
@@ -155,7 +160,8 @@ impl Daemon {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let service = TowerToHyperService::new(routes.clone());
-                        let conn = http2.serve_connection(TokioIo::new(stream), service);
+                        let io = TokioIo::new(authority::AuthorityFix::new(stream));
+                        let conn = http2.serve_connection(io, service);
                         let conn = graceful.watch(conn);
                         tokio::spawn(async move {
                             if let Err(e) = conn.await {
