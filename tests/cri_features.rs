@@ -657,3 +657,80 @@ async fn update_pod_sandbox_resources_writes_the_pod_cgroup() {
     drop(cg);
     assert!(e.d.is_running());
 }
+
+/// User namespaces cannot be made here: a pod or container asking for one is refused with
+/// InvalidArgument naming the field. AppArmor and SELinux settings are ignored where the host
+/// lacks the module (this one has neither), and the container runs.
+#[tokio::test]
+async fn user_namespaces_refused_lsm_settings_ignored_without_the_module() {
+    let mut e = env().await;
+    let userns = Some(cri::NamespaceOption {
+        userns_options: Some(cri::UserNamespace {
+            mode: cri::NamespaceMode::Pod as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let mut cfg = pod_config("userns", e.logs.path());
+    cfg.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: userns.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let err =
+        e.rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect_err("user namespace pod");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("userns_options"),
+        "{}",
+        err.message()
+    );
+
+    let pod = e.pod("lsm").await;
+    let mut c = e.config(&e.plain, "userns", "true");
+    c.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            namespace_options: userns,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let err = e
+        .create(&pod, c)
+        .await
+        .expect_err("user namespace container");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    let host_has_lsm = Path::new("/sys/fs/selinux/enforce").exists()
+        || std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+            .is_ok_and(|s| s.trim() == "Y");
+    if host_has_lsm {
+        eprintln!("skipping the ignored-LSM half: this host has AppArmor or SELinux enabled");
+    } else {
+        let mut c = e.config(&e.plain, "lsm", "echo lsm-ok");
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                apparmor: Some(cri::SecurityProfile {
+                    profile_type: cri::security_profile::ProfileType::Localhost as i32,
+                    localhost_ref: "some-profile".into(),
+                }),
+                selinux_options: Some(cri::SeLinuxOption {
+                    level: "s0:c1,c2".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        e.run(&pod, c).await;
+        e.wait_log("lsm", "lsm-ok").await;
+    }
+    e.remove_pod(&pod).await;
+}

@@ -15,6 +15,7 @@
 
 pub mod caps;
 pub mod devices;
+pub mod lsm;
 pub mod mounts;
 #[cfg(test)]
 mod runc_tests;
@@ -245,6 +246,10 @@ pub fn build_spec_with(input: &SpecInput<'_>, cgroups: CgroupFeatures) -> Result
     let cwd = working_dir(config, &image);
     let resolved = resolve_user(input.rootfs, &sc, &image)?;
     let (cap_set, ambient) = caps::resolve(&sc, privileged)?;
+    let apparmor = lsm::apparmor_profile(&sc, privileged)?;
+    lsm::check_selinux(sc.selinux_options.as_ref(), "container").map_err(SpecError::Invalid)?;
+    lsm::check_userns(sc.namespace_options.as_ref(), "the container")
+        .map_err(SpecError::Invalid)?;
     let mut process = Process::default();
     let mut user = User::default();
     user.set_uid(resolved.uid)
@@ -259,7 +264,7 @@ pub fn build_spec_with(input: &SpecInput<'_>, cgroups: CgroupFeatures) -> Result
         .set_capabilities(Some(caps::to_linux(&cap_set, &ambient)))
         .set_rlimits(None)
         .set_no_new_privileges(Some(sc.no_new_privs))
-        .set_apparmor_profile(None)
+        .set_apparmor_profile(apparmor)
         .set_selinux_label(None)
         .set_oom_score_adj(linux.resources.as_ref().map(|r| {
             let adj = r.oom_score_adj.clamp(-1000, 1000) as i32;

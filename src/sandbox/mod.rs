@@ -60,6 +60,32 @@ pub enum SandboxError {
     Cgroup(#[from] crate::cgroups::CgroupError),
 }
 
+/// Whether the sandbox-level security settings are usable here. The ones that shape a pause
+/// container (run as, read-only rootfs, seccomp, AppArmor) have nothing to apply to: berth
+/// runs no pause container, and its pod init (PID namespace sharing only) is berth's own
+/// reaper. That is logged once; user namespaces are refused, SELinux is checked as for
+/// containers.
+fn check_security_context(sc: &cri::LinuxSandboxSecurityContext) -> Result<(), SandboxError> {
+    use crate::container::spec::lsm;
+    lsm::check_userns(sc.namespace_options.as_ref(), "the pod").map_err(SandboxError::Invalid)?;
+    lsm::check_selinux(sc.selinux_options.as_ref(), "pod").map_err(SandboxError::Invalid)?;
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    #[allow(deprecated)]
+    let pause_only = sc.run_as_user.is_some()
+        || sc.run_as_group.is_some()
+        || sc.readonly_rootfs
+        || !sc.supplemental_groups.is_empty()
+        || sc.seccomp.is_some()
+        || sc.apparmor.is_some()
+        || !sc.seccomp_profile_path.is_empty();
+    if pause_only && !LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!(
+            "pod-level run_as/readonly_rootfs/seccomp/apparmor settings shape a pause container; berth runs none, so they change nothing (containers carry their own; logged once)"
+        );
+    }
+    Ok(())
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
     let context = context.into();
     move |source| SandboxError::Io { context, source }
@@ -307,6 +333,12 @@ impl SandboxManager {
             .and_then(|l| l.security_context.as_ref())
             .and_then(|s| s.namespace_options.clone())
             .unwrap_or_default();
+        let sc = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.clone())
+            .unwrap_or_default();
+        check_security_context(&sc)?;
         let own_net = mode(ns_opts.network) != cri::NamespaceMode::Node;
         let own_ipc = mode(ns_opts.ipc) != cri::NamespaceMode::Node;
         let pid_mode = mode(ns_opts.pid);
