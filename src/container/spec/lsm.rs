@@ -106,7 +106,7 @@ pub fn apparmor_profile_with(
     }
     match request {
         AppArmor::Localhost(name) => {
-            if !loaded().iter().any(|p| *p == name) {
+            if !loaded().contains(&name) {
                 return Err(SpecError::Invalid(format!(
                     "apparmor profile {name:?} is not loaded on this host"
                 )));
