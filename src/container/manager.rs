@@ -483,6 +483,7 @@ impl ContainerManager {
             pod_pid_ns,
             pod_shm: sandbox.shm_path(),
             min_oom_score_adj: self.min_oom_score_adj,
+            prepared: &Default::default(),
         };
         let spec = spec::build_spec(&input)?;
         let json = serde_json::to_vec_pretty(&spec).map_err(|e| ContainerError::Io {
