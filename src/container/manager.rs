@@ -2,6 +2,8 @@
 //! bundle, `create` through the pod's berth-monitor), start, stop (the image's stop signal,
 //! then SIGKILL), remove, status, exec, resource updates and log reopening.
 //!
+//! A container holds its image ([`ImageManager::acquire`]) from its creation to its removal.
+//!
 //! Crash safety: a container is recorded as `Creating` before anything is made; at start,
 //! [`ContainerManager::open`] removes what is still `Creating` and reads the exit files that
 //! the monitors wrote while berthd was down.
@@ -204,6 +206,7 @@ impl ContainerManager {
                 mgr.store.commit(b)?;
                 continue;
             }
+            mgr.images.hold(&rec.image_id, &rec.id);
             mgr.refresh(&mut rec)?;
             mgr.settle_lost_monitor(&mut rec).await?;
             let _ = mgr.index.reserve(&rec.name_key, &rec.id);
@@ -449,6 +452,10 @@ impl ContainerManager {
         };
         self.persist(rec)?;
         mark("record");
+        // Held until removal: RemoveImage must not take an image a container uses.
+        if self.images.acquire(&rec.image_id, &rec.id).await.is_none() {
+            return Err(ContainerError::ImageNotFound(rec.image_name.clone()));
+        }
         std::fs::create_dir_all(&rec.bundle)
             .map_err(io_err(format!("create {}", rec.bundle.display())))?;
         rootfs::mount_rootfs(&self.config.root, &rec.id, lower, &rec.rootfs())?;
@@ -541,6 +548,7 @@ impl ContainerManager {
         if let Err(e) = rootfs::unmount_rootfs(&rec.rootfs()) {
             tracing::warn!(id = %rec.id, error = %e, "unmount rootfs");
         }
+        self.images.release(&rec.id);
         if let Err(e) = rootfs::remove_rw(&self.config.root, &rec.id) {
             tracing::warn!(id = %rec.id, error = %e, "remove writable layer");
         }

@@ -29,7 +29,8 @@ impl From<ImageError> for Status {
                 ..
             }
             | ImageError::BadManifest { .. }
-            | ImageError::UnsupportedDigest(_) => Status::failed_precondition(msg),
+            | ImageError::UnsupportedDigest(_)
+            | ImageError::InUse { .. } => Status::failed_precondition(msg),
             ImageError::Unpack { .. }
             | ImageError::Io { .. }
             | ImageError::Store(_)
