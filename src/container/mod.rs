@@ -1,7 +1,9 @@
-//! Containers: records and lifecycle ([`manager`]), the rootfs overlay ([`rootfs`]), the CRI
-//! container config turned into an OCI runtime spec ([`spec`], [`seccomp`], [`user`]).
+//! Containers: records and lifecycle ([`manager`]), the rootfs overlay ([`rootfs`]), the
+//! host-side mounts of volumes ([`volumes`]), the CRI container config turned into an OCI
+//! runtime spec ([`spec`], [`seccomp`], [`user`]).
 pub mod manager;
 pub mod rootfs;
 pub mod seccomp;
 pub mod spec;
 pub mod user;
+pub mod volumes;
