@@ -1,7 +1,8 @@
 //! Containers through a real berthd, a real registry and a real OCI runtime (runc; the same
 //! tests under crun where crun can run here): image rules for command/env/user/workdir,
 //! exit codes and reasons, security settings, cgroup limits and their updates, OOM, CRI logs
-//! with partial lines and reopening, ExecSync with its timeout, and a kill -9 restart.
+//! with partial lines and reopening, ExecSync with its timeout, a kill -9 restart, and the
+//! volumes: recursive read-only mounts, image volumes and the volumes images declare.
 
 mod common;
 
@@ -10,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use berth::cri::v1 as cri;
 use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
-use common::{Berthd, BerthdConfig, ImageBuilder, Registry};
+use common::{Berthd, BerthdConfig, ImageBuilder, LayerBuilder, Registry};
 use tonic::transport::Channel;
 
 type Rt = RuntimeServiceClient<Channel>;
 
 /// One test's world: a registry with a busybox image, a daemon that pulled it, one pod.
 struct Env {
-    _reg: Registry,
+    reg: Registry,
     d: Berthd,
     rt: Rt,
     image: String,
@@ -52,7 +53,7 @@ async fn env(handler: &'static str) -> Env {
         .into_inner()
         .pod_sandbox_id;
     Env {
-        _reg: reg,
+        reg,
         d,
         rt,
         image: pushed.reference,
@@ -185,6 +186,26 @@ impl Env {
             })
             .await
             .map(|r| r.into_inner())
+    }
+
+    /// Pushes `img` to the test registry as `repo:1` and pulls it; returns the pushed image
+    /// and the `image_ref` PullImage answered.
+    async fn pull(
+        &mut self,
+        repo: &str,
+        img: &common::BuiltImage,
+    ) -> (common::PushedImage, String) {
+        let pushed = self.reg.push(repo, "1", img).await;
+        let mut ic = self.d.image_client().await;
+        let image_ref = common::pull_image(&mut ic, &pushed.reference, None)
+            .await
+            .expect("pull");
+        (pushed, image_ref)
+    }
+
+    /// The container's bundle dir (from verbose status).
+    async fn bundle(&mut self, id: &str) -> PathBuf {
+        PathBuf::from(self.info(id).await["bundle"].as_str().expect("bundle"))
     }
 
     async fn remove(&mut self, id: &str) {
@@ -896,4 +917,441 @@ async fn systemd_cgroup_driver() {
     })
     .await
     .expect("remove");
+}
+
+/// A tmpfs a test mounted, unmounted (detached) on drop.
+struct TmpfsGuard(PathBuf);
+
+impl TmpfsGuard {
+    fn mount(at: &Path) -> TmpfsGuard {
+        std::fs::create_dir_all(at).expect("tmpfs mount point");
+        nix::mount::mount(
+            Some("tmpfs"),
+            at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .expect("mount tmpfs (tests run as root)");
+        TmpfsGuard(at.to_path_buf())
+    }
+}
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn expect_code(r: Result<String, tonic::Status>, code: tonic::Code, what: &str) -> String {
+    match r {
+        Ok(id) => panic!("{what}: created {id}, expected {code:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{what}: {s}");
+            s.message().to_string()
+        }
+    }
+}
+
+/// Status lists every runtime handler (the default one again as `""`) with recursive
+/// read-only mounts (berth makes them itself, whatever the OCI runtime); an rro mount makes
+/// the submounts of its host path read-only too, where a plain read-only one (runc's `ro`)
+/// does not; the CRI's rules for it hold; no staging mount outlives the container.
+#[tokio::test]
+async fn recursive_read_only_mounts() {
+    let mut e = env("runc").await;
+    let st =
+        e.rt.status(cri::StatusRequest { verbose: false })
+            .await
+            .expect("status")
+            .into_inner();
+    let names: std::collections::BTreeSet<&str> = st
+        .runtime_handlers
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(names, ["", "crun", "runc"].into(), "{st:?}");
+    let kernel_rro = berth::container::volumes::recursive_read_only_supported();
+    for h in &st.runtime_handlers {
+        let f = h.features.expect("handler features");
+        assert_eq!(f.recursive_read_only_mounts, kernel_rro, "{h:?}");
+        assert!(!f.user_namespaces, "{h:?}");
+    }
+    assert!(st.features.expect("features").supplemental_groups_policy);
+    if !kernel_rro {
+        eprintln!("SKIPPED: this kernel lacks mount_setattr(2), so no recursive read-only mounts");
+        e.remove_pod().await;
+        return;
+    }
+
+    // A host dir with a tmpfs mounted inside it.
+    let host = tempfile::tempdir().expect("host dir");
+    std::fs::write(host.path().join("top"), "top\n").expect("file");
+    let _tmpfs = TmpfsGuard::mount(&host.path().join("sub"));
+    std::fs::write(host.path().join("sub/inner"), "inner\n").expect("file in tmpfs");
+    let rro_mount = cri::Mount {
+        container_path: "/mnt/rro".into(),
+        host_path: host.path().display().to_string(),
+        readonly: true,
+        recursive_read_only: true,
+        ..Default::default()
+    };
+
+    // The CRI's rules: readonly and PRIVATE propagation, else InvalidArgument naming it.
+    let mut c = e.config("rro-rw");
+    c.mounts = vec![cri::Mount {
+        readonly: false,
+        ..rro_mount.clone()
+    }];
+    let msg = expect_code(e.create(c).await, tonic::Code::InvalidArgument, "rro, rw");
+    assert!(
+        msg.contains("/mnt/rro") && msg.contains("readonly"),
+        "{msg}"
+    );
+    let mut c = e.config("rro-slave");
+    c.mounts = vec![cri::Mount {
+        propagation: cri::MountPropagation::PropagationHostToContainer as i32,
+        ..rro_mount.clone()
+    }];
+    let msg = expect_code(
+        e.create(c).await,
+        tonic::Code::InvalidArgument,
+        "rro, rslave",
+    );
+    assert!(msg.contains("PRIVATE"), "{msg}");
+
+    let mut c = e.config("rro");
+    sh(&mut c, "sleep 1000");
+    c.mounts = vec![
+        rro_mount.clone(),
+        cri::Mount {
+            container_path: "/mnt/ro".into(),
+            host_path: host.path().display().to_string(),
+            readonly: true,
+            ..Default::default()
+        },
+    ];
+    let id = e.run(c).await;
+    let bundle = e.bundle(&id).await;
+    assert!(
+        !common::mounts_under(&bundle.join("mounts")).is_empty(),
+        "the staging clone is mounted under the bundle"
+    );
+    let r = e
+        .exec(&id, &["cat", "/mnt/rro/top", "/mnt/rro/sub/inner"], 10)
+        .await
+        .expect("exec");
+    assert_eq!(r.stdout, b"top\ninner\n", "{r:?}");
+    for path in ["/mnt/rro/sub/new", "/mnt/rro/new", "/mnt/ro/new"] {
+        let r = e.exec(&id, &["touch", path], 10).await.expect("exec");
+        assert_ne!(r.exit_code, 0, "{path} is writable");
+        assert!(
+            String::from_utf8_lossy(&r.stderr).contains("Read-only file system"),
+            "{path}: {r:?}"
+        );
+    }
+    // A plain read-only bind leaves the submount writable: rro is what makes the difference.
+    let r = e
+        .exec(&id, &["touch", "/mnt/ro/sub/plain"], 10)
+        .await
+        .expect("exec");
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert!(host.path().join("sub/plain").exists());
+
+    e.remove(&id).await;
+    assert!(
+        common::mounts_under(&bundle).is_empty(),
+        "{:?}",
+        common::mounts_under(&bundle)
+    );
+    assert!(!bundle.exists(), "bundle {} left", bundle.display());
+    e.remove_pod().await;
+}
+
+/// Image volumes (KEP-4639): an image's filesystem (or a sub path of it) mounted read-only,
+/// reported in ContainerStatus with the image's digest; the CRI's rules for them; the images
+/// a container uses cannot be removed until the container is (across a restart too); removal
+/// leaves no mount.
+#[tokio::test]
+async fn image_volumes() {
+    let mut e = env("runc").await;
+    // Two layers (an overlay) and one (a read-only bind).
+    let two = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new()
+                .file("data/hello", "hello from the image\n", 0o644)
+                .finish(),
+        )
+        .layer(
+            LayerBuilder::new()
+                .file("data/second", "from layer two\n", 0o644)
+                .symlink("data/escape", "/../../../etc")
+                .finish(),
+        )
+        .build();
+    let one = ImageBuilder::new()
+        .layer(
+            LayerBuilder::new()
+                .file("only/file", "one layer\n", 0o600)
+                .finish(),
+        )
+        .build();
+    let (two_pushed, two_ref) = e.pull("test/volume-two", &two).await;
+    let (_, one_ref) = e.pull("test/volume-one", &one).await;
+    let vol = |dest: &str, image: &str, sub_path: &str| cri::Mount {
+        container_path: dest.into(),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        image_sub_path: sub_path.into(),
+        readonly: true,
+        ..Default::default()
+    };
+
+    // The rules, and errors that name what is wrong; a failed creation leaves no mount.
+    let cases = [
+        (
+            vol("/mnt/vol", &two_ref, "nope"),
+            tonic::Code::InvalidArgument,
+            "nope",
+        ),
+        (
+            vol("/mnt/vol", &two_ref, "data/hello"),
+            tonic::Code::InvalidArgument,
+            "not a directory",
+        ),
+        // A symlink in the image resolves inside it: the host's /etc is not reachable.
+        (
+            vol("/mnt/vol", &two_ref, "data/escape"),
+            tonic::Code::InvalidArgument,
+            "does not exist",
+        ),
+        (
+            vol("/mnt/vol", &two_ref, "../data"),
+            tonic::Code::InvalidArgument,
+            "leaves the image",
+        ),
+        (
+            cri::Mount {
+                readonly: false,
+                ..vol("/mnt/vol", &two_ref, "")
+            },
+            tonic::Code::InvalidArgument,
+            "readonly",
+        ),
+        (
+            cri::Mount {
+                host_path: "/tmp".into(),
+                ..vol("/mnt/vol", &two_ref, "")
+            },
+            tonic::Code::InvalidArgument,
+            "mutually exclusive",
+        ),
+        (
+            vol("/mnt/vol", "test/never-pulled:1", ""),
+            tonic::Code::NotFound,
+            "test/never-pulled:1",
+        ),
+    ];
+    for (i, (m, code, needle)) in cases.into_iter().enumerate() {
+        let mut c = e.config(&format!("bad{i}"));
+        c.mounts = vec![m];
+        let msg = expect_code(e.create(c).await, code, needle);
+        assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+    }
+    // A creation that fails in the OCI runtime, after the volume was mounted, unmounts it.
+    let mut c = e.config("norun");
+    c.command = vec!["/no/such/binary".into()];
+    c.mounts = vec![vol("/mnt/vol", &two_ref, "data")];
+    let s = e.create(c).await.expect_err("runc create fails");
+    assert!(s.message().contains("/no/such/binary"), "{s}");
+    let containers = e.d.state().join("containers");
+    assert!(
+        common::mounts_under(&containers).is_empty(),
+        "{:?}",
+        common::mounts_under(&containers)
+    );
+
+    let mut c = e.config("vols");
+    sh(&mut c, "sleep 1000");
+    c.mounts = vec![
+        vol("/mnt/vol", &two_ref, "data"),
+        vol("/mnt/one", &one_ref, ""),
+    ];
+    let id = e.run(c).await;
+    let r = e
+        .exec(
+            &id,
+            &[
+                "cat",
+                "/mnt/vol/hello",
+                "/mnt/vol/second",
+                "/mnt/one/only/file",
+            ],
+            10,
+        )
+        .await
+        .expect("exec");
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "hello from the image\nfrom layer two\none layer\n",
+        "{r:?}"
+    );
+    for path in ["/mnt/vol/new", "/mnt/one/only/new"] {
+        let r = e.exec(&id, &["touch", path], 10).await.expect("exec");
+        assert_ne!(r.exit_code, 0, "{path} is writable");
+        assert!(
+            String::from_utf8_lossy(&r.stderr).contains("Read-only file system"),
+            "{path}: {r:?}"
+        );
+    }
+    let status = e.status(&id).await;
+    let reported = status
+        .mounts
+        .iter()
+        .find(|m| m.container_path == "/mnt/vol")
+        .expect("the image volume in status");
+    let spec = reported.image.as_ref().expect("image");
+    assert_eq!(spec.image, two_ref);
+    assert_eq!(spec.image_ref, two_pushed.digest_reference, "{reported:?}");
+    assert_eq!(reported.image_sub_path, "data");
+    assert!(reported.host_path.is_empty() && reported.readonly);
+
+    // The images in use stay, across a restart of berthd too; a tag of them can go.
+    let mut ic = e.d.image_client().await;
+    for image in [two_ref.clone(), e.image.clone()] {
+        let s = common::remove_image(&mut ic, &image)
+            .await
+            .expect_err("an image in use");
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s}");
+        assert!(s.message().contains(&id), "{s}");
+    }
+    e.d.kill9();
+    e.d.restart().await;
+    e.rt = e.d.runtime_client().await;
+    let mut ic = e.d.image_client().await;
+    let s = common::remove_image(&mut ic, &one_ref)
+        .await
+        .expect_err("still in use after a restart");
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s}");
+    let r = e
+        .exec(&id, &["cat", "/mnt/vol/hello"], 10)
+        .await
+        .expect("exec after restart");
+    assert_eq!(r.stdout, b"hello from the image\n");
+
+    // Exited but not removed: still in use. Removed: the images can go, no mount is left.
+    e.rt.stop_container(cri::StopContainerRequest {
+        container_id: id.clone(),
+        timeout: 0,
+    })
+    .await
+    .expect("stop");
+    let s = common::remove_image(&mut ic, &two_ref)
+        .await
+        .expect_err("used by an exited container");
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s}");
+    let bundle = e.bundle(&id).await;
+    e.remove(&id).await;
+    assert!(
+        common::mounts_under(&bundle).is_empty(),
+        "{:?}",
+        common::mounts_under(&bundle)
+    );
+    assert!(!bundle.exists(), "bundle {} left", bundle.display());
+    for image in [&two_ref, &one_ref] {
+        common::remove_image(&mut ic, image)
+            .await
+            .expect("remove an image no container uses");
+    }
+    e.remove_pod().await;
+}
+
+/// Volumes an image declares (`VOLUME /data`): a directory per container seeded with the
+/// image's content (owners and modes kept), a separate read-write mount, gone with the
+/// container; a CRI mount at the same path replaces it.
+#[tokio::test]
+async fn image_declared_volumes() {
+    let mut e = env("runc").await;
+    let img = ImageBuilder::busybox()
+        .layer(
+            LayerBuilder::new()
+                .dir_owned("data", 0o750, 1234, 1234)
+                .file_owned("data/seed", "seeded\n", 0o640, 1234, 1234)
+                .finish(),
+        )
+        .volume("/data")
+        .build();
+    let (_, image_ref) = e.pull("test/declares-volume", &img).await;
+    let mut c = e.config("declared");
+    sh(&mut c, "sleep 1000");
+    c.image = Some(cri::ImageSpec {
+        image: image_ref.clone(),
+        ..Default::default()
+    });
+    let id = e.run(c).await;
+    let r = e
+        .exec(&id, &["stat", "-c", "%u %g %a", "/data/seed", "/data"], 10)
+        .await
+        .expect("exec");
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "1234 1234 640\n1234 1234 750\n",
+        "{r:?}"
+    );
+    let r = e
+        .exec(&id, &["grep", "-c", " /data ", "/proc/self/mountinfo"], 10)
+        .await
+        .expect("exec");
+    assert_eq!(r.stdout, b"1\n", "/data is a mount of its own: {r:?}");
+    let r = e
+        .exec(
+            &id,
+            &[
+                "sh",
+                "-c",
+                "echo written > /data/new && cat /data/seed /data/new",
+            ],
+            10,
+        )
+        .await
+        .expect("exec");
+    assert_eq!(r.stdout, b"seeded\nwritten\n", "{r:?}");
+    let volumes = e.d.root().join("containers").join(&id).join("volumes");
+    assert_eq!(
+        std::fs::read_to_string(volumes.join("0/new")).expect("the volume's dir on the host"),
+        "written\n"
+    );
+
+    // A CRI mount at the image's volume path replaces it.
+    let host = tempfile::tempdir().expect("host dir");
+    let mut c = e.config("covered");
+    sh(&mut c, "sleep 1000");
+    c.image = Some(cri::ImageSpec {
+        image: image_ref.clone(),
+        ..Default::default()
+    });
+    c.mounts = vec![cri::Mount {
+        container_path: "/data/".into(),
+        host_path: host.path().display().to_string(),
+        ..Default::default()
+    }];
+    let covered = e.run(c).await;
+    let r = e
+        .exec(&covered, &["ls", "-A", "/data"], 10)
+        .await
+        .expect("exec");
+    assert_eq!(r.stdout, b"", "{r:?}");
+    assert!(
+        !e.d.root()
+            .join("containers")
+            .join(&covered)
+            .join("volumes")
+            .exists()
+    );
+
+    e.remove(&id).await;
+    assert!(!volumes.exists(), "{} left", volumes.display());
+    e.remove_pod().await;
 }

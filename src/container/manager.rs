@@ -1,6 +1,9 @@
-//! Containers of pods: durable records, per-pod name reservation, create (rootfs, OCI spec,
-//! bundle, `create` through the pod's berth-monitor), start, stop (the image's stop signal,
-//! then SIGKILL), remove, status, exec, resource updates and log reopening.
+//! Containers of pods: durable records, per-pod name reservation, create (rootfs, volumes, OCI
+//! spec, bundle, `create` through the pod's berth-monitor), start, stop (the image's stop
+//! signal, then SIGKILL), remove, status, exec, resource updates and log reopening.
+//!
+//! A container holds its image and the images it mounts as volumes
+//! ([`ImageManager::acquire`]) from its creation to its removal.
 //!
 //! Crash safety: a container is recorded as `Creating` before anything is made; at start,
 //! [`ContainerManager::open`] removes what is still `Creating` and reads the exit files that
@@ -15,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::rootfs::{self, RootfsError};
 use super::spec::{self, SpecError, SpecInput};
+use super::volumes::{self, VolumeError};
 use crate::cgroups::{self, CgroupError, Layout};
 use crate::config::Config;
 use crate::ids::{self, Index, Lookup, now_nanos};
@@ -57,6 +61,8 @@ pub enum ContainerError {
     /// The container's command does not exist in it (the runtime's noise left out).
     #[error("the container's command {command:?} was not found: {reason}")]
     CommandNotFound { command: String, reason: String },
+    #[error("volumes: {0}")]
+    Volume(#[from] VolumeError),
     #[error("OCI runtime: {0}")]
     Runtime(#[from] RuntimeError),
     #[error("berth-monitor: {0}")]
@@ -84,6 +90,17 @@ pub enum Phase {
     Created,
     Running,
     Exited,
+}
+
+/// An image a container mounts as a volume (KEP-4639).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageVolume {
+    /// The index of its CRI mount in `config.mounts`.
+    pub index: usize,
+    /// The image id (`sha256:…`).
+    pub image_id: String,
+    /// The image's repo digest, else its id: the `image_ref` ContainerStatus reports for it.
+    pub image_ref: String,
 }
 
 /// The durable record of a container (key: its id).
@@ -116,6 +133,9 @@ pub struct ContainerRecord {
     /// The signal that stops it (number): the config's, else the image's, else SIGTERM.
     /// (Records from before the config could name one hold the image's, or none.)
     pub stop_signal: Option<i32>,
+    /// The images mounted as volumes.
+    #[serde(default)]
+    pub image_volumes: Vec<ImageVolume>,
     /// The identity its first process starts with (from the OCI spec); `None` before the
     /// spec is written, and in older records.
     #[serde(default)]
@@ -224,6 +244,10 @@ impl ContainerManager {
                 b.delete(Table::Containers, &rec.id);
                 mgr.store.commit(b)?;
                 continue;
+            }
+            mgr.images.hold(&rec.image_id, &rec.id);
+            for v in &rec.image_volumes {
+                mgr.images.hold(&v.image_id, &rec.id);
             }
             mgr.refresh(&mut rec)?;
             mgr.settle_lost_monitor(&mut rec).await?;
@@ -380,6 +404,8 @@ impl ContainerManager {
             .ok_or_else(|| ContainerError::ImageNotFound(image_name.clone()))?;
         let image_config = self.images.config_json(&image)?;
         let lower = self.images.snapshot_dirs(&image)?;
+        // Every mount is checked before anything is made.
+        let work = spec::mounts::host_work(&config, &image_config)?;
         let parent = sandbox
             .config
             .linux
@@ -432,8 +458,12 @@ impl ContainerManager {
             message: String::new(),
             stop_signal: Some(stop_signal),
             user: None,
+            image_volumes: Vec::new(),
         };
-        match self.make(&mut rec, &sandbox, &image_config, &lower).await {
+        match self
+            .make(&mut rec, &sandbox, &image_config, &lower, &work)
+            .await
+        {
             Ok(()) => {
                 self.index.insert(&id, rec.clone());
                 Ok(rec)
@@ -458,6 +488,7 @@ impl ContainerManager {
         sandbox: &SandboxRecord,
         image_config: &serde_json::Value,
         lower: &[PathBuf],
+        work: &spec::mounts::HostWork,
     ) -> Result<(), ContainerError> {
         let t0 = std::time::Instant::now();
         let mark = |step: &str| {
@@ -469,10 +500,48 @@ impl ContainerManager {
         };
         self.persist(rec)?;
         mark("record");
+        // Held until removal: RemoveImage must not take an image a container uses.
+        if self.images.acquire(&rec.image_id, &rec.id).await.is_none() {
+            return Err(ContainerError::ImageNotFound(rec.image_name.clone()));
+        }
+        let mut images = Vec::new();
+        for (index, name, sub_path) in &work.images {
+            let img = self
+                .images
+                .acquire(name, &rec.id)
+                .await
+                .ok_or_else(|| ContainerError::ImageNotFound(name.clone()))?;
+            images.push(volumes::ImageMount {
+                index: *index,
+                image: img.id.clone(),
+                lower_dirs: self.images.snapshot_dirs(&img)?,
+                sub_path: sub_path.clone(),
+            });
+            rec.image_volumes.push(ImageVolume {
+                index: *index,
+                image_ref: img.repo_digests.first().cloned().unwrap_or(img.id.clone()),
+                image_id: img.id,
+            });
+        }
         std::fs::create_dir_all(&rec.bundle)
             .map_err(io_err(format!("create {}", rec.bundle.display())))?;
         rootfs::mount_rootfs(&self.config.root, &rec.id, lower, &rec.rootfs())?;
         mark("rootfs");
+        let plan = volumes::Plan {
+            mounts_dir: volumes::mounts_dir(&rec.bundle),
+            volumes_dir: rootfs::rw_dir(&self.config.root, &rec.id).join("volumes"),
+            rootfs: rec.rootfs(),
+            recursive_read_only: work.recursive_read_only.clone(),
+            images,
+            declared_volumes: work.declared_volumes.clone(),
+        };
+        let prepared = tokio::task::spawn_blocking(move || volumes::prepare(&plan))
+            .await
+            .map_err(|e| ContainerError::Io {
+                context: "preparing volumes".to_string(),
+                source: std::io::Error::other(e),
+            })??;
+        mark("volumes");
         let requested_oom = rec
             .config
             .linux
@@ -503,6 +572,7 @@ impl ContainerManager {
             pod_pid_ns,
             pod_shm: sandbox.shm_path(),
             min_oom_score_adj: self.min_oom_score_adj,
+            prepared: &prepared,
         };
         let spec = spec::build_spec(&input)?;
         let command = spec
@@ -578,13 +648,24 @@ impl ContainerManager {
         if let Err(e) = rootfs::unmount_rootfs(&rec.rootfs()) {
             tracing::warn!(id = %rec.id, error = %e, "unmount rootfs");
         }
+        let bundle = rec.bundle.clone();
+        match tokio::task::spawn_blocking(move || volumes::release(&bundle)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(id = %rec.id, error = %e, "release volume mounts"),
+            Err(e) => tracing::warn!(id = %rec.id, error = %e, "release volume mounts"),
+        }
+        self.images.release(&rec.id);
         if let Err(e) = rootfs::remove_rw(&self.config.root, &rec.id) {
             tracing::warn!(id = %rec.id, error = %e, "remove writable layer");
         }
         if let Err(e) = cgroups::remove(self.layout, &rec.cgroups_path) {
             tracing::warn!(id = %rec.id, error = %e, "remove cgroup");
         }
-        if let Err(e) = std::fs::remove_dir_all(&rec.bundle)
+        // Never recurse into what is still mounted (a rootfs, a bind of a host path).
+        let left = volumes::mounts_under(&rec.bundle);
+        if !left.is_empty() {
+            tracing::warn!(id = %rec.id, mounts = ?left, "bundle kept: mounts are left in it");
+        } else if let Err(e) = std::fs::remove_dir_all(&rec.bundle)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(id = %rec.id, error = %e, "remove bundle");

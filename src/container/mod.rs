@@ -1,9 +1,10 @@
-//! Containers: records and lifecycle ([`manager`]), the rootfs overlay ([`rootfs`]), the CRI
-//! container config turned into an OCI runtime spec ([`spec`], [`seccomp`], [`user`]), stop
-//! signals ([`signal`]).
+//! Containers: records and lifecycle ([`manager`]), the rootfs overlay ([`rootfs`]), the
+//! host-side mounts of volumes ([`volumes`]), the CRI container config turned into an OCI
+//! runtime spec ([`spec`], [`seccomp`], [`user`]), stop signals ([`signal`]).
 pub mod manager;
 pub mod rootfs;
 pub mod seccomp;
 pub mod signal;
 pub mod spec;
 pub mod user;
+pub mod volumes;

@@ -57,6 +57,8 @@ pub struct SpecInput<'a> {
     pub pod_shm: Option<PathBuf>,
     /// The lowest oom_score_adj berthd may give (its own); lower requests are raised to it.
     pub min_oom_score_adj: i32,
+    /// What was prepared on the host for the mounts ([`mounts::host_work`]).
+    pub prepared: &'a mounts::Prepared,
 }
 
 /// Errors building a spec.
@@ -151,6 +153,9 @@ pub struct ImageConfig {
     pub user: Option<String>,
     #[serde(rename = "WorkingDir", default)]
     pub working_dir: Option<String>,
+    /// `VOLUME`s: container paths (the values are empty objects).
+    #[serde(rename = "Volumes", default)]
+    pub volumes: Option<HashMap<String, serde_json::Value>>,
 }
 
 impl ImageConfig {
@@ -161,7 +166,8 @@ impl ImageConfig {
             Some(c) => c,
             None if v.get("Entrypoint").is_some()
                 || v.get("Cmd").is_some()
-                || v.get("Env").is_some() =>
+                || v.get("Env").is_some()
+                || v.get("Volumes").is_some() =>
             {
                 v
             }

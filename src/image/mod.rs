@@ -2,6 +2,10 @@
 //! the durable image records with their tags and digests, lookup, removal and garbage
 //! collection.
 //!
+//! Containers hold the images they use (their rootfs image and image volumes): RemoveImage of
+//! a held image fails until the containers are removed, so neither the record nor the snapshot
+//! dirs that their overlays stack can go while they exist.
+//!
 //! A pull writes blobs and snapshots first and registers the image record last, in one store
 //! transaction; anything a crash leaves unregistered is collected at the next start
 //! ([`ImageManager::open`]). Garbage collection takes the `gc` lock exclusively while pulls hold
@@ -14,10 +18,10 @@ pub mod registry;
 pub mod snapshot;
 pub mod unpack;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock as StdRwLock};
+use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -71,6 +75,12 @@ pub enum ImageError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("image {image:?} ({id}) is in use by container {container}")]
+    InUse {
+        image: String,
+        id: String,
+        container: String,
+    },
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -143,6 +153,8 @@ pub struct ImageManager {
     pull_locks: KeyedLocks,
     gc_lock: tokio::sync::RwLock<()>,
     root: PathBuf,
+    /// Image id → the containers holding it.
+    holders: StdMutex<HashMap<String, BTreeSet<String>>>,
 }
 
 fn sha256_digest(bytes: &[u8]) -> String {
@@ -178,6 +190,7 @@ impl ImageManager {
             pull_locks: KeyedLocks::default(),
             gc_lock: tokio::sync::RwLock::new(()),
             root: config.root.clone(),
+            holders: StdMutex::new(HashMap::new()),
         };
         let (blobs, snaps) = mgr.collect_garbage_now()?;
         if blobs + snaps > 0 {
@@ -482,6 +495,35 @@ impl ImageManager {
         None
     }
 
+    fn lock_holders(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeSet<String>>> {
+        self.holders.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves an image (as [`Self::resolve`]) and records that `holder` (a container id) uses
+    /// it, atomically with respect to [`Self::remove`]. `None`: no such image.
+    pub async fn acquire(&self, spec: &str, holder: &str) -> Option<ImageRecord> {
+        let _records = self.records_lock.lock().await;
+        let img = self.resolve(spec)?;
+        self.hold(&img.id, holder);
+        Some(img)
+    }
+
+    /// Records that `holder` uses the image `id` (at start, for the containers on record).
+    pub fn hold(&self, id: &str, holder: &str) {
+        self.lock_holders()
+            .entry(id.to_string())
+            .or_default()
+            .insert(holder.to_string());
+    }
+
+    /// Drops every hold of `holder`.
+    pub fn release(&self, holder: &str) {
+        self.lock_holders().retain(|_, holders| {
+            holders.remove(holder);
+            !holders.is_empty()
+        });
+    }
+
     /// Every image, sorted by id.
     pub fn list(&self) -> Vec<ImageRecord> {
         let mut v: Vec<ImageRecord> = self.read_images().values().cloned().collect();
@@ -490,7 +532,8 @@ impl ImageManager {
     }
 
     /// Removes an image, with all its tags, by any name a client gives it (a tag, its id or a
-    /// digest). Absent is fine. Content no other image needs is collected in the background.
+    /// digest). Absent is fine. An image a container holds cannot go ([`ImageError::InUse`]).
+    /// Content no other image needs is collected in the background.
     pub async fn remove(self: &Arc<Self>, spec: &str) -> Result<(), ImageError> {
         let _records = self.records_lock.lock().await;
         let Some(img) = self.resolve(spec) else {
@@ -498,6 +541,13 @@ impl ImageManager {
         };
         // Any reference removes the whole image with all its tags, as containerd does (crictl
         // warns its users of exactly that; the kubelet removes by id).
+        if let Some(holder) = self.lock_holders().get(&img.id).and_then(|h| h.first()) {
+            return Err(ImageError::InUse {
+                image: spec.to_string(),
+                id: img.id.clone(),
+                container: holder.clone(),
+            });
+        }
         let mut batch = Batch::new();
         batch.delete(Table::Images, &img.id);
         let store = self.store.clone();

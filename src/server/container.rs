@@ -42,6 +42,18 @@ pub fn to_container(rec: &ContainerRecord) -> cri::Container {
     }
 }
 
+/// The container's CRI mounts as configured; an image volume's `image.image_ref` tells which
+/// image it got (its repo digest, else its id, as the container's own `image_ref`).
+fn mounts(rec: &ContainerRecord) -> Vec<cri::Mount> {
+    let mut mounts = rec.config.mounts.clone();
+    for v in &rec.image_volumes {
+        if let Some(image) = mounts.get_mut(v.index).and_then(|m| m.image.as_mut()) {
+            image.image_ref = v.image_ref.clone();
+        }
+    }
+    mounts
+}
+
 pub fn to_status(rec: &ContainerRecord) -> cri::ContainerStatus {
     cri::ContainerStatus {
         id: rec.id.clone(),
@@ -57,7 +69,7 @@ pub fn to_status(rec: &ContainerRecord) -> cri::ContainerStatus {
         message: rec.message.clone(),
         labels: rec.config.labels.clone(),
         annotations: rec.config.annotations.clone(),
-        mounts: rec.config.mounts.clone(),
+        mounts: mounts(rec),
         log_path: rec
             .log_path
             .as_ref()

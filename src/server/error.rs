@@ -5,6 +5,7 @@ use tonic::Status;
 use crate::cgroups::CgroupError;
 use crate::container::manager::ContainerError;
 use crate::container::spec::SpecError;
+use crate::container::volumes::VolumeError;
 use crate::image::ImageError;
 use crate::image::unpack::UnpackError;
 use crate::network::NetworkError;
@@ -29,7 +30,8 @@ impl From<ImageError> for Status {
                 ..
             }
             | ImageError::BadManifest { .. }
-            | ImageError::UnsupportedDigest(_) => Status::failed_precondition(msg),
+            | ImageError::UnsupportedDigest(_)
+            | ImageError::InUse { .. } => Status::failed_precondition(msg),
             ImageError::Unpack { .. }
             | ImageError::Io { .. }
             | ImageError::Store(_)
@@ -86,6 +88,19 @@ impl From<SandboxError> for Status {
     }
 }
 
+impl From<VolumeError> for Status {
+    fn from(e: VolumeError) -> Status {
+        let msg = e.to_string();
+        match e {
+            VolumeError::Invalid(_) => Status::invalid_argument(msg),
+            VolumeError::Unsupported(_) => Status::failed_precondition(msg),
+            VolumeError::Mount { .. } | VolumeError::Io { .. } | VolumeError::StillMounted(_) => {
+                Status::internal(msg)
+            }
+        }
+    }
+}
+
 impl From<ContainerError> for Status {
     fn from(e: ContainerError) -> Status {
         let msg = e.to_string();
@@ -106,6 +121,10 @@ impl From<ContainerError> for Status {
             }
             ContainerError::Image(i) => {
                 let code = Status::from(i).code();
+                Status::new(code, msg)
+            }
+            ContainerError::Volume(v) => {
+                let code = Status::from(v).code();
                 Status::new(code, msg)
             }
             ContainerError::Spec(SpecError::Invalid(_))

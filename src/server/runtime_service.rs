@@ -17,6 +17,7 @@ use super::trace::{deadline, rpc};
 use super::{container, list_stream, pod_sandbox};
 use crate::config::{CgroupDriver, Config};
 use crate::container::manager::ContainerManager;
+use crate::container::volumes;
 use crate::sandbox::SandboxManager;
 
 /// The CRI API version berth speaks.
@@ -63,6 +64,32 @@ impl RuntimeServiceImpl {
                 message: network.err().unwrap_or_default(),
             },
         ]
+    }
+}
+
+impl RuntimeServiceImpl {
+    /// Every configured handler, and the default one again under the name `""` (as containerd
+    /// reports them). Recursive read-only mounts are berth's own work (`mount_setattr`), so
+    /// every handler has them when the kernel does; user namespaces are not built.
+    fn runtime_handlers(&self) -> Vec<cri::RuntimeHandler> {
+        let features = cri::RuntimeHandlerFeatures {
+            recursive_read_only_mounts: volumes::recursive_read_only_supported(),
+            user_namespaces: false,
+        };
+        let mut out = Vec::new();
+        for name in self.config.runtimes.keys() {
+            out.push(cri::RuntimeHandler {
+                name: name.clone(),
+                features: Some(features),
+            });
+            if *name == self.config.default_runtime {
+                out.push(cri::RuntimeHandler {
+                    name: String::new(),
+                    features: Some(features),
+                });
+            }
+        }
+        out
     }
 }
 
@@ -124,8 +151,9 @@ impl RuntimeService for RuntimeServiceImpl {
                     conditions: self.conditions().await,
                 }),
                 info,
-                runtime_handlers: vec![],
-                // berth resolves users and groups itself (src/container/user.rs).
+                runtime_handlers: self.runtime_handlers(),
+                // berth resolves users and groups itself (src/container/user.rs): Merge and
+                // Strict are both built.
                 features: Some(cri::RuntimeFeatures {
                     supplemental_groups_policy: true,
                     // No user namespaces here (runc 1.1 has no idmapped mounts).

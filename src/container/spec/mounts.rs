@@ -1,11 +1,17 @@
 //! Mounts of a container: the OCI defaults (proc, /dev, devpts, shm, mqueue, sysfs, cgroup),
-//! the pod's files (/etc/hostname, /etc/hosts, /etc/resolv.conf) and /dev/shm, and the CRI
-//! mounts (bind mounts with propagation), as containerd's CRI plugin lays them out:
-//! defaults first (minus those a supplied mount replaces), then the supplied mounts sorted
-//! so that parents come before their children.
+//! the pod's files (/etc/hostname, /etc/hosts, /etc/resolv.conf) and /dev/shm, the CRI
+//! mounts (bind mounts with propagation, recursive read-only mounts, image volumes) and the
+//! volumes the image declares, as containerd's CRI plugin lays them out: defaults first
+//! (minus those a supplied mount replaces), then the supplied mounts sorted so that parents
+//! come before their children.
+//!
+//! This module plans and validates; the host-side work some mounts need first (a recursively
+//! read-only clone, an image's mount, a volume dir seeded from the image) is listed by
+//! [`host_work`], done by [`crate::container::volumes`], and comes back as [`Prepared`].
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cri::v1 as cri;
 use oci_spec::runtime::Mount;
@@ -113,28 +119,88 @@ enum Propagation {
     Shared,
 }
 
-/// A bind mount to make.
-#[derive(Debug)]
-struct Bind {
-    dest: String,
-    source: PathBuf,
-    readonly: bool,
+/// Where a CRI mount's content comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountSource {
+    /// A host path, symlinks resolved.
+    Host(PathBuf),
+    /// An image volume (KEP-4639): the image as the client named it, and a clean path inside
+    /// it (`""`: its root).
+    Image { image: String, sub_path: String },
+}
+
+/// A CRI mount, validated.
+#[derive(Debug, Clone)]
+pub struct CheckedMount {
+    /// The cleaned container path.
+    pub dest: String,
+    pub source: MountSource,
+    pub readonly: bool,
+    pub recursive_read_only: bool,
     propagation: Propagation,
 }
 
-/// A CRI mount → a bind (validated; the host path must exist).
-fn cri_bind(m: &cri::Mount) -> Result<Option<Bind>, SpecError> {
-    if m.image.is_some() && m.host_path.is_empty() {
-        // Image volumes are not supported yet: the kubelet only sends them when asked to.
-        tracing::warn!(container_path = %m.container_path, "ignoring an image volume mount");
-        return Ok(None);
-    }
+/// Whether the ignored `selinux_relabel` was logged already.
+static SELINUX_RELABEL_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// Validates a CRI mount (a host path must exist). Fields berth cannot honour and that
+/// would change what the container gets are refused; `selinux_relabel` is ignored (berth
+/// applies no SELinux labels, like containerd on a host without SELinux).
+pub fn check_mount(m: &cri::Mount) -> Result<CheckedMount, SpecError> {
     let dest = clean_path(&m.container_path).ok_or_else(|| {
         SpecError::Invalid(format!(
             "mount container path {:?} is not absolute",
             m.container_path
         ))
     })?;
+    if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
+        return Err(SpecError::Invalid(format!(
+            "mount at {dest}: uid/gid mappings need idmapped mounts, which the OCI runtime here \
+             (runc 1.1) cannot make"
+        )));
+    }
+    if m.selinux_relabel && !SELINUX_RELABEL_LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::info!(
+            container_path = %dest,
+            "selinux_relabel is ignored: berth applies no SELinux labels (logged once)"
+        );
+    }
+    if let Some(image) = &m.image {
+        if !m.host_path.is_empty() {
+            return Err(SpecError::Invalid(format!(
+                "mount at {dest}: host_path {:?} and image are mutually exclusive",
+                m.host_path
+            )));
+        }
+        if !m.readonly {
+            return Err(SpecError::Invalid(format!(
+                "image volume at {dest}: image mounts are read-only; readonly must be true"
+            )));
+        }
+        let name = image.image.trim();
+        if name.is_empty() {
+            return Err(SpecError::Invalid(format!(
+                "image volume at {dest} names no image"
+            )));
+        }
+        let sub_path = clean_sub_path(&m.image_sub_path).map_err(|why| {
+            SpecError::Invalid(format!(
+                "image volume at {dest}: image_sub_path {:?} {why}",
+                m.image_sub_path
+            ))
+        })?;
+        // An image mount has no submounts and is read-only whatever propagation says.
+        return Ok(CheckedMount {
+            dest,
+            source: MountSource::Image {
+                image: name.to_string(),
+                sub_path,
+            },
+            readonly: true,
+            recursive_read_only: m.recursive_read_only,
+            propagation: Propagation::Private,
+        });
+    }
     if m.host_path.is_empty() {
         return Err(SpecError::Invalid(format!(
             "mount at {dest} has no host path"
@@ -142,13 +208,22 @@ fn cri_bind(m: &cri::Mount) -> Result<Option<Bind>, SpecError> {
     }
     let source = std::fs::canonicalize(&m.host_path)
         .map_err(|e| SpecError::Invalid(format!("mount host path {}: {e}", m.host_path)))?;
+    let requested = cri::MountPropagation::try_from(m.propagation);
     if m.recursive_read_only {
-        return Err(SpecError::Invalid(format!(
-            "recursive read-only mounts are not supported (host path {})",
-            m.host_path
-        )));
+        if !m.readonly {
+            return Err(SpecError::Invalid(format!(
+                "mount at {dest} (host path {}): recursive_read_only needs readonly = true",
+                m.host_path
+            )));
+        }
+        if requested != Ok(cri::MountPropagation::PropagationPrivate) {
+            return Err(SpecError::Invalid(format!(
+                "mount at {dest} (host path {}): recursive_read_only needs propagation PRIVATE",
+                m.host_path
+            )));
+        }
     }
-    let propagation = match cri::MountPropagation::try_from(m.propagation) {
+    let propagation = match requested {
         Ok(cri::MountPropagation::PropagationPrivate) => Propagation::Private,
         Ok(cri::MountPropagation::PropagationHostToContainer) => {
             ensure_propagates(&source, false)?;
@@ -164,12 +239,135 @@ fn cri_bind(m: &cri::Mount) -> Result<Option<Bind>, SpecError> {
             Propagation::Private
         }
     };
-    Ok(Some(Bind {
+    Ok(CheckedMount {
         dest,
-        source,
+        source: MountSource::Host(source),
         readonly: m.readonly,
+        recursive_read_only: m.recursive_read_only,
         propagation,
-    }))
+    })
+}
+
+/// A path inside an image, lexically cleaned and relative (`""` for the image's root).
+/// Absolute paths and `..` that would leave the image are refused (the reason is returned).
+pub fn clean_sub_path(p: &str) -> Result<String, &'static str> {
+    if p.starts_with('/') {
+        return Err("is absolute; it must be relative to the image's root");
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    return Err("leaves the image");
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// The host-side work a container's mounts need before its spec can be built
+/// ([`crate::container::volumes`] does it and answers with a [`Prepared`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HostWork {
+    /// CRI mounts to make recursively read-only: (index in `config.mounts`, host path).
+    pub recursive_read_only: Vec<(usize, PathBuf)>,
+    /// CRI image mounts: (index in `config.mounts`, image as named, sub path).
+    pub images: Vec<(usize, String, String)>,
+    /// Container paths of the volumes the image declares (`VOLUME`) that no CRI mount
+    /// covers, cleaned and sorted.
+    pub declared_volumes: Vec<String>,
+}
+
+/// Validates the CRI mounts of `config` and lists the host work they and the image's declared
+/// volumes need. Nothing is mounted here.
+pub fn host_work(
+    config: &cri::ContainerConfig,
+    image_config: &serde_json::Value,
+) -> Result<HostWork, SpecError> {
+    let mut work = HostWork::default();
+    let mut dests = HashSet::new();
+    for (i, m) in config.mounts.iter().enumerate() {
+        let c = check_mount(m)?;
+        match c.source {
+            MountSource::Host(p) if c.recursive_read_only => {
+                work.recursive_read_only.push((i, p));
+            }
+            MountSource::Host(_) => {}
+            MountSource::Image { image, sub_path } => work.images.push((i, image, sub_path)),
+        }
+        dests.insert(c.dest);
+    }
+    let image = super::ImageConfig::from_json(image_config)?;
+    let mut declared = std::collections::BTreeSet::new();
+    for v in image.volumes.iter().flat_map(|v| v.keys()) {
+        // Docker takes relative VOLUME paths as relative to the root.
+        let Some(dest) = clean_path(&format!("/{}", v.trim_start_matches('/'))) else {
+            continue;
+        };
+        if dest == "/" {
+            tracing::warn!(volume = %v, "ignoring an image volume at /");
+            continue;
+        }
+        // Like containerd: a CRI mount at the same path replaces the image's volume.
+        if !dests.contains(&dest) {
+            declared.insert(dest);
+        }
+    }
+    work.declared_volumes = declared.into_iter().collect();
+    Ok(work)
+}
+
+/// What berth prepared on the host for a container's mounts.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    /// CRI mount index → the host path bound in its place: a recursively read-only clone of
+    /// its host path, or (a sub path of) its image's read-only mount.
+    pub sources: BTreeMap<usize, PathBuf>,
+    /// Volumes the image declares: (container path, the container's own dir for it).
+    pub declared_volumes: Vec<(String, PathBuf)>,
+}
+
+/// A bind mount to make.
+#[derive(Debug)]
+struct Bind {
+    dest: String,
+    source: PathBuf,
+    readonly: bool,
+    propagation: Propagation,
+}
+
+/// A CRI mount → a bind (validated; prepared sources replace host paths where needed).
+fn cri_bind(i: usize, m: &cri::Mount, prepared: &Prepared) -> Result<Bind, SpecError> {
+    let c = check_mount(m)?;
+    let prepared = prepared.sources.get(&i);
+    let (source, readonly) = match (c.source, prepared) {
+        (MountSource::Image { .. }, Some(p)) => (p.clone(), true),
+        (MountSource::Image { image, .. }, None) => {
+            return Err(SpecError::Invalid(format!(
+                "image volume at {} (image {image}) is not mounted",
+                c.dest
+            )));
+        }
+        (MountSource::Host(_), Some(p)) if c.recursive_read_only => (p.clone(), true),
+        (MountSource::Host(h), None) if c.recursive_read_only => {
+            return Err(SpecError::Invalid(format!(
+                "recursive read-only mount at {} (host path {}) is not prepared",
+                c.dest,
+                h.display()
+            )));
+        }
+        (MountSource::Host(h), _) => (h, c.readonly),
+    };
+    Ok(Bind {
+        dest: c.dest,
+        source,
+        readonly,
+        propagation: c.propagation,
+    })
 }
 
 /// The mounts of a container.
@@ -179,10 +377,16 @@ pub fn build(
     readonly_rootfs: bool,
 ) -> Result<MountPlan, SpecError> {
     let mut binds: Vec<Bind> = Vec::new();
-    for m in &input.config.mounts {
-        if let Some(b) = cri_bind(m)? {
-            binds.push(b);
-        }
+    for (i, m) in input.config.mounts.iter().enumerate() {
+        binds.push(cri_bind(i, m, input.prepared)?);
+    }
+    for (dest, dir) in &input.prepared.declared_volumes {
+        binds.push(Bind {
+            dest: dest.clone(),
+            source: dir.clone(),
+            readonly: false,
+            propagation: Propagation::Private,
+        });
     }
     let supplied: HashSet<String> = binds.iter().map(|b| b.dest.clone()).collect();
 
@@ -307,7 +511,7 @@ fn mount_of(mountinfo: &str, path: &Path) -> Option<(PathBuf, String)> {
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space…).
-fn unescape(s: &str) -> String {
+pub fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -195,6 +195,7 @@ fn runc_runs_the_spec() {
         pod_pid_ns: None,
         pod_shm: None,
         min_oom_score_adj: 0,
+        prepared: &Default::default(),
     };
     let spec = build_spec(&input).expect("spec");
     let (code, output) = run(dir.path(), &spec, &id);

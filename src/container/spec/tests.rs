@@ -145,8 +145,31 @@ fn build_with(
         pod_pid_ns: None,
         pod_shm: None,
         min_oom_score_adj: -999,
+        prepared: &Default::default(),
     };
     tweak(&mut input);
+    build_spec_with(&input, V1)
+}
+
+/// [`build_with`] with host work prepared.
+fn build_prepared(
+    f: &Fixture,
+    config: &cri::ContainerConfig,
+    prepared: &mounts::Prepared,
+) -> Result<Spec, SpecError> {
+    let rootfs = f.dir.path().join("rootfs");
+    let input = SpecInput {
+        container_id: "c1",
+        config,
+        sandbox: &f.sandbox,
+        image_config: &f.image,
+        rootfs: &rootfs,
+        cgroups_path: "/kubepods/pod1/c1".to_string(),
+        pod_pid_ns: None,
+        pod_shm: None,
+        min_oom_score_adj: -999,
+        prepared,
+    };
     build_spec_with(&input, V1)
 }
 
@@ -658,12 +681,13 @@ fn mounts_order_override_and_errors() {
         cri::MountPropagation::PropagationPrivate,
     )];
     assert!(invalid(build_with(&f, &config, |_| {})).contains("relative"));
+    // A recursive read-only mount needs its staging clone first.
     config.mounts = vec![cri::Mount {
         readonly: true,
         recursive_read_only: true,
         ..cri_mount(&host, "/x", cri::MountPropagation::PropagationPrivate)
     }];
-    invalid(build_with(&f, &config, |_| {}));
+    assert!(invalid(build_with(&f, &config, |_| {})).contains("not prepared"));
     // Propagation needs a shared (or slave) source mount; a tempdir here is private.
     if !is_shared_or_slave(&host) {
         config.mounts = vec![cri_mount(
@@ -673,13 +697,163 @@ fn mounts_order_override_and_errors() {
         )];
         assert!(invalid(build_with(&f, &config, |_| {})).contains("not a shared mount"));
     }
-    // Image volumes are ignored.
+    // An image volume needs its image mounted first.
     config.mounts = vec![cri::Mount {
         container_path: "/img".to_string(),
-        image: Some(cri::ImageSpec::default()),
+        image: Some(cri::ImageSpec {
+            image: "sha256:feed".to_string(),
+            ..Default::default()
+        }),
+        readonly: true,
         ..Default::default()
     }];
-    assert!(mount_at(&build(&f, &config), "/img").is_none());
+    assert!(invalid(build_with(&f, &config, |_| {})).contains("not mounted"));
+}
+
+fn rro(host: &Path, dest: &str) -> cri::Mount {
+    cri::Mount {
+        readonly: true,
+        recursive_read_only: true,
+        ..cri_mount(host, dest, cri::MountPropagation::PropagationPrivate)
+    }
+}
+
+fn image_mount(dest: &str, image: &str, sub_path: &str) -> cri::Mount {
+    cri::Mount {
+        container_path: dest.to_string(),
+        image: Some(cri::ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        }),
+        image_sub_path: sub_path.to_string(),
+        readonly: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn mount_rules_of_the_cri() {
+    let f = fixture();
+    let host = f.dir.path().join("vol");
+    std::fs::create_dir_all(&host).expect("vol");
+    let check = |m: cri::Mount| mounts::check_mount(&m);
+    let refused = |m: cri::Mount| match check(m) {
+        Err(SpecError::Invalid(msg)) => msg,
+        other => panic!("expected Invalid, got {other:?}"),
+    };
+
+    // Recursive read-only: readonly and PRIVATE propagation are required; the message names
+    // the mount.
+    assert!(check(rro(&host, "/r")).expect("rro").recursive_read_only);
+    let msg = refused(cri::Mount {
+        readonly: false,
+        ..rro(&host, "/r")
+    });
+    assert!(msg.contains("/r") && msg.contains("readonly"), "{msg}");
+    let msg = refused(cri::Mount {
+        propagation: cri::MountPropagation::PropagationHostToContainer as i32,
+        ..rro(&host, "/r")
+    });
+    assert!(msg.contains("PRIVATE"), "{msg}");
+
+    // Image volumes: read-only, no host path, a sub path that stays inside.
+    let m = check(image_mount("/v/", "sha256:feed", "./a//b/../c")).expect("image");
+    assert_eq!(m.dest, "/v");
+    assert_eq!(
+        m.source,
+        mounts::MountSource::Image {
+            image: "sha256:feed".to_string(),
+            sub_path: "a/c".to_string()
+        }
+    );
+    assert!(
+        refused(cri::Mount {
+            readonly: false,
+            ..image_mount("/v", "img", "")
+        })
+        .contains("read-only")
+    );
+    assert!(
+        refused(cri::Mount {
+            host_path: host.display().to_string(),
+            ..image_mount("/v", "img", "")
+        })
+        .contains("mutually exclusive")
+    );
+    assert!(refused(image_mount("/v", "img", "../etc")).contains("leaves the image"));
+    assert!(refused(image_mount("/v", "img", "a/../../etc")).contains("leaves the image"));
+    assert!(refused(image_mount("/v", "img", "/etc")).contains("absolute"));
+    assert!(refused(image_mount("/v", " ", "")).contains("names no image"));
+
+    // Idmapped mounts are refused; SELinux relabeling is ignored.
+    let msg = refused(cri::Mount {
+        uid_mappings: vec![cri::IdMapping {
+            host_id: 100000,
+            container_id: 0,
+            length: 65536,
+        }],
+        ..cri_mount(&host, "/u", cri::MountPropagation::PropagationPrivate)
+    });
+    assert!(msg.contains("/u") && msg.contains("idmapped"), "{msg}");
+    check(cri::Mount {
+        selinux_relabel: true,
+        ..cri_mount(&host, "/s", cri::MountPropagation::PropagationPrivate)
+    })
+    .expect("selinux_relabel ignored");
+}
+
+#[test]
+fn host_work_and_prepared_sources() {
+    let f = fixture();
+    let host = f.dir.path().join("vol");
+    std::fs::create_dir_all(&host).expect("vol");
+    let mut config = base_config();
+    config.mounts = vec![
+        cri_mount(&host, "/plain", cri::MountPropagation::PropagationPrivate),
+        rro(&host, "/rro"),
+        image_mount("/img", "example.com/data:1", "sub"),
+        cri_mount(&host, "/covered", cri::MountPropagation::PropagationPrivate),
+    ];
+    let mut image = f.image.clone();
+    image["config"]["Volumes"] = json!({"/covered": {}, "data/": {}, "/cache": {}, "/": {}});
+    let work = mounts::host_work(&config, &image).expect("work");
+    assert_eq!(work.recursive_read_only, vec![(1, host.clone())]);
+    assert_eq!(
+        work.images,
+        vec![(2, "example.com/data:1".to_string(), "sub".to_string())]
+    );
+    assert_eq!(work.declared_volumes, vec!["/cache", "/data"]);
+
+    // An invalid mount fails before any work.
+    let mut bad = config.clone();
+    bad.mounts[1].readonly = false;
+    invalid(mounts::host_work(&bad, &image).map(|_| Spec::default()));
+
+    // The spec binds what was prepared.
+    let staged = f.dir.path().join("staged");
+    let img = f.dir.path().join("img/sub");
+    let cache = f.dir.path().join("volumes/0");
+    let data = f.dir.path().join("volumes/1");
+    let prepared = mounts::Prepared {
+        sources: [(1, staged.clone()), (2, img.clone())].into(),
+        declared_volumes: vec![
+            ("/cache".to_string(), cache.clone()),
+            ("/data".to_string(), data.clone()),
+        ],
+    };
+    let s = build_prepared(&f, &config, &prepared).expect("spec");
+    let at = |dest: &str| {
+        let m = mount_at(&s, dest).unwrap_or_else(|| panic!("{dest}"));
+        (m.source().clone().expect("source"), options(m))
+    };
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let ro = strings(&["rbind", "rprivate", "ro"]);
+    let rw = strings(&["rbind", "rprivate", "rw"]);
+    assert_eq!(at("/plain"), (host.clone(), rw.clone()));
+    assert_eq!(at("/rro"), (staged, ro.clone()));
+    assert_eq!(at("/img"), (img, ro.clone()));
+    assert_eq!(at("/cache"), (cache, rw.clone()));
+    assert_eq!(at("/data"), (data, rw));
 }
 
 fn is_shared_or_slave(p: &Path) -> bool {
@@ -942,6 +1116,7 @@ fn resources_and_oom_score() {
         pod_pid_ns: None,
         pod_shm: None,
         min_oom_score_adj: 0,
+        prepared: &Default::default(),
     };
     let s = build_spec_with(
         &input,
@@ -1049,6 +1224,7 @@ fn namespaces() {
         pod_pid_ns: None,
         pod_shm: None,
         min_oom_score_adj: 0,
+        prepared: &Default::default(),
     };
     let v2 = CgroupFeatures {
         unified: true,
