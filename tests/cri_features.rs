@@ -734,3 +734,43 @@ async fn user_namespaces_refused_lsm_settings_ignored_without_the_module() {
     }
     e.remove_pod(&pod).await;
 }
+
+/// An ExecSync cut off by its timeout leaves nothing in the container, not even a zombie
+/// under a PID 1 that never reaps (critest's default container runs `top`).
+#[tokio::test]
+async fn exec_timeout_leaves_no_process() {
+    let mut e = env().await;
+    let pod = e.pod("exec-timeout").await;
+    let mut c = e.config(&e.plain, "top", "");
+    c.command = vec!["top".into()];
+    let id = e.run(&pod, c).await;
+    let err =
+        e.rt.exec_sync(cri::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["sleep".into(), "4321".into()],
+            timeout: 1,
+        })
+        .await
+        .expect_err("timed out");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    let out = e
+        .rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "for d in /proc/[0-9]*; do echo \"$(cat $d/comm 2>/dev/null) $(cut -d' ' -f3,4 $d/stat 2>/dev/null) ${d#/proc/}\"; done".into(),
+            ],
+            timeout: 10,
+        })
+        .await
+        .expect("exec")
+        .into_inner();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.lines().any(|l| l.starts_with("sleep ")),
+        "the timed-out exec lingers: {text}"
+    );
+    e.remove_pod(&pod).await;
+}

@@ -99,7 +99,8 @@ pub struct ImageVolume {
     pub index: usize,
     /// The image id (`sha256:…`).
     pub image_id: String,
-    /// The image's repo digest, else its id: the `image_ref` ContainerStatus reports for it.
+    /// What ContainerStatus reports as the mount's `image.image_ref`: the image id, which is
+    /// what PullImage answered the kubelet (critest compares the two).
     pub image_ref: String,
 }
 
@@ -519,7 +520,7 @@ impl ContainerManager {
             });
             rec.image_volumes.push(ImageVolume {
                 index: *index,
-                image_ref: img.repo_digests.first().cloned().unwrap_or(img.id.clone()),
+                image_ref: img.id.clone(),
                 image_id: img.id,
             });
         }
@@ -625,6 +626,15 @@ impl ContainerManager {
                 not_found_or(&message, &command, e.into())
             })?;
         mark("runtime create");
+        // The container's mount namespace holds its own copies of the staged mounts now;
+        // berthd's are let go, so that nothing of the host's paths stays busy here (a host
+        // dir under a recursive read-only mount can be unmounted and removed by its owner).
+        let bundle = rec.bundle.clone();
+        match tokio::task::spawn_blocking(move || volumes::release(&bundle)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(id = %rec.id, error = %e, "release staged mounts"),
+            Err(e) => tracing::warn!(id = %rec.id, error = %e, "release staged mounts"),
+        }
         rec.pid = pid;
         rec.phase = Phase::Created;
         self.persist(rec)?;

@@ -205,13 +205,43 @@ impl OciRuntime {
     }
 
     /// Runs a process (an OCI `Process` JSON file) in the container and collects its output,
-    /// killing it when `timeout` passes.
+    /// killing it when `timeout` passes. The work runs in a task of its own: if this future is
+    /// dropped (the client's deadline passed), the process is killed as on a timeout and
+    /// reaped by its runtime, instead of being orphaned with it.
     pub async fn exec(
         &self,
         id: &str,
         process_json: &Path,
         pid_file: &Path,
         timeout: Option<Duration>,
+    ) -> Result<ExecOutput, RuntimeError> {
+        // Dropped with this future: the task sees its receiver fail and stops the exec.
+        let (_caller_waits, caller_gone) = tokio::sync::oneshot::channel::<()>();
+        let me = self.clone();
+        let (id, process_json, pid_file) = (
+            id.to_string(),
+            process_json.to_path_buf(),
+            pid_file.to_path_buf(),
+        );
+        tokio::spawn(async move {
+            me.exec_in_task(&id, &process_json, &pid_file, timeout, caller_gone)
+                .await
+        })
+        .await
+        .map_err(|e| RuntimeError::Failed {
+            runtime: self.handler.clone(),
+            command: "exec",
+            message: format!("exec task: {e}"),
+        })?
+    }
+
+    async fn exec_in_task(
+        &self,
+        id: &str,
+        process_json: &Path,
+        pid_file: &Path,
+        timeout: Option<Duration>,
+        caller_gone: tokio::sync::oneshot::Receiver<()>,
     ) -> Result<ExecOutput, RuntimeError> {
         let mut c = self.command();
         c.arg("exec")
@@ -224,12 +254,6 @@ impl OciRuntime {
             runtime: self.binary.display().to_string(),
             source,
         })?;
-        // If this future is dropped (the client's deadline passed), the exec'd process goes
-        // too, not only its runtime.
-        let mut guard = KillExecOnDrop {
-            pid_file: pid_file.to_path_buf(),
-            armed: true,
-        };
         let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(RuntimeError::Failed {
                 runtime: self.handler.clone(),
@@ -253,9 +277,16 @@ impl OciRuntime {
         };
         let stdout = tokio::spawn(read_capped(Box::new(out)));
         let stderr = tokio::spawn(read_capped(Box::new(err)));
-        let waited = match timeout {
-            Some(t) => tokio::time::timeout(t, child.wait()).await.ok(),
-            None => Some(child.wait().await),
+        let deadline = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let waited = tokio::select! {
+            s = child.wait() => Some(s),
+            () = deadline => None,
+            _ = caller_gone => None,
         };
         let (status, timed_out) = match waited {
             Some(s) => (
@@ -266,11 +297,24 @@ impl OciRuntime {
                 false,
             ),
             None => {
-                // Kill the exec'd process itself, then its runtime, and wait until it is
-                // gone (reaped by the container's init) so no caller sees it linger.
+                // Kill the exec'd process itself and let its runtime reap it and exit: the
+                // process is the runtime's child, and killing the runtime first would orphan
+                // it to the host's init, where it lingers as a zombie that the container can
+                // see. The runtime is killed only if it does not end by itself.
                 let pid = kill_pid_in(pid_file);
-                let _ = child.start_kill();
-                let s = child.wait().await.map_err(|source| RuntimeError::Spawn {
+                let grace = if pid.is_some() {
+                    Duration::from_secs(5)
+                } else {
+                    Duration::ZERO
+                };
+                let s = match tokio::time::timeout(grace, child.wait()).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = child.start_kill();
+                        child.wait().await
+                    }
+                }
+                .map_err(|source| RuntimeError::Spawn {
                     runtime: self.binary.display().to_string(),
                     source,
                 })?;
@@ -285,7 +329,6 @@ impl OciRuntime {
                 (s, true)
             }
         };
-        guard.armed = false;
         let stdout = stdout.await.unwrap_or_default();
         let stderr = stderr.await.unwrap_or_default();
         use std::os::unix::process::ExitStatusExt;
@@ -313,18 +356,4 @@ fn kill_pid_in(pid_file: &Path) -> Option<i32> {
         nix::sys::signal::Signal::SIGKILL,
     );
     Some(pid)
-}
-
-/// Kills an exec'd process when the exec is abandoned before it finished.
-struct KillExecOnDrop {
-    pid_file: PathBuf,
-    armed: bool,
-}
-
-impl Drop for KillExecOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = kill_pid_in(&self.pid_file);
-        }
-    }
 }

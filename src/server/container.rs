@@ -43,7 +43,7 @@ pub fn to_container(rec: &ContainerRecord) -> cri::Container {
 }
 
 /// The container's CRI mounts as configured; an image volume's `image.image_ref` tells which
-/// image it got (its repo digest, else its id, as the container's own `image_ref`).
+/// image it got: its id, as PullImage answered it.
 fn mounts(rec: &ContainerRecord) -> Vec<cri::Mount> {
     let mut mounts = rec.config.mounts.clone();
     for v in &rec.image_volumes {
