@@ -403,7 +403,8 @@ async fn collect<T>(
 }
 
 /// The `Stream*` list RPCs send what the unary ones answer, with the same filters; the
-/// stats and metrics streams answer as their unary forms (not built yet: Unimplemented), and
+/// stats and metrics streams answer as their unary forms (not built yet: Unimplemented),
+/// PodSandboxStatus carries its containers, and
 /// CheckpointContainer says why it is not offered.
 #[tokio::test]
 async fn stream_rpcs_answer_like_their_unary_forms() {
@@ -505,6 +506,20 @@ async fn stream_rpcs_answer_like_their_unary_forms() {
     .await
     .expect("stream");
     assert!(none.iter().all(|m| m.containers.is_empty()));
+
+    // PodSandboxStatus carries its containers' statuses, stamped (the Evented PLEG reads them).
+    let st = e
+        .rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pods[1].clone(),
+            verbose: false,
+        })
+        .await
+        .expect("pod status")
+        .into_inner();
+    let ids: Vec<&str> = st.containers_statuses.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, vec![containers[1].as_str()]);
+    assert!(st.timestamp > 0);
 
     let stats = collect(
         e.rt.stream_container_stats(cri::StreamContainerStatsRequest { filter: None })

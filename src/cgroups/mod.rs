@@ -100,24 +100,30 @@ pub fn cgroups_path(systemd: bool, parent: &str, id: &str) -> Result<String, Cgr
     Ok(format!("{}/{id}", parent.trim_end_matches('/')))
 }
 
+/// A systemd slice as systemd nests it (`a-b.slice` → `a.slice/a-b.slice`; `-.slice`, the
+/// root slice, is the root).
+pub fn slice_dir(slice: &str) -> PathBuf {
+    let mut dir = PathBuf::new();
+    if slice != "-.slice" {
+        let mut acc = String::new();
+        for piece in slice.trim_end_matches(".slice").split('-') {
+            if !acc.is_empty() {
+                acc.push('-');
+            }
+            acc.push_str(piece);
+            dir.push(format!("{acc}.slice"));
+        }
+    }
+    dir
+}
+
 /// The cgroup directory (relative to a hierarchy root) that a `cgroupsPath` stands for:
 /// itself for cgroupfs; for systemd, the slice expanded as systemd nests it
 /// (`a-b.slice` → `a.slice/a-b.slice`) plus the scope.
 pub fn relative_dir(cgroups_path: &str) -> PathBuf {
     let parts: Vec<&str> = cgroups_path.split(':').collect();
     if let [slice, prefix, name] = parts[..] {
-        let mut dir = PathBuf::new();
-        let stem = slice.trim_end_matches(".slice");
-        if slice != "-.slice" {
-            let mut acc = String::new();
-            for piece in stem.split('-') {
-                if !acc.is_empty() {
-                    acc.push('-');
-                }
-                acc.push_str(piece);
-                dir.push(format!("{acc}.slice"));
-            }
-        }
+        let mut dir = slice_dir(slice);
         dir.push(format!("{prefix}-{name}.scope"));
         return dir;
     }

@@ -42,18 +42,7 @@ pub fn pod_dir(systemd: bool, parent: &str) -> Result<PathBuf, CgroupError> {
                 "the systemd driver wants a slice name like kubepods-pod1.slice",
             ));
         }
-        let mut dir = PathBuf::new();
-        if parent != "-.slice" {
-            let mut acc = String::new();
-            for piece in parent.trim_end_matches(".slice").split('-') {
-                if !acc.is_empty() {
-                    acc.push('-');
-                }
-                acc.push_str(piece);
-                dir.push(format!("{acc}.slice"));
-            }
-        }
-        return Ok(dir);
+        return Ok(super::slice_dir(parent));
     }
     if !parent.starts_with('/') || parent.split('/').any(|c| c == ".." || c == ".") {
         return Err(invalid(

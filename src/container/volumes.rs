@@ -372,51 +372,9 @@ fn mount_image(lower_dirs: &[PathBuf], target: &Path) -> Result<(), VolumeError>
 /// The host path of `path` inside the tree at `root`, with symlinks resolved as if `root` were
 /// `/` (so nothing leads outside it). Components that do not exist are kept as they are.
 pub fn resolve_in_root(root: &Path, path: &str) -> Result<PathBuf, VolumeError> {
-    let mut pending: Vec<std::ffi::OsString> = Path::new(path)
-        .components()
-        .rev()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            Component::ParentDir => Some("..".into()),
-            _ => None,
-        })
-        .collect();
-    let mut resolved: Vec<std::ffi::OsString> = Vec::new();
-    let mut links = 0;
-    while let Some(c) = pending.pop() {
-        if c == ".." {
-            resolved.pop();
-            continue;
-        }
-        let mut candidate = root.to_path_buf();
-        candidate.extend(&resolved);
-        candidate.push(&c);
-        match std::fs::symlink_metadata(&candidate) {
-            Ok(m) if m.file_type().is_symlink() => {
-                links += 1;
-                if links > 40 {
-                    return Err(VolumeError::Invalid(format!(
-                        "too many symlinks resolving {path:?} in the image"
-                    )));
-                }
-                let target = std::fs::read_link(&candidate).map_err(io("read link", &candidate))?;
-                if target.is_absolute() {
-                    resolved.clear();
-                }
-                for t in target.components().rev() {
-                    match t {
-                        Component::Normal(n) => pending.push(n.to_os_string()),
-                        Component::ParentDir => pending.push("..".into()),
-                        _ => {}
-                    }
-                }
-            }
-            _ => resolved.push(c),
-        }
-    }
-    let mut out = root.to_path_buf();
-    out.extend(&resolved);
-    Ok(out)
+    super::user::scoped_path(root, path).map_err(|e| {
+        VolumeError::Invalid(format!("resolving {path:?} in the image: {e}"))
+    })
 }
 
 /// The dir of a volume the image declares at `dest`, seeded from the rootfs.

@@ -58,6 +58,14 @@ impl ImageServiceImpl {
     }
 }
 
+/// The image a List or Stream filter names ("" for all).
+fn filter_name(filter: &Option<crate::cri::v1::ImageFilter>) -> String {
+    filter
+        .as_ref()
+        .map(|f| spec_name(&f.image).trim().to_string())
+        .unwrap_or_default()
+}
+
 fn spec_name(spec: &Option<ImageSpec>) -> &str {
     spec.as_ref().map(|s| s.image.as_str()).unwrap_or("")
 }
@@ -133,11 +141,7 @@ impl ImageService for ImageServiceImpl {
     ) -> Result<Response<ListImagesResponse>, Status> {
         let deadline = deadline(&request);
         let req = request.into_inner();
-        let filter = req
-            .filter
-            .as_ref()
-            .map(|f| spec_name(&f.image).trim().to_string())
-            .unwrap_or_default();
+        let filter = filter_name(&req.filter);
         rpc("ListImages", &filter, deadline, async {
             Ok(ListImagesResponse {
                 images: self.list(&filter),
@@ -205,11 +209,7 @@ impl ImageService for ImageServiceImpl {
     ) -> Result<Response<Self::StreamImagesStream>, Status> {
         let deadline = deadline(&request);
         let req = request.into_inner();
-        let filter = req
-            .filter
-            .as_ref()
-            .map(|f| spec_name(&f.image).trim().to_string())
-            .unwrap_or_default();
+        let filter = filter_name(&req.filter);
         rpc("StreamImages", &filter, deadline, async {
             Ok(super::list_stream::stream(self.list(&filter), |images| {
                 StreamImagesResponse { images }

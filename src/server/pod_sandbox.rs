@@ -121,6 +121,7 @@ pub async fn status(
         } else {
             HashMap::new()
         },
+        // Filled by the RuntimeService, which knows the containers.
         containers_statuses: vec![],
         timestamp: 0,
     })

@@ -242,12 +242,20 @@ impl RuntimeService for RuntimeServiceImpl {
         let deadline = deadline(&request);
         let req = request.into_inner();
         let id = req.pod_sandbox_id.clone();
-        rpc(
-            "PodSandboxStatus",
-            &id,
-            deadline,
-            pod_sandbox::status(&self.sandboxes, req),
-        )
+        rpc("PodSandboxStatus", &id, deadline, async {
+            let mut resp = pod_sandbox::status(&self.sandboxes, req).await?;
+            // The pod's containers with it, at one instant (the Evented PLEG reads them).
+            let pod_id = resp.status.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+            resp.containers_statuses = self
+                .containers
+                .list()
+                .iter()
+                .filter(|c| c.sandbox_id == pod_id)
+                .map(container::to_status)
+                .collect();
+            resp.timestamp = crate::ids::now_nanos();
+            Ok(resp)
+        })
         .await
     }
 
