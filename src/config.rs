@@ -53,6 +53,7 @@ pub struct Config {
     pub cni: CniConfig,
     pub streaming: StreamingConfig,
     pub metrics: MetricsConfig,
+    pub cdi: CdiConfig,
     /// Per registry host (`docker.io`, `127.0.0.1:5000`, ...).
     pub registries: BTreeMap<String, RegistryConfig>,
 }
@@ -107,6 +108,18 @@ pub struct MetricsConfig {
     pub address: String,
 }
 
+/// CDI (Container Device Interface) devices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdiConfig {
+    /// Resolve `CDI_devices` and `cdi.k8s.io/*` annotations; when off they are ignored
+    /// (logged), as containerd does with `enable_cdi = false`.
+    pub enabled: bool,
+    /// Dirs of CDI spec files (`*.json`, `*.yaml`), lowest priority first: a device declared
+    /// in a later dir overrides the same one in an earlier dir.
+    pub spec_dirs: Vec<PathBuf>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
@@ -145,6 +158,7 @@ impl Default for Config {
             cni: CniConfig::default(),
             streaming: StreamingConfig::default(),
             metrics: MetricsConfig::default(),
+            cdi: CdiConfig::default(),
             registries: BTreeMap::new(),
         }
     }
@@ -181,6 +195,18 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             address: "127.0.0.1:9537".to_string(),
+        }
+    }
+}
+
+impl Default for CdiConfig {
+    fn default() -> Self {
+        CdiConfig {
+            enabled: true,
+            spec_dirs: crate::container::cdi::DEFAULT_SPEC_DIRS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
         }
     }
 }
@@ -261,6 +287,15 @@ impl Config {
                 return Err(invalid(key, addr, "not a socket address (host:port)"));
             }
         }
+        for dir in &self.cdi.spec_dirs {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    "cdi.spec_dirs",
+                    &dir.display().to_string(),
+                    "must be an absolute path",
+                ));
+            }
+        }
         for (host, reg) in &self.registries {
             for mirror in &reg.mirrors {
                 if !(mirror.starts_with("http://") || mirror.starts_with("https://"))
@@ -324,6 +359,26 @@ mod tests {
         assert_eq!(c.pull_progress_timeout, d.pull_progress_timeout);
         assert_eq!(c.network.pod_cidr, d.network.pod_cidr);
         assert_eq!(c.runtimes.len(), d.runtimes.len());
+        assert_eq!(c.cdi.enabled, d.cdi.enabled);
+        assert_eq!(c.cdi.spec_dirs, d.cdi.spec_dirs);
+    }
+
+    #[test]
+    fn cdi_table() {
+        let d = Config::default();
+        assert!(d.cdi.enabled);
+        assert_eq!(
+            d.cdi.spec_dirs,
+            vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")]
+        );
+        let c = Config::parse("[cdi]\nenabled = false\nspec_dirs = [\"/x/cdi\"]").expect("parses");
+        assert!(!c.cdi.enabled);
+        assert_eq!(c.cdi.spec_dirs, vec![PathBuf::from("/x/cdi")]);
+        let e = Config::parse("[cdi]\nspec_dir = []").expect_err("unknown key");
+        assert!(e.to_string().contains("spec_dir"), "{e}");
+        let e = Config::parse("[cdi]\nspec_dirs = [\"cdi\"]").expect_err("relative dir");
+        let m = e.to_string();
+        assert!(m.contains("cdi.spec_dirs") && m.contains("\"cdi\""), "{m}");
     }
 
     #[test]

@@ -508,16 +508,19 @@ async fn stream_rpcs_answer_like_their_unary_forms() {
     assert!(none.iter().all(|m| m.containers.is_empty()));
 
     // PodSandboxStatus carries its containers' statuses, stamped (the Evented PLEG reads them).
-    let st = e
-        .rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+    let st =
+        e.rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
             pod_sandbox_id: pods[1].clone(),
             verbose: false,
         })
         .await
         .expect("pod status")
         .into_inner();
-    let ids: Vec<&str> = st.containers_statuses.iter().map(|c| c.id.as_str()).collect();
+    let ids: Vec<&str> = st
+        .containers_statuses
+        .iter()
+        .map(|c| c.id.as_str())
+        .collect();
     assert_eq!(ids, vec![containers[1].as_str()]);
     assert!(st.timestamp > 0);
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use crate::cri::v1 as cri;
 use serde::{Deserialize, Serialize};
 
+use super::cdi::{self, CdiError};
 use super::rootfs::{self, RootfsError};
 use super::spec::{self, SpecError, SpecInput};
 use super::volumes::{self, VolumeError};
@@ -58,6 +59,8 @@ pub enum ContainerError {
     Spec(#[from] SpecError),
     #[error("rootfs: {0}")]
     Rootfs(#[from] RootfsError),
+    #[error(transparent)]
+    Cdi(#[from] CdiError),
     /// The container's command does not exist in it (the runtime's noise left out).
     #[error("the container's command {command:?} was not found: {reason}")]
     CommandNotFound { command: String, reason: String },
@@ -181,6 +184,8 @@ pub struct ContainerManager {
     min_oom_score_adj: i32,
     monitor_bin: PathBuf,
     exec_seq: std::sync::atomic::AtomicU64,
+    /// CDI spec dirs (read at each CreateContainer that asks for devices).
+    cdi: cdi::Registry,
 }
 
 /// Whether the oom_score_adj clamp was logged already.
@@ -227,6 +232,7 @@ impl ContainerManager {
         let records: Vec<(String, ContainerRecord)> = store.all(Table::Containers)?;
         let mgr = ContainerManager {
             monitor_bin: monitor::default_monitor_path(),
+            cdi: cdi::Registry::new(config.cdi.spec_dirs.clone()),
             config,
             store,
             images,
@@ -407,6 +413,7 @@ impl ContainerManager {
         let lower = self.images.snapshot_dirs(&image)?;
         // Every mount is checked before anything is made.
         let work = spec::mounts::host_work(&config, &image_config)?;
+        let cdi_devices = self.cdi_devices(&config)?;
         let parent = sandbox
             .config
             .linux
@@ -462,7 +469,14 @@ impl ContainerManager {
             image_volumes: Vec::new(),
         };
         match self
-            .make(&mut rec, &sandbox, &image_config, &lower, &work)
+            .make(
+                &mut rec,
+                &sandbox,
+                &image_config,
+                &lower,
+                &work,
+                &cdi_devices,
+            )
             .await
         {
             Ok(()) => {
@@ -490,6 +504,7 @@ impl ContainerManager {
         image_config: &serde_json::Value,
         lower: &[PathBuf],
         work: &spec::mounts::HostWork,
+        cdi_devices: &cdi::Resolved,
     ) -> Result<(), ContainerError> {
         let t0 = std::time::Instant::now();
         let mark = |step: &str| {
@@ -575,7 +590,8 @@ impl ContainerManager {
             min_oom_score_adj: self.min_oom_score_adj,
             prepared: &prepared,
         };
-        let spec = spec::build_spec(&input)?;
+        let mut spec = spec::build_spec(&input)?;
+        cdi_devices.apply(&mut spec)?;
         let command = spec
             .process()
             .as_ref()
@@ -640,6 +656,21 @@ impl ContainerManager {
         self.persist(rec)?;
         mark("created");
         Ok(())
+    }
+
+    /// The CDI devices a container config asks for, resolved now (checked before anything
+    /// is made for the container).
+    fn cdi_devices(&self, config: &cri::ContainerConfig) -> Result<cdi::Resolved, ContainerError> {
+        if !self.config.cdi.enabled {
+            if cdi::has_requests(config) {
+                tracing::warn!(
+                    "CDI is disabled ([cdi] enabled = false); ignoring the CDI devices requested"
+                );
+            }
+            return Ok(cdi::Resolved::default());
+        }
+        let names = cdi::requested_devices(config)?;
+        Ok(self.cdi.resolve(&names)?)
     }
 
     /// Undoes whatever a container may hold (best effort, logged).

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -372,9 +372,8 @@ fn mount_image(lower_dirs: &[PathBuf], target: &Path) -> Result<(), VolumeError>
 /// The host path of `path` inside the tree at `root`, with symlinks resolved as if `root` were
 /// `/` (so nothing leads outside it). Components that do not exist are kept as they are.
 pub fn resolve_in_root(root: &Path, path: &str) -> Result<PathBuf, VolumeError> {
-    super::user::scoped_path(root, path).map_err(|e| {
-        VolumeError::Invalid(format!("resolving {path:?} in the image: {e}"))
-    })
+    super::user::scoped_path(root, path)
+        .map_err(|e| VolumeError::Invalid(format!("resolving {path:?} in the image: {e}")))
 }
 
 /// The dir of a volume the image declares at `dest`, seeded from the rootfs.

@@ -3,6 +3,7 @@
 use tonic::Status;
 
 use crate::cgroups::CgroupError;
+use crate::container::cdi::CdiError;
 use crate::container::manager::ContainerError;
 use crate::container::spec::SpecError;
 use crate::container::volumes::VolumeError;
@@ -131,6 +132,8 @@ impl From<ContainerError> for Status {
             | ContainerError::Cgroup(CgroupError::InvalidParent { .. }) => {
                 Status::invalid_argument(msg)
             }
+            ContainerError::Cdi(CdiError::HostDevice { .. }) => Status::failed_precondition(msg),
+            ContainerError::Cdi(_) => Status::invalid_argument(msg),
             ContainerError::Runtime(RuntimeError::UnknownHandler(_)) => {
                 Status::invalid_argument(msg)
             }

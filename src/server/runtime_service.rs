@@ -245,7 +245,11 @@ impl RuntimeService for RuntimeServiceImpl {
         rpc("PodSandboxStatus", &id, deadline, async {
             let mut resp = pod_sandbox::status(&self.sandboxes, req).await?;
             // The pod's containers with it, at one instant (the Evented PLEG reads them).
-            let pod_id = resp.status.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+            let pod_id = resp
+                .status
+                .as_ref()
+                .map(|s| s.id.clone())
+                .unwrap_or_default();
             resp.containers_statuses = self
                 .containers
                 .list()
