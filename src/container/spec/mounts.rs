@@ -201,6 +201,12 @@ pub fn check_mount(m: &cri::Mount) -> Result<CheckedMount, SpecError> {
             propagation: Propagation::Private,
         });
     }
+    if !m.image_sub_path.is_empty() {
+        return Err(SpecError::Invalid(format!(
+            "mount at {dest}: image_sub_path {:?} needs an image to take it from",
+            m.image_sub_path
+        )));
+    }
     if m.host_path.is_empty() {
         return Err(SpecError::Invalid(format!(
             "mount at {dest} has no host path"
@@ -234,9 +240,10 @@ pub fn check_mount(m: &cri::Mount) -> Result<CheckedMount, SpecError> {
             Propagation::Shared
         }
         Err(_) => {
-            tracing::warn!(host_path = %m.host_path, propagation = m.propagation,
-                "unknown mount propagation; using private");
-            Propagation::Private
+            return Err(SpecError::Invalid(format!(
+                "mount at {dest} (host path {}): unknown propagation {}",
+                m.host_path, m.propagation
+            )));
         }
     };
     Ok(CheckedMount {

@@ -800,6 +800,18 @@ fn mount_rules_of_the_cri() {
         ..cri_mount(&host, "/s", cri::MountPropagation::PropagationPrivate)
     })
     .expect("selinux_relabel ignored");
+
+    // A sub path without an image, or a propagation the CRI does not define, is refused.
+    let msg = refused(cri::Mount {
+        image_sub_path: "data".into(),
+        ..cri_mount(&host, "/p", cri::MountPropagation::PropagationPrivate)
+    });
+    assert!(msg.contains("image_sub_path"), "{msg}");
+    let msg = refused(cri::Mount {
+        propagation: 7,
+        ..cri_mount(&host, "/q", cri::MountPropagation::PropagationPrivate)
+    });
+    assert!(msg.contains("/q") && msg.contains("propagation 7"), "{msg}");
 }
 
 #[test]
