@@ -1,13 +1,15 @@
 //! berthd's configuration: the TOML contract of DESIGN.md, its embedded defaults and validation.
 //!
 //! Every key is optional; an unknown key is an error that names it, and a value that does not
-//! parse is an error that names the key and the value.
+//! parse is an error that names the key and the value. Drop-in files (`*.toml` in the main
+//! file's `drop_in_dir`, by default `<main file>.d/`, as CRI-O's `crio.conf.d`) are merged over
+//! the main file in lexical order, table by table; an unknown key in one names that file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The commented default configuration shipped as `deploy/berth.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../deploy/berth.toml");
@@ -31,7 +33,7 @@ pub enum ConfigError {
 }
 
 /// The whole daemon configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Persistent data: images, snapshots, the store.
@@ -45,7 +47,7 @@ pub struct Config {
     /// The RuntimeClass handler used when none is given.
     pub default_runtime: String,
     /// A pull that moves no byte for this long fails.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub pull_progress_timeout: Duration,
     /// One entry per RuntimeClass handler.
     pub runtimes: BTreeMap<String, RuntimeConfig>,
@@ -56,30 +58,33 @@ pub struct Config {
     pub cdi: CdiConfig,
     /// Per registry host (`docker.io`, `127.0.0.1:5000`, ...).
     pub registries: BTreeMap<String, RegistryConfig>,
+    /// Where drop-in files are read from (main file only); empty: `<main file>.d`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_in_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CgroupDriver {
     Cgroupfs,
     Systemd,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// The OCI runtime binary (a name looked up in PATH, or an absolute path).
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
     Native,
     Cni,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
     pub mode: NetworkMode,
@@ -88,20 +93,20 @@ pub struct NetworkConfig {
     pub pod_cidr: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CniConfig {
     pub conf_dir: PathBuf,
     pub bin_dirs: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StreamingConfig {
     pub address: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// `host:port`; empty turns the endpoint off.
@@ -109,7 +114,7 @@ pub struct MetricsConfig {
 }
 
 /// CDI (Container Device Interface) devices.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CdiConfig {
     /// Resolve `CDI_devices` and `cdi.k8s.io/*` annotations; when off they are ignored
@@ -120,7 +125,7 @@ pub struct CdiConfig {
     pub spec_dirs: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
     /// Endpoints tried in order before the registry itself, e.g. `http://127.0.0.1:5000`.
@@ -128,6 +133,7 @@ pub struct RegistryConfig {
     /// Plain HTTP or unverified TLS allowed for this host.
     pub insecure: bool,
     /// An extra CA bundle (PEM) trusted for this host.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
 }
 
@@ -160,6 +166,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             cdi: CdiConfig::default(),
             registries: BTreeMap::new(),
+            drop_in_dir: None,
         }
     }
 }
@@ -211,6 +218,10 @@ impl Default for CdiConfig {
     }
 }
 
+fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    humantime::format_duration(*d).to_string().serialize(s)
+}
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s)
@@ -218,29 +229,49 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads a configuration file and its drop-ins, merges them and validates the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })
+        Ok(Self::load_with_sources(path)?.0)
+    }
+
+    /// [`Config::load`], also naming the files read, main file first.
+    pub fn load_with_sources(path: &Path) -> Result<(Config, Vec<PathBuf>), ConfigError> {
+        let main = read_table(path)?;
+        let dir = match main.get("drop_in_dir").and_then(|v| v.as_str()) {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => drop_in_dir_of(path),
+        };
+        let mut merged = main;
+        let mut sources = vec![path.to_path_buf()];
+        for file in drop_in_files(&dir)? {
+            let table = read_table(&file)?;
+            if table.contains_key("drop_in_dir") {
+                return Err(parse_error(
+                    &file,
+                    "drop_in_dir can only be set in the main file".to_string(),
+                ));
+            }
+            merge(&mut merged, table);
+            sources.push(file);
+        }
+        let config: Config = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_error(path, e.to_string()))?;
+        config.validate()?;
+        Ok((config, sources))
     }
 
     /// Parses and validates configuration text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| parse_error(Path::new("<inline>"), e.to_string()))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The configuration as TOML (what `berthd config check` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the config: {e}\n"))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -310,6 +341,65 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+fn parse_error(path: &Path, message: String) -> ConfigError {
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: message.trim_end().to_string(),
+    }
+}
+
+/// A file as a TOML table whose keys are all known (checked against [`Config`] on its own, so
+/// an unknown key or a bad value names this file).
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str::<Config>(&text).map_err(|e| parse_error(path, e.to_string()))?;
+    toml::from_str::<toml::Table>(&text).map_err(|e| parse_error(path, e.to_string()))
+}
+
+/// `<main file>.d`: the default place of drop-in files.
+pub fn drop_in_dir_of(main: &Path) -> PathBuf {
+    let mut name = main.as_os_str().to_os_string();
+    name.push(".d");
+    PathBuf::from(name)
+}
+
+/// The `*.toml` files of a drop-in dir in lexical order (no dir: none).
+fn drop_in_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Merges `over` into `base` table by table: a table merges key by key, anything else
+/// (a value, an array) replaces what was there.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
     }
 }
 

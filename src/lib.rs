@@ -8,6 +8,7 @@
 //! - [`ids`]: object ids, id-prefix lookup, timestamps;
 //! - [`image`]: registry pulls, the content store, layer snapshots, image records;
 //! - [`network`]: pod networking, native (rtnetlink + nftables) or CNI;
+//! - [`notify`]: systemd readiness notifications (`READY=1`, `STOPPING=1`);
 //! - [`ns`]: namespace work on dedicated threads, pinned namespaces;
 //! - [`runtime`]: the OCI runtime CLI (runc, crun) per RuntimeClass handler;
 //! - [`sandbox`]: pod sandboxes: namespaces, pod files, sysctls, pod init, records;
@@ -22,6 +23,7 @@ pub mod image;
 pub mod locks;
 pub mod monitor;
 pub mod network;
+pub mod notify;
 pub mod ns;
 pub mod runtime;
 pub mod sandbox;

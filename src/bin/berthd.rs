@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use berth::config::Config;
@@ -20,9 +20,30 @@ struct Args {
     /// Log filter, e.g. `info` or `berth=debug` (default: $RUST_LOG or `info`).
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
-    /// Print the embedded default configuration and exit.
+    /// Print the embedded default configuration and exit (as `berthd config default`).
     #[arg(long)]
     print_default_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Configuration: print the defaults, or check a file with its drop-ins.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the embedded default configuration.
+    Default,
+    /// Read FILE and its drop-ins (`FILE.d/*.toml`, or `drop_in_dir`); print the effective
+    /// configuration, or the error naming file, key and value (exit status 1).
+    Check {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,10 +54,33 @@ fn main() -> anyhow::Result<()> {
         let pid_file = PathBuf::from(raw.next().unwrap_or_default());
         std::process::exit(berth::sandbox::init::launcher_main(&pid_file));
     }
+    berth::notify::take_from_env();
     let args = Args::parse();
     if args.print_default_config {
         print!("{}", berth::config::DEFAULT_TOML);
         return Ok(());
+    }
+    match &args.command {
+        Some(Command::Config(ConfigCommand::Default)) => {
+            print!("{}", berth::config::DEFAULT_TOML);
+            return Ok(());
+        }
+        Some(Command::Config(ConfigCommand::Check { file })) => {
+            return match Config::load_with_sources(file) {
+                Ok((config, sources)) => {
+                    for s in &sources {
+                        println!("# read {}", s.display());
+                    }
+                    print!("{}", config.to_toml());
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("berthd: {e}");
+                    std::process::exit(1);
+                }
+            };
+        }
+        None => {}
     }
     let filter = match &args.log {
         Some(f) => EnvFilter::try_new(f).with_context(|| format!("bad --log filter {f:?}"))?,

@@ -155,6 +155,8 @@ impl Daemon {
         let graceful = GracefulShutdown::new();
         tracing::info!(socket = %socket.display(), root = %self.config.root.display(), "serving CRI");
         tokio::pin!(shutdown);
+        // State is repaired and the socket is bound: clients are served from here on.
+        crate::notify::notify("READY=1");
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -177,6 +179,7 @@ impl Daemon {
                 () = &mut shutdown => break,
             }
         }
+        crate::notify::notify("STOPPING=1");
         drop(self.listener);
         let _ = std::fs::remove_file(&socket);
         // Finish in-flight RPCs; idle client connections are not waited for beyond that.

@@ -1,0 +1,171 @@
+//! berthd on a node: systemd's readiness protocol (`READY=1` once the CRI socket serves,
+//! `STOPPING=1` on SIGTERM, and no `NOTIFY_SOCKET` handed down to what berthd starts), and the
+//! configuration an operator manages (drop-ins merged in order, `berthd config check` and
+//! `config default`).
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Berthd, BerthdConfig};
+
+const BERTHD: &str = env!("CARGO_BIN_EXE_berthd");
+
+fn recv(sock: &UnixDatagram) -> String {
+    let mut buf = [0u8; 512];
+    let n = sock
+        .recv(&mut buf)
+        .expect("a notification within the timeout");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn readiness_and_stopping_are_notified() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut d =
+        Berthd::start(BerthdConfig::new().env("NOTIFY_SOCKET", &path.display().to_string())).await;
+    // The harness returns once an RPC answers; READY=1 was sent before that, not after.
+    assert_eq!(recv(&sock), "READY=1");
+    assert!(d.socket().exists());
+    // What berthd starts does not inherit the socket: a pod's init, for one.
+    let mut rt = d.runtime_client().await;
+    let pod = rt
+        .run_pod_sandbox(berth::cri::v1::RunPodSandboxRequest {
+            config: Some(berth::cri::v1::PodSandboxConfig {
+                metadata: Some(berth::cri::v1::PodSandboxMetadata {
+                    name: "notify".into(),
+                    uid: "notify-uid".into(),
+                    namespace: "test".into(),
+                    attempt: 0,
+                }),
+                ..Default::default()
+            }),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("run pod")
+        .into_inner()
+        .pod_sandbox_id;
+    let info = rt
+        .pod_sandbox_status(berth::cri::v1::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: true,
+        })
+        .await
+        .expect("status")
+        .into_inner()
+        .info;
+    let v: serde_json::Value = serde_json::from_str(info.get("info").expect("info")).expect("json");
+    let init = v["pid"].as_i64().expect("the pod's init pid");
+    assert!(init > 0, "{v}");
+    let environ = std::fs::read(format!("/proc/{init}/environ")).expect("environ");
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("NOTIFY_SOCKET"),
+        "the pod's init inherited NOTIFY_SOCKET"
+    );
+    rt.stop_pod_sandbox(berth::cri::v1::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("stop pod");
+    rt.remove_pod_sandbox(berth::cri::v1::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .expect("remove pod");
+    let status = d.stop().expect("was running");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(recv(&sock), "STOPPING=1");
+}
+
+#[test]
+fn drop_ins_merge_in_order_and_errors_name_the_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let main = dir.path().join("berth.toml");
+    let d = dir.path().join("berth.toml.d");
+    std::fs::create_dir(&d).expect("drop-in dir");
+    std::fs::write(
+        &main,
+        "pull_progress_timeout = \"1m\"\n[network]\nbridge = \"main0\"\npod_cidr = \"10.1.0.0/16\"\n",
+    )
+    .expect("main");
+    std::fs::write(d.join("20-late.toml"), "[network]\nbridge = \"late0\"\n").expect("20");
+    std::fs::write(
+        d.join("10-early.toml"),
+        "[network]\nbridge = \"early0\"\n[registries.\"docker.io\"]\nmirrors = [\"http://127.0.0.1:5000\"]\n",
+    )
+    .expect("10");
+    std::fs::write(d.join("README"), "not a drop-in").expect("other file");
+    let check = |file: &std::path::Path| {
+        Command::new(BERTHD)
+            .args(["config", "check"])
+            .arg(file)
+            .output()
+            .expect("run berthd config check")
+    };
+    let out = check(&main);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Lexical order, table by table: 20 over 10 over the main file; untouched keys stay.
+    assert!(text.contains("bridge = \"late0\""), "{text}");
+    assert!(text.contains("pod_cidr = \"10.1.0.0/16\""), "{text}");
+    assert!(text.contains("pull_progress_timeout = \"1m\""), "{text}");
+    assert!(text.contains("http://127.0.0.1:5000"), "{text}");
+    let read: Vec<&str> = text.lines().filter(|l| l.starts_with("# read ")).collect();
+    assert_eq!(read.len(), 3, "{read:?}");
+    assert!(read[1].ends_with("10-early.toml") && read[2].ends_with("20-late.toml"));
+
+    // An unknown key in a drop-in names that file and the key.
+    std::fs::write(d.join("30-bad.toml"), "[network]\nbrige = \"x\"\n").expect("30");
+    let out = check(&main);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("30-bad.toml") && err.contains("brige"),
+        "{err}"
+    );
+    std::fs::remove_file(d.join("30-bad.toml")).expect("rm");
+
+    // A value that the merged config refuses names the key and the value.
+    std::fs::write(d.join("40-cidr.toml"), "[network]\npod_cidr = \"nope\"\n").expect("40");
+    let out = check(&main);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("network.pod_cidr") && err.contains("nope"),
+        "{err}"
+    );
+    std::fs::remove_file(d.join("40-cidr.toml")).expect("rm");
+
+    // drop_in_dir moves the dir; only the main file may set it.
+    let other = dir.path().join("elsewhere");
+    std::fs::create_dir(&other).expect("dir");
+    std::fs::write(other.join("a.toml"), "default_runtime = \"crun\"\n").expect("a");
+    let moved = dir.path().join("moved.toml");
+    std::fs::write(&moved, format!("drop_in_dir = \"{}\"\n", other.display())).expect("moved");
+    let out = check(&moved);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("default_runtime = \"crun\""), "{text}");
+    std::fs::write(other.join("b.toml"), "drop_in_dir = \"/x\"\n").expect("b");
+    let out = check(&moved);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("b.toml"));
+
+    // `config default` is the shipped default file.
+    let out = Command::new(BERTHD)
+        .args(["config", "default"])
+        .output()
+        .expect("run");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        berth::config::DEFAULT_TOML
+    );
+}
