@@ -89,13 +89,23 @@ cleanup() {
     fi
   done
   [ -f "$T/berthd.log" ] && cp "$T/berthd.log" "$LOGDIR/berthd.log"
+  # containers the pod removal left (the OCI runtimes' state under $T), killed and deleted
+  for rt_dir in "$T"/berth/state/runtime/*; do
+    [ -d "$rt_dir" ] || continue
+    rt=$(basename "$rt_dir")
+    command -v "$rt" >/dev/null || continue
+    for id in $("$rt" --root "$rt_dir" list -q 2>/dev/null); do
+      "$rt" --root "$rt_dir" delete --force "$id" >/dev/null 2>&1
+    done
+  done
   # mounts under $T, deepest first; a lazy unmount for whatever is still busy
-  grep " $T/" /proc/mounts | awk '{print $2}' | sort -r | while read -r f; do
+  grep -F " $T/" /proc/mounts | awk '{print $2}' | sort -r | while read -r f; do
     umount -R "$f" 2>/dev/null || umount -R -l "$f" 2>/dev/null
   done
   ip link del "$BRIDGE" 2>/dev/null
   nft delete table inet "$NFT_TABLE" 2>/dev/null
-  rm -rf "$T" || echo "critest.sh: could not remove $T completely" >&2
+  # never through a mount that is still there (a bind of a host path)
+  rm -rf --one-file-system "$T" || echo "critest.sh: could not remove $T completely" >&2
   [ -f "$LOGDIR/critest.log" ] && echo "critest.sh: logs in $LOGDIR (critest.log, berthd.log)" >&2
   exit "$rc"
 }

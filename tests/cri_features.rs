@@ -242,6 +242,10 @@ async fn stop_signal_from_config_image_or_default() {
     let err = e.create(&pod, bad).await.expect_err("unknown signal");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("stop_signal"), "{}", err.message());
+    // The refused create left its name free.
+    e.create(&pod, e.config(&e.plain, "bad", "true"))
+        .await
+        .expect("the name is free again");
     e.remove_pod(&pod).await;
 }
 
@@ -771,6 +775,18 @@ async fn exec_timeout_leaves_no_process() {
         .await
         .expect_err("timed out");
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    // A child of the killed process that still holds its output pipes does not hold the RPC.
+    let t0 = Instant::now();
+    let err =
+        e.rt.exec_sync(cri::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "sleep 30; true".into()],
+            timeout: 1,
+        })
+        .await
+        .expect_err("timed out");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
     let out = e
         .rt
         .exec_sync(cri::ExecSyncRequest {
@@ -787,8 +803,10 @@ async fn exec_timeout_leaves_no_process() {
         .into_inner();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        !text.lines().any(|l| l.starts_with("sleep ")),
-        "the timed-out exec lingers: {text}"
+        !text
+            .lines()
+            .any(|l| l.starts_with("sleep ") && l.contains(" Z ")),
+        "a timed-out exec lingers as a zombie: {text}"
     );
     e.remove_pod(&pod).await;
 }

@@ -42,14 +42,22 @@ pub fn pod_dir(systemd: bool, parent: &str) -> Result<PathBuf, CgroupError> {
                 "the systemd driver wants a slice name like kubepods-pod1.slice",
             ));
         }
-        return Ok(super::slice_dir(parent));
+        let dir = super::slice_dir(parent);
+        if dir.as_os_str().is_empty() {
+            return Err(invalid("the root slice is no pod's own cgroup"));
+        }
+        return Ok(dir);
     }
     if !parent.starts_with('/') || parent.split('/').any(|c| c == ".." || c == ".") {
         return Err(invalid(
             "the cgroupfs driver wants an absolute path without . or ..",
         ));
     }
-    Ok(PathBuf::from(parent.trim_matches('/')))
+    let dir = PathBuf::from(parent.trim_matches('/'));
+    if dir.as_os_str().is_empty() {
+        return Err(invalid("the root cgroup is no pod's own cgroup"));
+    }
+    Ok(dir)
 }
 
 /// cgroup v1 `cpu.shares` → v2 `cpu.weight` (the OCI runtimes' conversion).
@@ -113,10 +121,13 @@ pub fn apply_under(
             if let Some(s) = limits.cpu_shares {
                 writes.push((dir("").join("cpu.weight"), shares_to_weight(s).to_string()));
             }
-            if limits.cpu_quota.is_some() || limits.cpu_period.is_some() {
-                let quota = match limits.cpu_quota {
-                    Some(q) if q > 0 => q.to_string(),
-                    _ => "max".to_string(),
+            // cpu.max holds both: written when a quota is given (a period alone would
+            // otherwise lift a quota that is there).
+            if let Some(q) = limits.cpu_quota {
+                let quota = if q > 0 {
+                    q.to_string()
+                } else {
+                    "max".to_string()
                 };
                 let period = limits.cpu_period.unwrap_or(100_000);
                 writes.push((dir("").join("cpu.max"), format!("{quota} {period}")));
@@ -163,10 +174,25 @@ pub fn apply_under(
             return Err(CgroupError::Missing(d.to_path_buf()));
         }
     }
+    // v1 wants memory.limit_in_bytes <= memory.memsw.limit_in_bytes at every moment: when
+    // both rise, memsw must go first; when both fall, memory first. Try one order, then the
+    // other, as runc does.
+    let is_memsw = |p: &Path| p.ends_with("memory.memsw.limit_in_bytes");
+    if let Err(e) = write_all(&writes) {
+        if !writes.iter().any(|(p, _)| is_memsw(p)) {
+            return Err(e);
+        }
+        let (memsw, rest): (Vec<_>, Vec<_>) = writes.into_iter().partition(|(p, _)| is_memsw(p));
+        write_all(&memsw.into_iter().chain(rest).collect::<Vec<_>>())?;
+    }
+    Ok(())
+}
+
+fn write_all(writes: &[(PathBuf, String)]) -> Result<(), CgroupError> {
     for (path, value) in writes {
-        std::fs::write(&path, &value).map_err(|source| CgroupError::Write {
+        std::fs::write(path, value).map_err(|source| CgroupError::Write {
             path: path.clone(),
-            value,
+            value: value.clone(),
             source,
         })?;
     }
@@ -188,6 +214,8 @@ mod tests {
             PathBuf::from("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice")
         );
         assert!(pod_dir(false, "").is_err());
+        assert!(pod_dir(false, "/").is_err());
+        assert!(pod_dir(true, "-.slice").is_err());
         assert!(pod_dir(false, "/a/../b").is_err());
         assert!(pod_dir(true, "/kubepods").is_err());
     }

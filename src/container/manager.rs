@@ -363,6 +363,17 @@ impl ContainerManager {
         v
     }
 
+    /// The containers of one pod (refreshed like [`Self::get`]), oldest first.
+    pub fn list_pod(&self, sandbox_id: &str) -> Vec<ContainerRecord> {
+        let mut v: Vec<ContainerRecord> = self
+            .in_pod(sandbox_id)
+            .iter()
+            .filter_map(|id| self.get(id).ok())
+            .collect();
+        v.sort_by_key(|r| r.created_at);
+        v
+    }
+
     fn runtime(&self, handler: &str) -> Result<OciRuntime, ContainerError> {
         OciRuntime::for_handler(&self.config, handler).map_err(ContainerError::from)
     }
@@ -414,6 +425,8 @@ impl ContainerManager {
         // Every mount is checked before anything is made.
         let work = spec::mounts::host_work(&config, &image_config)?;
         let cdi_devices = self.cdi_devices(&config)?;
+        let stop_signal =
+            super::signal::effective(&config, &image_config).map_err(ContainerError::Invalid)?;
         let parent = sandbox
             .config
             .linux
@@ -438,8 +451,6 @@ impl ContainerManager {
             (d, p) if !d.is_empty() && !p.is_empty() => Some(Path::new(d).join(p)),
             _ => None,
         };
-        let stop_signal =
-            super::signal::effective(&config, &image_config).map_err(ContainerError::Invalid)?;
         let mut rec = ContainerRecord {
             id: id.clone(),
             sandbox_id: sandbox.id.clone(),

@@ -26,11 +26,20 @@ pub fn parse(s: &str) -> Option<i32> {
         let v = base + sign * n;
         (SIGRTMIN..=SIGRTMAX).contains(&v).then_some(v)
     };
+    // RTMIN counts up (`RTMIN+3`), RTMAX down (`RTMAX-2`); no other sign.
     if let Some(rest) = name.strip_prefix("RTMIN") {
-        return rt(SIGRTMIN, rest.strip_prefix('+').unwrap_or(rest), 1);
+        return match rest.strip_prefix('+') {
+            Some(n) => rt(SIGRTMIN, n, 1),
+            None if rest.is_empty() => Some(SIGRTMIN),
+            None => None,
+        };
     }
     if let Some(rest) = name.strip_prefix("RTMAX") {
-        return rt(SIGRTMAX, rest.strip_prefix('-').unwrap_or(rest), -1);
+        return match rest.strip_prefix('-') {
+            Some(n) => rt(SIGRTMAX, n, -1),
+            None if rest.is_empty() => Some(SIGRTMAX),
+            None => None,
+        };
     }
     // Old names Linux keeps as aliases.
     let name = match name {
@@ -76,8 +85,8 @@ pub fn to_cri(n: i32) -> cri::Signal {
 }
 
 /// The signal that stops a container: the config's, else the image's `StopSignal` (from the
-/// stored image config JSON), else SIGTERM. An unknown config value or an image signal that
-/// is no signal is an error naming it.
+/// stored image config JSON), else SIGTERM. An unknown config value is an error naming it; an
+/// image signal that is no signal is logged and SIGTERM used.
 pub fn effective(
     config: &cri::ContainerConfig,
     image_config: &serde_json::Value,
@@ -92,7 +101,15 @@ pub fn effective(
         .and_then(|v| v.as_str())
         .filter(|s| !s.trim().is_empty())
     {
-        Some(s) => parse(s).ok_or_else(|| format!("the image's StopSignal {s:?} is no signal")),
+        Some(s) => Ok(parse(s).unwrap_or_else(|| {
+            // The image's mistake should not keep its containers from running (containerd
+            // only trips over it at stop): SIGTERM, said in the log.
+            tracing::warn!(
+                stop_signal = s,
+                "the image's StopSignal is no signal; using SIGTERM"
+            );
+            libc::SIGTERM
+        })),
         None => Ok(libc::SIGTERM),
     }
 }
@@ -111,6 +128,9 @@ mod tests {
         assert_eq!(parse("RTMAX-1"), Some(63));
         assert_eq!(parse("SIGRTMIN"), Some(34));
         assert_eq!(parse("SIGNOPE"), None);
+        assert_eq!(parse("SIGRTMAX+1"), None);
+        assert_eq!(parse("RTMIN-1"), None);
+        assert_eq!(parse("SIGRTMAX"), Some(64));
         assert_eq!(parse("0"), None);
         assert_eq!(parse("65"), None);
     }
@@ -142,6 +162,6 @@ mod tests {
         assert!(effective(&c, &image).is_err());
         let c = cri::ContainerConfig::default();
         let bad = serde_json::json!({"config": {"StopSignal": "SIGBOGUS"}});
-        assert!(effective(&c, &bad).is_err());
+        assert_eq!(effective(&c, &bad), Ok(15));
     }
 }

@@ -134,7 +134,9 @@ impl OciRuntime {
             m if m.is_empty() => raw.trim().to_string(),
             m => m,
         };
-        if message.contains("does not exist") || message.contains("not found") {
+        // The container is unknown to the runtime (runc: "container does not exist"); not
+        // any "not found", which also stands for a missing executable.
+        if message.contains("does not exist") || message.contains("container not found") {
             return Err(RuntimeError::NotFound {
                 runtime: self.handler.clone(),
                 command,
@@ -301,7 +303,15 @@ impl OciRuntime {
                 // process is the runtime's child, and killing the runtime first would orphan
                 // it to the host's init, where it lingers as a zombie that the container can
                 // see. The runtime is killed only if it does not end by itself.
-                let pid = kill_pid_in(pid_file);
+                // The runtime may not have written the pid yet: give it a moment.
+                let mut pid = kill_pid_in(pid_file);
+                for _ in 0..20 {
+                    if pid.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    pid = kill_pid_in(pid_file);
+                }
                 let grace = if pid.is_some() {
                     Duration::from_secs(5)
                 } else {
@@ -329,8 +339,23 @@ impl OciRuntime {
                 (s, true)
             }
         };
-        let stdout = stdout.await.unwrap_or_default();
-        let stderr = stderr.await.unwrap_or_default();
+        // After a kill, a child the process left behind may still hold the pipes open: the
+        // output read so far is what the caller gets, without waiting for that child.
+        let collect = |task: tokio::task::JoinHandle<Vec<u8>>| async move {
+            if !timed_out {
+                return task.await.unwrap_or_default();
+            }
+            let abort = task.abort_handle();
+            match tokio::time::timeout(Duration::from_secs(1), task).await {
+                Ok(out) => out.unwrap_or_default(),
+                Err(_) => {
+                    abort.abort();
+                    Vec::new()
+                }
+            }
+        };
+        let stdout = collect(stdout).await;
+        let stderr = collect(stderr).await;
         use std::os::unix::process::ExitStatusExt;
         let exit_code = status
             .code()

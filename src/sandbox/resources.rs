@@ -6,8 +6,9 @@ use crate::cri::v1 as cri;
 
 use super::{SandboxError, SandboxRecord};
 
-/// The limits of `resources` plus `overhead` (either may be absent; a field unset in both is
-/// left alone). cpusets and unified keys come from `resources`.
+/// The limits of `resources` plus `overhead`: the overhead is added to each limit the pod
+/// sets; a limit the pod leaves unset (0) stays unset, whatever the overhead. cpusets and
+/// unified keys come from `resources`.
 pub fn pod_limits(
     overhead: Option<&cri::LinuxContainerResources>,
     resources: Option<&cri::LinuxContainerResources>,
@@ -29,8 +30,10 @@ pub fn pod_limits(
     ] {
         non_negative(v, what)?;
     }
-    let sum = |a: i64, b: i64| (a != 0 || b != 0).then(|| a.saturating_add(b));
-    let cpu_shares = match sum(o.cpu_shares, r.cpu_shares) {
+    // A limit the pod does not set (0, or -1 for a quota) is no limit: the overhead is added
+    // to a limit, never made one of its own.
+    let plus_overhead = |pod: i64, over: i64| (pod > 0).then(|| pod.saturating_add(over.max(0)));
+    let cpu_shares = match plus_overhead(r.cpu_shares, o.cpu_shares) {
         Some(s) => Some(non_negative(s, "cpu_shares")?),
         None => None,
     };
@@ -39,11 +42,10 @@ pub fn pod_limits(
         (_, p) if p != 0 => Some(non_negative(p, "cpu_period")?),
         (p, _) => Some(non_negative(p, "overhead cpu_period")?),
     };
-    // An unlimited (-1 or 0) quota on either side leaves the pod unlimited.
-    let cpu_quota = match (o.cpu_quota, r.cpu_quota) {
-        (0, 0) => None,
-        (a, b) if a < 0 || b < 0 => Some(-1),
-        (a, b) => Some(a.saturating_add(b)),
+    let cpu_quota = match r.cpu_quota {
+        q if q < 0 => Some(-1),
+        0 => None,
+        q => Some(q.saturating_add(o.cpu_quota.max(0))),
     };
     let mut hugepages: Vec<(String, u64)> = Vec::new();
     for h in o.hugepage_limits.iter().chain(&r.hugepage_limits) {
@@ -68,8 +70,11 @@ pub fn pod_limits(
         cpu_shares,
         cpu_quota,
         cpu_period,
-        memory_limit: sum(o.memory_limit_in_bytes, r.memory_limit_in_bytes),
-        memory_swap_limit: sum(o.memory_swap_limit_in_bytes, r.memory_swap_limit_in_bytes),
+        memory_limit: plus_overhead(r.memory_limit_in_bytes, o.memory_limit_in_bytes),
+        memory_swap_limit: plus_overhead(
+            r.memory_swap_limit_in_bytes,
+            o.memory_swap_limit_in_bytes,
+        ),
         cpuset_cpus: (!r.cpuset_cpus.is_empty()).then(|| r.cpuset_cpus.clone()),
         cpuset_mems: (!r.cpuset_mems.is_empty()).then(|| r.cpuset_mems.clone()),
         hugepages,

@@ -252,9 +252,8 @@ impl RuntimeService for RuntimeServiceImpl {
                 .unwrap_or_default();
             resp.containers_statuses = self
                 .containers
-                .list()
+                .list_pod(&pod_id)
                 .iter()
-                .filter(|c| c.sandbox_id == pod_id)
                 .map(container::to_status)
                 .collect();
             resp.timestamp = crate::ids::now_nanos();
