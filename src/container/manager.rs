@@ -185,7 +185,7 @@ pub struct ContainerManager {
     monitor_bin: PathBuf,
     exec_seq: std::sync::atomic::AtomicU64,
     /// CDI spec dirs (read at each CreateContainer that asks for devices).
-    cdi: cdi::Registry,
+    cdi: Arc<cdi::Registry>,
 }
 
 /// Whether the oom_score_adj clamp was logged already.
@@ -232,7 +232,7 @@ impl ContainerManager {
         let records: Vec<(String, ContainerRecord)> = store.all(Table::Containers)?;
         let mgr = ContainerManager {
             monitor_bin: monitor::default_monitor_path(),
-            cdi: cdi::Registry::new(config.cdi.spec_dirs.clone()),
+            cdi: Arc::new(cdi::Registry::new(config.cdi.spec_dirs.clone())),
             config,
             store,
             images,
@@ -424,7 +424,7 @@ impl ContainerManager {
         let lower = self.images.snapshot_dirs(&image)?;
         // Every mount is checked before anything is made.
         let work = spec::mounts::host_work(&config, &image_config)?;
-        let cdi_devices = self.cdi_devices(&config)?;
+        let cdi_devices = self.cdi_devices(&config).await?;
         let stop_signal =
             super::signal::effective(&config, &image_config).map_err(ContainerError::Invalid)?;
         let parent = sandbox
@@ -552,7 +552,20 @@ impl ContainerManager {
         }
         std::fs::create_dir_all(&rec.bundle)
             .map_err(io_err(format!("create {}", rec.bundle.display())))?;
-        rootfs::mount_rootfs(&self.config.root, &rec.id, lower, &rec.rootfs())?;
+        {
+            let (root, id, lower, target) = (
+                self.config.root.clone(),
+                rec.id.clone(),
+                lower.to_vec(),
+                rec.rootfs(),
+            );
+            tokio::task::spawn_blocking(move || rootfs::mount_rootfs(&root, &id, &lower, &target))
+                .await
+                .map_err(|e| ContainerError::Io {
+                    context: "mounting the rootfs".to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
+        }
         mark("rootfs");
         let plan = volumes::Plan {
             mounts_dir: volumes::mounts_dir(&rec.bundle),
@@ -671,7 +684,10 @@ impl ContainerManager {
 
     /// The CDI devices a container config asks for, resolved now (checked before anything
     /// is made for the container).
-    fn cdi_devices(&self, config: &cri::ContainerConfig) -> Result<cdi::Resolved, ContainerError> {
+    async fn cdi_devices(
+        &self,
+        config: &cri::ContainerConfig,
+    ) -> Result<cdi::Resolved, ContainerError> {
         if !self.config.cdi.enabled {
             if cdi::has_requests(config) {
                 tracing::warn!(
@@ -681,7 +697,19 @@ impl ContainerManager {
             return Ok(cdi::Resolved::default());
         }
         let names = cdi::requested_devices(config)?;
-        Ok(self.cdi.resolve(&names)?)
+        if names.is_empty() {
+            return Ok(cdi::Resolved::default());
+        }
+        // Reads and parses every spec file: off the async workers.
+        let registry = self.cdi.clone();
+        Ok(
+            tokio::task::spawn_blocking(move || registry.resolve(&names))
+                .await
+                .map_err(|e| ContainerError::Io {
+                    context: "resolving CDI devices".to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                })??,
+        )
     }
 
     /// Undoes whatever a container may hold (best effort, logged).
@@ -697,31 +725,38 @@ impl ContainerManager {
         {
             let _ = client.forget(&rec.id).await;
         }
-        if let Err(e) = rootfs::unmount_rootfs(&rec.rootfs()) {
-            tracing::warn!(id = %rec.id, error = %e, "unmount rootfs");
+        // Unmounts, tree removals and cgroup rmdirs: off the async workers.
+        let id = rec.id.clone();
+        let (rec, root, layout) = (rec.clone(), self.config.root.clone(), self.layout);
+        let undone = tokio::task::spawn_blocking(move || {
+            if let Err(e) = rootfs::unmount_rootfs(&rec.rootfs()) {
+                tracing::warn!(id = %rec.id, error = %e, "unmount rootfs");
+            }
+            if let Err(e) = volumes::release(&rec.bundle) {
+                tracing::warn!(id = %rec.id, error = %e, "release volume mounts");
+            }
+            if let Err(e) = rootfs::remove_rw(&root, &rec.id) {
+                tracing::warn!(id = %rec.id, error = %e, "remove writable layer");
+            }
+            if let Err(e) = cgroups::remove(layout, &rec.cgroups_path) {
+                tracing::warn!(id = %rec.id, error = %e, "remove cgroup");
+            }
+            // Never recurse into what is still mounted (a rootfs, a bind of a host path).
+            let left = volumes::mounts_under(&rec.bundle);
+            if !left.is_empty() {
+                tracing::warn!(id = %rec.id, mounts = ?left, "bundle kept: mounts are left in it");
+            } else if let Err(e) = std::fs::remove_dir_all(&rec.bundle)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(id = %rec.id, error = %e, "remove bundle");
+            }
+        })
+        .await;
+        if let Err(e) = undone {
+            tracing::warn!(%id, error = %e, "container teardown task failed");
         }
-        let bundle = rec.bundle.clone();
-        match tokio::task::spawn_blocking(move || volumes::release(&bundle)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(id = %rec.id, error = %e, "release volume mounts"),
-            Err(e) => tracing::warn!(id = %rec.id, error = %e, "release volume mounts"),
-        }
-        self.images.release(&rec.id);
-        if let Err(e) = rootfs::remove_rw(&self.config.root, &rec.id) {
-            tracing::warn!(id = %rec.id, error = %e, "remove writable layer");
-        }
-        if let Err(e) = cgroups::remove(self.layout, &rec.cgroups_path) {
-            tracing::warn!(id = %rec.id, error = %e, "remove cgroup");
-        }
-        // Never recurse into what is still mounted (a rootfs, a bind of a host path).
-        let left = volumes::mounts_under(&rec.bundle);
-        if !left.is_empty() {
-            tracing::warn!(id = %rec.id, mounts = ?left, "bundle kept: mounts are left in it");
-        } else if let Err(e) = std::fs::remove_dir_all(&rec.bundle)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(id = %rec.id, error = %e, "remove bundle");
-        }
+        // Its images may go only once nothing of them is mounted for it.
+        self.images.release(&id);
     }
 
     /// StartContainer.
