@@ -343,17 +343,8 @@ fn mount_image(lower_dirs: &[PathBuf], target: &Path) -> Result<(), VolumeError>
             }
         }
         many => {
-            // overlayfs wants the uppermost lower dir first.
-            let lower: Vec<String> = many.iter().rev().map(|p| p.display().to_string()).collect();
-            let options = format!("lowerdir={}", lower.join(":"));
-            mount(
-                Some("overlay"),
-                target,
-                Some("overlay"),
-                MsFlags::MS_RDONLY,
-                Some(options.as_str()),
-            )
-            .map_err(mnt("mount the image overlay at", target))?;
+            super::rootfs::mount_overlay(many, None, target, MsFlags::MS_RDONLY)
+                .map_err(mnt("mount the image overlay at", target))?;
         }
     }
     if let Err(e) = mount(
