@@ -41,6 +41,9 @@ const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
+/// The most frames one header block may span: a flood of (empty) CONTINUATION frames is
+/// refused here, since they never reach h2's own guard against it.
+const MAX_BLOCK_FRAMES: usize = 64;
 /// Length of the priority fields of a HEADERS frame with the PRIORITY flag.
 const PRIORITY_LEN: usize = 5;
 /// The largest frame payload written towards hyper: the initial SETTINGS_MAX_FRAME_SIZE,
@@ -76,6 +79,8 @@ pub enum AuthorityError {
     },
     #[error("header block of stream {0} is larger than {MAX_HEADER_BLOCK} bytes")]
     TooLarge(u32),
+    #[error("header block of stream {0} spans more than {MAX_BLOCK_FRAMES} frames")]
+    TooManyFrames(u32),
     #[error("header block of stream {stream}: {source}")]
     Hpack { stream: u32, source: DecoderError },
     #[error("encoding the header block: {0}")]
@@ -139,6 +144,8 @@ struct Block {
     end_stream: bool,
     priority: Option<[u8; PRIORITY_LEN]>,
     fragment: Vec<u8>,
+    /// HEADERS and CONTINUATION frames collected so far.
+    frames: usize,
 }
 
 /// The byte-stream rewriter, without I/O: decides which client bytes pass through and
@@ -262,6 +269,10 @@ impl Rewriter {
                         stream: block.stream,
                     });
                 }
+                block.frames += 1;
+                if block.frames > MAX_BLOCK_FRAMES {
+                    return Err(AuthorityError::TooManyFrames(block.stream));
+                }
                 block.fragment.extend_from_slice(payload);
                 block
             }
@@ -294,6 +305,7 @@ impl Rewriter {
                     end_stream: h.flags & FLAG_END_STREAM != 0,
                     priority,
                     fragment: fragment.to_vec(),
+                    frames: 1,
                 })
             }
         };
@@ -995,6 +1007,12 @@ mod tests {
                 .await
                 .contains("preface")
         );
+        // A flood of empty CONTINUATION frames in one block.
+        let mut flood = hdrs(1, 0, &[0x82]);
+        for _ in 0..=MAX_BLOCK_FRAMES {
+            flood.extend(frame(TYPE_CONTINUATION, 0, 1, &[]));
+        }
+        assert!(error_of(&flood).await.contains("more than"));
         assert!(
             error_of(&hdrs(0, FLAG_END_HEADERS, &[0x82]))
                 .await
