@@ -44,9 +44,7 @@ impl ImageServiceImpl {
             self.handlers
         )))
     }
-}
 
-impl ImageServiceImpl {
     /// The images ListImages and StreamImages answer: all, or those `filter` names.
     fn list(&self, filter: &str) -> Vec<Image> {
         let images = if filter.is_empty() {
