@@ -11,7 +11,8 @@
 //! - [`ns`]: namespace work on dedicated threads, pinned namespaces;
 //! - [`runtime`]: the OCI runtime CLI (runc, crun) per RuntimeClass handler;
 //! - [`sandbox`]: pod sandboxes: namespaces, pod files, sysctls, pod init, records;
-//! - [`server`]: the CRI gRPC services on the unix socket.
+//! - [`server`]: the CRI gRPC services on the unix socket;
+//! - [`stats`]: container and pod resource usage (cgroups, writable layer, pod network).
 
 pub mod cgroups;
 pub mod config;
@@ -26,4 +27,5 @@ pub mod ns;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;
+pub mod stats;
 pub mod store;

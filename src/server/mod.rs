@@ -11,6 +11,7 @@ pub mod image_service;
 pub mod list_stream;
 pub mod pod_sandbox;
 pub mod runtime_service;
+pub mod stats;
 pub mod trace;
 
 use std::future::Future;
