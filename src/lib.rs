@@ -4,6 +4,7 @@
 //! - [`cgroups`]: container cgroup paths (cgroupfs, systemd), layouts, OOM counters;
 //! - [`cri`]: the CRI types, servers and clients generated from the pinned `api.proto`;
 //! - [`config`]: the TOML configuration contract and its defaults;
+//! - [`events`]: container and pod lifecycle events for `GetContainerEvents`;
 //! - [`store`]: the durable embedded database of berth's records;
 //! - [`ids`]: object ids, id-prefix lookup, timestamps;
 //! - [`image`]: registry pulls, the content store, layer snapshots, image records;
@@ -18,6 +19,7 @@ pub mod cgroups;
 pub mod config;
 pub mod container;
 pub mod cri;
+pub mod events;
 pub mod ids;
 pub mod image;
 pub mod locks;

@@ -7,6 +7,7 @@
 pub mod authority;
 pub mod container;
 pub mod error;
+pub mod events;
 pub mod image_service;
 pub mod list_stream;
 pub mod pod_sandbox;
@@ -30,6 +31,7 @@ use tokio::net::UnixListener;
 
 use crate::config::Config;
 use crate::container::manager::ContainerManager;
+use crate::events::EventHub;
 use crate::image::{ImageError, ImageManager};
 use crate::sandbox::SandboxManager;
 use crate::store::{Store, StoreError};
@@ -73,6 +75,8 @@ pub fn labels_match(
 
 /// The largest CRI message accepted (a big ListContainers answer or a pod config).
 const MAX_MESSAGE: usize = 16 << 20;
+/// How often recorded exits are looked for (their stopped events go out within this).
+const EXIT_WATCH_PERIOD: Duration = Duration::from_millis(250);
 /// How long a stopping daemon waits for in-flight RPCs.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -83,6 +87,7 @@ pub struct Daemon {
     images: Arc<ImageManager>,
     sandboxes: Arc<SandboxManager>,
     containers: Arc<ContainerManager>,
+    events: Arc<EventHub>,
 }
 
 impl Daemon {
@@ -105,9 +110,11 @@ impl Daemon {
                     source: std::io::Error::other(e.to_string()),
                 })??
         };
+        let events = Arc::new(EventHub::new());
         let network = crate::network::from_config(&config, store.clone()).await?;
-        let sandboxes =
-            Arc::new(SandboxManager::open(store.clone(), network, &config.state).await?);
+        let sandboxes = Arc::new(
+            SandboxManager::open(store.clone(), network, &config.state, events.clone()).await?,
+        );
         let images = Arc::new(images);
         let containers = Arc::new(
             ContainerManager::open(
@@ -115,9 +122,16 @@ impl Daemon {
                 store.clone(),
                 images.clone(),
                 sandboxes.clone(),
+                events.clone(),
             )
             .await?,
         );
+        events.set_sources(&sandboxes, &containers);
+        events.ready();
+        tokio::spawn(ContainerManager::watch_exits(
+            Arc::downgrade(&containers),
+            EXIT_WATCH_PERIOD,
+        ));
         // Bound last: a client that can connect finds a daemon whose state is ready.
         let listener = bind_socket(&config.socket).await?;
         Ok(Daemon {
@@ -126,6 +140,7 @@ impl Daemon {
             images,
             sandboxes,
             containers,
+            events,
         })
     }
 
@@ -141,6 +156,7 @@ impl Daemon {
             self.config.clone(),
             self.sandboxes.clone(),
             self.containers.clone(),
+            self.events.clone(),
         );
         let image = image_service::ImageServiceImpl::new(
             self.images.clone(),

@@ -14,10 +14,11 @@ use tonic::{Request, Response, Status};
 
 use super::error::unimplemented;
 use super::trace::{deadline, rpc};
-use super::{container, list_stream, pod_sandbox, stats};
+use super::{container, events, list_stream, pod_sandbox, stats};
 use crate::config::{CgroupDriver, Config};
 use crate::container::manager::ContainerManager;
 use crate::container::volumes;
+use crate::events::EventHub;
 use crate::sandbox::SandboxManager;
 use crate::stats::Collector;
 
@@ -31,6 +32,7 @@ pub struct RuntimeServiceImpl {
     sandboxes: Arc<SandboxManager>,
     containers: Arc<ContainerManager>,
     stats: Arc<Collector>,
+    events: Arc<EventHub>,
 }
 
 impl RuntimeServiceImpl {
@@ -38,6 +40,7 @@ impl RuntimeServiceImpl {
         config: Config,
         sandboxes: Arc<SandboxManager>,
         containers: Arc<ContainerManager>,
+        events: Arc<EventHub>,
     ) -> RuntimeServiceImpl {
         let systemd = config.cgroup_driver == CgroupDriver::Systemd;
         let stats = Arc::new(Collector::new(
@@ -50,6 +53,7 @@ impl RuntimeServiceImpl {
             sandboxes,
             containers,
             stats,
+            events,
         }
     }
 
@@ -634,8 +638,9 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         _request: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        // No deadline: the stream lasts as long as the subscriber reads it.
         rpc("GetContainerEvents", "", None, async {
-            Err::<Self::GetContainerEventsStream, Status>(unimplemented("GetContainerEvents"))
+            Ok(events::subscribe(&self.events))
         })
         .await
     }
