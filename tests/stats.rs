@@ -566,3 +566,135 @@ async fn pod_network_grows_and_stopped_containers_answer() {
     e.remove_pod(&client).await;
     e.remove_pod(&server).await;
 }
+
+/// ListMetricDescriptors names cAdvisor's metrics with help and label keys; every metric
+/// ListPodSandboxMetrics gives has a descriptor and as many label values as it has keys;
+/// the container's spec and usage, and the pod's network, are there; the stream form
+/// answers the same pods.
+#[tokio::test]
+async fn metric_descriptors_and_pod_metrics() {
+    let mut e = env().await;
+    let descs =
+        e.rt.list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+            .await
+            .expect("descriptors")
+            .into_inner()
+            .descriptors;
+    for name in [
+        "container_cpu_usage_seconds_total",
+        "container_memory_working_set_bytes",
+        "container_network_receive_bytes_total",
+        "container_fs_usage_bytes",
+        "container_processes",
+        "container_spec_memory_limit_bytes",
+    ] {
+        assert!(descs.iter().any(|d| d.name == name), "{name} described");
+    }
+    let pod = e.pod(e.pod_config("metrics", "")).await;
+    let c = {
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: "limited".into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: e.image.clone(),
+                ..Default::default()
+            }),
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "while :; do sleep 1000; done".into(),
+            ],
+            log_path: "limited.log".into(),
+            linux: Some(cri::LinuxContainerConfig {
+                resources: Some(cri::LinuxContainerResources {
+                    memory_limit_in_bytes: 64 << 20,
+                    cpu_shares: 512,
+                    cpu_period: 100_000,
+                    cpu_quota: 20_000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let id =
+            e.rt.create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(config),
+                sandbox_config: None,
+            })
+            .await
+            .expect("create")
+            .into_inner()
+            .container_id;
+        e.rt.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("start");
+        id
+    };
+    let all =
+        e.rt.list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+            .await
+            .expect("pod metrics")
+            .into_inner()
+            .pod_metrics;
+    let pm = all
+        .iter()
+        .find(|m| m.pod_sandbox_id == pod)
+        .expect("the pod's metrics");
+    let keys = |name: &str| {
+        descs
+            .iter()
+            .find(|d| d.name == name)
+            .unwrap_or_else(|| panic!("no descriptor for {name}"))
+            .label_keys
+            .len()
+    };
+    let cm = pm
+        .container_metrics
+        .iter()
+        .find(|m| m.container_id == c)
+        .expect("the container's metrics");
+    for m in pm.metrics.iter().chain(cm.metrics.iter()) {
+        assert_eq!(m.label_values.len(), keys(&m.name), "{}", m.name);
+    }
+    let value = |ms: &[cri::Metric], name: &str| {
+        ms.iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.value.as_ref())
+            .map(|v| v.value)
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    assert_eq!(
+        value(&cm.metrics, "container_spec_memory_limit_bytes"),
+        64 << 20
+    );
+    assert_eq!(value(&cm.metrics, "container_spec_cpu_shares"), 512);
+    assert_eq!(value(&cm.metrics, "container_spec_cpu_quota"), 20_000);
+    assert!(value(&cm.metrics, "container_memory_working_set_bytes") > 0);
+    assert!(value(&cm.metrics, "container_processes") >= 1);
+    assert!(value(&cm.metrics, "container_threads") >= 1);
+    assert!(value(&cm.metrics, "container_fs_inodes_total") > 0);
+    let rx = pm
+        .metrics
+        .iter()
+        .find(|m| m.name == "container_network_receive_bytes_total")
+        .expect("pod network");
+    assert_eq!(rx.label_values.last().map(String::as_str), Some("eth0"));
+    let streamed: Vec<String> = collect(
+        e.rt.stream_pod_sandbox_metrics(cri::StreamPodSandboxMetricsRequest {})
+            .await,
+    )
+    .await
+    .expect("stream")
+    .into_iter()
+    .flat_map(|m| m.pod_sandbox_metrics)
+    .map(|m| m.pod_sandbox_id)
+    .collect();
+    assert_eq!(streamed, vec![pod.clone()]);
+    e.remove_pod(&pod).await;
+}

@@ -171,6 +171,96 @@ fn read_v2(dir: &Path) -> CgroupSample {
     }
 }
 
+/// The further numbers cAdvisor's container metrics carry (read for
+/// `ListPodSandboxMetrics` only); `None` where this layout or kernel has no answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DetailSample {
+    pub cpu_user_ns: Option<u64>,
+    pub cpu_system_ns: Option<u64>,
+    pub cfs_periods: Option<u64>,
+    pub cfs_throttled_periods: Option<u64>,
+    pub cfs_throttled_ns: Option<u64>,
+    pub memory_cache: Option<u64>,
+    pub memory_mapped_file: Option<u64>,
+    pub memory_swap: Option<u64>,
+    pub memory_kernel: Option<u64>,
+    pub memory_failcnt: Option<u64>,
+    pub memory_max_usage: Option<u64>,
+    pub oom_kills: Option<u64>,
+    /// The tasks' limit (`pids.max`); `None` when unlimited.
+    pub pids_max: Option<u64>,
+    /// Process ids in the cgroup (`cgroup.procs`).
+    pub procs: Vec<i32>,
+}
+
+/// Reads the details of the cgroup at `rel` under `/sys/fs/cgroup`.
+pub fn read_detail(layout: Layout, rel: &Path) -> DetailSample {
+    read_detail_under(Path::new(CGROUP_ROOT), layout, rel)
+}
+
+/// USER_HZ: the unit of v1 `cpuacct.stat`.
+const USER_HZ_NS: u64 = 10_000_000;
+
+fn procs(path: &Path) -> Vec<i32> {
+    read_string(path)
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// [`read_detail`] under another root (tests use fixture trees).
+pub fn read_detail_under(root: &Path, layout: Layout, rel: &Path) -> DetailSample {
+    match layout {
+        Layout::V1 => {
+            let acct = read_string(&root.join("cpuacct").join(rel).join("cpuacct.stat"))
+                .unwrap_or_default();
+            let cpu = read_string(&root.join("cpu").join(rel).join("cpu.stat")).unwrap_or_default();
+            let mem = root.join("memory").join(rel);
+            let stat = read_string(&mem.join("memory.stat")).unwrap_or_default();
+            let oom = read_string(&mem.join("memory.oom_control")).unwrap_or_default();
+            let pids = root.join("pids").join(rel);
+            DetailSample {
+                cpu_user_ns: keyed(&acct, "user").map(|t| t * USER_HZ_NS),
+                cpu_system_ns: keyed(&acct, "system").map(|t| t * USER_HZ_NS),
+                cfs_periods: keyed(&cpu, "nr_periods"),
+                cfs_throttled_periods: keyed(&cpu, "nr_throttled"),
+                cfs_throttled_ns: keyed(&cpu, "throttled_time"),
+                memory_cache: keyed(&stat, "total_cache"),
+                memory_mapped_file: keyed(&stat, "total_mapped_file"),
+                memory_swap: keyed(&stat, "total_swap"),
+                memory_kernel: read_u64(&mem.join("memory.kmem.usage_in_bytes")),
+                memory_failcnt: read_u64(&mem.join("memory.failcnt")),
+                memory_max_usage: read_u64(&mem.join("memory.max_usage_in_bytes")),
+                oom_kills: keyed(&oom, "oom_kill"),
+                pids_max: read_u64(&pids.join("pids.max")),
+                procs: procs(&mem.join("cgroup.procs")),
+            }
+        }
+        Layout::V2 => {
+            let dir = root.join(rel);
+            let cpu = read_string(&dir.join("cpu.stat")).unwrap_or_default();
+            let stat = read_string(&dir.join("memory.stat")).unwrap_or_default();
+            let events = read_string(&dir.join("memory.events")).unwrap_or_default();
+            let us = |k| keyed(&cpu, k).map(|v| v.saturating_mul(1000));
+            DetailSample {
+                cpu_user_ns: us("user_usec"),
+                cpu_system_ns: us("system_usec"),
+                cfs_periods: keyed(&cpu, "nr_periods"),
+                cfs_throttled_periods: keyed(&cpu, "nr_throttled"),
+                cfs_throttled_ns: us("throttled_usec"),
+                memory_cache: keyed(&stat, "file"),
+                memory_mapped_file: keyed(&stat, "file_mapped"),
+                memory_swap: read_u64(&dir.join("memory.swap.current")),
+                memory_kernel: keyed(&stat, "kernel"),
+                memory_failcnt: keyed(&events, "max"),
+                memory_max_usage: read_u64(&dir.join("memory.peak")),
+                oom_kills: keyed(&events, "oom_kill"),
+                pids_max: read_u64(&dir.join("pids.max")),
+                procs: procs(&dir.join("cgroup.procs")),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +332,62 @@ mod tests {
         assert_eq!((m.usage, m.working_set, m.rss), (1000, 700, 600));
         assert_eq!((m.page_faults, m.major_page_faults), (40, 2));
         assert_eq!(m.limit, None, "the v1 'unlimited' value is no limit");
+    }
+
+    #[test]
+    fn details_parse_on_v1_and_v2() {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = root.path().join("c");
+        write(
+            &dir,
+            "cpu.stat",
+            "usage_usec 30\nuser_usec 20\nsystem_usec 10\nnr_periods 5\nnr_throttled 2\nthrottled_usec 7\n",
+        );
+        write(&dir, "memory.stat", "file 100\nfile_mapped 40\nkernel 9\n");
+        write(
+            &dir,
+            "memory.events",
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        );
+        write(&dir, "pids.max", "max\n");
+        write(&dir, "cgroup.procs", "12\n34\n");
+        let d = read_detail_under(root.path(), Layout::V2, Path::new("c"));
+        assert_eq!(
+            (d.cpu_user_ns, d.cpu_system_ns),
+            (Some(20_000), Some(10_000))
+        );
+        assert_eq!(
+            (d.cfs_periods, d.cfs_throttled_periods, d.cfs_throttled_ns),
+            (Some(5), Some(2), Some(7000))
+        );
+        assert_eq!(
+            (d.memory_cache, d.memory_mapped_file, d.memory_kernel),
+            (Some(100), Some(40), Some(9))
+        );
+        assert_eq!(
+            (d.memory_failcnt, d.oom_kills, d.pids_max),
+            (Some(3), Some(1), None)
+        );
+        assert_eq!(d.procs, vec![12, 34]);
+
+        let rel = Path::new("b/c");
+        write(
+            &root.path().join("cpuacct").join(rel),
+            "cpuacct.stat",
+            "user 150\nsystem 50\n",
+        );
+        write(
+            &root.path().join("memory").join(rel),
+            "memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        );
+        write(&root.path().join("pids").join(rel), "pids.max", "100\n");
+        let d = read_detail_under(root.path(), Layout::V1, rel);
+        assert_eq!(
+            (d.cpu_user_ns, d.cpu_system_ns),
+            (Some(1_500_000_000), Some(500_000_000))
+        );
+        assert_eq!((d.oom_kills, d.pids_max), (Some(2), Some(100)));
     }
 
     #[test]

@@ -496,8 +496,6 @@ impl RuntimeService for RuntimeServiceImpl {
         exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
         attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
-        list_metric_descriptors(cri::ListMetricDescriptorsRequest) -> cri::ListMetricDescriptorsResponse = "ListMetricDescriptors";
-        list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest) -> cri::ListPodSandboxMetricsResponse = "ListPodSandboxMetrics";
     }
 
     async fn checkpoint_container(
@@ -622,12 +620,43 @@ impl RuntimeService for RuntimeServiceImpl {
 
     async fn stream_pod_sandbox_metrics(
         &self,
-        _request: Request<cri::StreamPodSandboxMetricsRequest>,
+        request: Request<cri::StreamPodSandboxMetricsRequest>,
     ) -> Result<Response<Self::StreamPodSandboxMetricsStream>, Status> {
-        rpc("StreamPodSandboxMetrics", "", None, async {
-            Err::<Self::StreamPodSandboxMetricsStream, Status>(unimplemented(
-                "ListPodSandboxMetrics",
-            ))
+        let deadline = deadline(&request);
+        rpc("StreamPodSandboxMetrics", "", deadline, async {
+            let items =
+                stats::list_pod_sandbox_metrics(&self.stats, &self.sandboxes, &self.containers)
+                    .await?;
+            Ok(list_stream::stream(items, |pod_sandbox_metrics| {
+                cri::StreamPodSandboxMetricsResponse {
+                    pod_sandbox_metrics,
+                }
+            }))
+        })
+        .await
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        request: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        let deadline = deadline(&request);
+        rpc("ListMetricDescriptors", "", deadline, async {
+            Ok(stats::list_metric_descriptors())
+        })
+        .await
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        request: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        let deadline = deadline(&request);
+        rpc("ListPodSandboxMetrics", "", deadline, async {
+            let pod_metrics =
+                stats::list_pod_sandbox_metrics(&self.stats, &self.sandboxes, &self.containers)
+                    .await?;
+            Ok(cri::ListPodSandboxMetricsResponse { pod_metrics })
         })
         .await
     }

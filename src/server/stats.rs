@@ -1,5 +1,6 @@
 //! The stats RPCs of the RuntimeService: ContainerStats, ListContainerStats, PodSandboxStats,
-//! ListPodSandboxStats (their `Stream*` forms reuse the list functions). Thin: selection by
+//! ListPodSandboxStats, ListMetricDescriptors, ListPodSandboxMetrics (their `Stream*` forms
+//! reuse the list functions). Thin: selection by
 //! the filters and mapping; the numbers come from [`crate::stats`].
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use tonic::Status;
 use crate::container::manager::{ContainerManager, ContainerRecord, Phase};
 use crate::cri::v1 as cri;
 use crate::sandbox::{SandboxManager, SandboxRecord};
+use crate::stats::metrics::{self, ContainerDetail};
 use crate::stats::{Collector, ContainerSample};
 
 /// Containers that have stats: every one past `Creating`.
@@ -127,5 +129,57 @@ pub async fn list_pod_sandbox_stats(
     let all = &all;
     let results =
         futures_util::future::join_all(pods.iter().map(|p| pod_stats_of(collector, p, all))).await;
+    results.into_iter().collect()
+}
+
+pub fn list_metric_descriptors() -> cri::ListMetricDescriptorsResponse {
+    cri::ListMetricDescriptorsResponse {
+        descriptors: metrics::descriptors(),
+    }
+}
+
+async fn pod_metrics_of(
+    collector: &Arc<Collector>,
+    pod: &SandboxRecord,
+    all: &[ContainerRecord],
+) -> Result<cri::PodSandboxMetrics, Status> {
+    let recs: Vec<ContainerRecord> = all
+        .iter()
+        .filter(|c| c.sandbox_id == pod.id && has_stats(c))
+        .cloned()
+        .collect();
+    let c = collector.clone();
+    let details: Vec<(ContainerRecord, ContainerDetail)> = tokio::task::spawn_blocking(move || {
+        recs.into_iter()
+            .map(|r| {
+                let d = c.detail_container(&r);
+                (r, d)
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| Status::internal(format!("reading container metrics: {e}")))?;
+    let ifaces = match pod.netns_path() {
+        Some(ns) if pod.phase == crate::sandbox::Phase::Ready => {
+            crate::stats::read_pod_network(&ns).await
+        }
+        _ => None,
+    };
+    Ok(collector.pod_metrics(pod, ifaces, &details))
+}
+
+/// Metrics of every pod.
+pub async fn list_pod_sandbox_metrics(
+    collector: &Arc<Collector>,
+    sandboxes: &SandboxManager,
+    containers: &ContainerManager,
+) -> Result<Vec<cri::PodSandboxMetrics>, Status> {
+    let all = containers.list();
+    let pods = sandboxes.list();
+    forget_gone(collector, &all, Some(&pods));
+    let all = &all;
+    let results =
+        futures_util::future::join_all(pods.iter().map(|p| pod_metrics_of(collector, p, all)))
+            .await;
     results.into_iter().collect()
 }

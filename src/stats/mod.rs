@@ -7,6 +7,9 @@
 //!
 //! A pod with a cgroup of its own (`cgroup_parent`) is read there; one without adds up its
 //! containers. Missing cgroups (a stopped container) leave numbers out, never fail.
+//! [`metrics`] gives the same numbers, and more, as cAdvisor-named metrics.
+
+pub mod metrics;
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -131,9 +134,13 @@ pub fn disk_usage(dir: &Path) -> Option<(u64, u64)> {
 pub struct InterfaceSample {
     pub name: String,
     pub rx_bytes: u64,
+    pub rx_packets: u64,
     pub rx_errors: u64,
+    pub rx_dropped: u64,
     pub tx_bytes: u64,
+    pub tx_packets: u64,
     pub tx_errors: u64,
+    pub tx_dropped: u64,
 }
 
 /// Parses `/proc/net/dev` (two header lines, then `name: 8 receive and 8 transmit
@@ -154,9 +161,13 @@ pub fn parse_net_dev(text: &str) -> Vec<InterfaceSample> {
             Some(InterfaceSample {
                 name: name.to_string(),
                 rx_bytes: n[0],
+                rx_packets: n[1],
                 rx_errors: n[2],
+                rx_dropped: n[3],
                 tx_bytes: n[8],
+                tx_packets: n[9],
                 tx_errors: n[10],
+                tx_dropped: n[11],
             })
         })
         .collect()
@@ -445,9 +456,13 @@ eth0:    5000      40    2    0    0     0          0         0     3000      30
             vec![InterfaceSample {
                 name: "eth0".into(),
                 rx_bytes: 5000,
+                rx_packets: 40,
                 rx_errors: 2,
+                rx_dropped: 0,
                 tx_bytes: 3000,
+                tx_packets: 30,
                 tx_errors: 1,
+                tx_dropped: 0,
             }]
         );
         let n = network_usage(7, &v);
