@@ -8,6 +8,7 @@
 //! - [`store`]: the durable embedded database of berth's records;
 //! - [`ids`]: object ids, id-prefix lookup, timestamps;
 //! - [`image`]: registry pulls, the content store, layer snapshots, image records;
+//! - [`metrics`]: Prometheus `/metrics` over HTTP (RPCs, objects, per-container usage);
 //! - [`network`]: pod networking, native (rtnetlink + nftables) or CNI;
 //! - [`ns`]: namespace work on dedicated threads, pinned namespaces;
 //! - [`runtime`]: the OCI runtime CLI (runc, crun) per RuntimeClass handler;
@@ -23,6 +24,7 @@ pub mod events;
 pub mod ids;
 pub mod image;
 pub mod locks;
+pub mod metrics;
 pub mod monitor;
 pub mod network;
 pub mod ns;

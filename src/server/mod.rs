@@ -54,6 +54,8 @@ pub enum ServerError {
     Network(#[from] crate::network::NetworkError),
     #[error("loading pod sandboxes: {0}")]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error("metrics endpoint: {0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("loading containers: {0}")]
     Container(#[from] crate::container::manager::ContainerError),
 }
@@ -88,6 +90,7 @@ pub struct Daemon {
     sandboxes: Arc<SandboxManager>,
     containers: Arc<ContainerManager>,
     events: Arc<EventHub>,
+    metrics: Option<crate::metrics::MetricsServer>,
 }
 
 impl Daemon {
@@ -132,6 +135,7 @@ impl Daemon {
             Arc::downgrade(&containers),
             EXIT_WATCH_PERIOD,
         ));
+        let metrics = crate::metrics::MetricsServer::bind(&config.metrics.address).await?;
         // Bound last: a client that can connect finds a daemon whose state is ready.
         let listener = bind_socket(&config.socket).await?;
         Ok(Daemon {
@@ -141,6 +145,7 @@ impl Daemon {
             sandboxes,
             containers,
             events,
+            metrics,
         })
     }
 
@@ -152,6 +157,14 @@ impl Daemon {
     /// containerd and CRI-O (see [`trace::rpc`]).
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let socket = self.config.socket.clone();
+        let metrics_task = self.metrics.map(|m| {
+            let sources = Arc::new(crate::metrics::Sources {
+                sandboxes: self.sandboxes.clone(),
+                containers: self.containers.clone(),
+                layout: crate::cgroups::detect(),
+            });
+            tokio::spawn(m.serve(sources))
+        });
         let runtime = runtime_service::RuntimeServiceImpl::new(
             self.config.clone(),
             self.sandboxes.clone(),
@@ -208,6 +221,9 @@ impl Daemon {
             () = tokio::time::sleep(DRAIN_TIMEOUT) => {
                 tracing::warn!("in-flight RPCs did not finish within {DRAIN_TIMEOUT:?}; stopping anyway");
             }
+        }
+        if let Some(t) = metrics_task {
+            t.abort();
         }
         tracing::info!("stopped");
         Ok(())
