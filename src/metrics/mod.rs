@@ -150,9 +150,7 @@ fn object_families(src: &Sources) -> Result<Vec<prometheus::proto::MetricFamily>
         ),
         &labels,
     )?;
-    for c in [&cpu] {
-        registry.register(Box::new(c.clone()))?;
-    }
+    registry.register(Box::new(cpu.clone()))?;
     for g in [&pods, &containers, &memory, &restarts] {
         registry.register(Box::new(g.clone()))?;
     }
