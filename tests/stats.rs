@@ -698,3 +698,72 @@ async fn metric_descriptors_and_pod_metrics() {
     assert_eq!(streamed, vec![pod.clone()]);
     e.remove_pod(&pod).await;
 }
+
+/// Figures, not a check: ListContainerStats, ListPodSandboxStats and ListPodSandboxMetrics
+/// latency with `BERTH_STATS_N` (default 50) running containers in 5 pods. Run by hand:
+/// `cargo test --test stats stats_latency_figures -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "prints figures; run by hand"]
+async fn stats_latency_figures() {
+    let n: usize = std::env::var("BERTH_STATS_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let mut e = env().await;
+    let mut pods = Vec::new();
+    for p in 0..5 {
+        pods.push(e.pod(e.pod_config(&format!("bench{p}"), "")).await);
+    }
+    let made = Instant::now();
+    for i in 0..n {
+        let pod = pods[i % pods.len()].clone();
+        e.run(&pod, &format!("c{i}"), "while :; do sleep 1000; done")
+            .await;
+    }
+    println!("{n} containers made in {:?}", made.elapsed());
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let got = e.list(None).await;
+        times.push(t.elapsed());
+        assert_eq!(got.len(), n);
+    }
+    times.sort();
+    println!(
+        "ListContainerStats with {n} containers: median {:?}, min {:?}, max {:?} (20 calls)",
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1]
+    );
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        e.rt.list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None })
+            .await
+            .expect("pod stats");
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "ListPodSandboxStats with 5 pods / {n} containers: median {:?}, max {:?} (10 calls)",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        e.rt.list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+            .await
+            .expect("pod metrics");
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "ListPodSandboxMetrics with 5 pods / {n} containers: median {:?}, max {:?} (10 calls)",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    for pod in pods {
+        e.remove_pod(&pod).await;
+    }
+}
