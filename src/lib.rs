@@ -4,23 +4,28 @@
 //! - [`cgroups`]: container cgroup paths (cgroupfs, systemd), layouts, OOM counters;
 //! - [`cri`]: the CRI types, servers and clients generated from the pinned `api.proto`;
 //! - [`config`]: the TOML configuration contract and its defaults;
+//! - [`events`]: container and pod lifecycle events for `GetContainerEvents`;
 //! - [`store`]: the durable embedded database of berth's records;
 //! - [`ids`]: object ids, id-prefix lookup, timestamps;
 //! - [`image`]: registry pulls, the content store, layer snapshots, image records;
+//! - [`metrics`]: Prometheus `/metrics` over HTTP (RPCs, objects, per-container usage);
 //! - [`network`]: pod networking, native (rtnetlink + nftables) or CNI;
 //! - [`notify`]: systemd readiness notifications (`READY=1`, `STOPPING=1`);
 //! - [`ns`]: namespace work on dedicated threads, pinned namespaces;
 //! - [`runtime`]: the OCI runtime CLI (runc, crun) per RuntimeClass handler;
 //! - [`sandbox`]: pod sandboxes: namespaces, pod files, sysctls, pod init, records;
-//! - [`server`]: the CRI gRPC services on the unix socket.
+//! - [`server`]: the CRI gRPC services on the unix socket;
+//! - [`stats`]: container and pod resource usage (cgroups, writable layer, pod network).
 
 pub mod cgroups;
 pub mod config;
 pub mod container;
 pub mod cri;
+pub mod events;
 pub mod ids;
 pub mod image;
 pub mod locks;
+pub mod metrics;
 pub mod monitor;
 pub mod network;
 pub mod notify;
@@ -28,4 +33,5 @@ pub mod ns;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;
+pub mod stats;
 pub mod store;

@@ -406,9 +406,8 @@ async fn collect<T>(
     Ok(out)
 }
 
-/// The `Stream*` list RPCs send what the unary ones answer, with the same filters; the
-/// stats and metrics streams answer as their unary forms (not built yet: Unimplemented),
-/// PodSandboxStatus carries its containers, and
+/// The `Stream*` list RPCs send what the unary ones answer, with the same filters (the
+/// stats stream too), PodSandboxStatus carries its containers, and
 /// CheckpointContainer says why it is not offered.
 #[tokio::test]
 async fn stream_rpcs_answer_like_their_unary_forms() {
@@ -533,8 +532,24 @@ async fn stream_rpcs_answer_like_their_unary_forms() {
             .await,
     )
     .await
-    .expect_err("not built yet");
-    assert_eq!(stats.code(), tonic::Code::Unimplemented);
+    .expect("stream container stats");
+    let unary =
+        e.rt.list_container_stats(cri::ListContainerStatsRequest { filter: None })
+            .await
+            .expect("list container stats")
+            .into_inner()
+            .stats;
+    let ids = |v: Vec<cri::ContainerStats>| {
+        let mut ids: Vec<String> = v
+            .into_iter()
+            .filter_map(|s| s.attributes.map(|a| a.id))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let streamed = ids(stats.into_iter().flat_map(|m| m.container_stats).collect());
+    assert_eq!(streamed.len(), 3);
+    assert_eq!(streamed, ids(unary));
     let ckpt =
         e.rt.checkpoint_container(cri::CheckpointContainerRequest {
             container_id: containers[0].clone(),

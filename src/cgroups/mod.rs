@@ -3,9 +3,11 @@
 //! `linux.cgroupsPath`), which layout the machine has (v1 per-controller hierarchies, the
 //! v1+v2 "hybrid", or pure v2), where OOM kills are counted, and removing what the runtime
 //! left. The runtime creates the cgroup and applies limits; berth names and cleans. [`pod`]
-//! writes the limits of a pod's own cgroup (`UpdatePodSandboxResources`).
+//! writes the limits of a pod's own cgroup (`UpdatePodSandboxResources`); [`stats`] reads
+//! usage (CPU, memory, tasks) on v1 and v2.
 
 pub mod pod;
+pub mod stats;
 
 use std::path::{Path, PathBuf};
 

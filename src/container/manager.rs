@@ -22,6 +22,7 @@ use super::spec::{self, SpecError, SpecInput};
 use super::volumes::{self, VolumeError};
 use crate::cgroups::{self, CgroupError, Layout};
 use crate::config::Config;
+use crate::events::{EventHub, Kind as EventKind};
 use crate::ids::{self, Index, Lookup, now_nanos};
 use crate::image::{ImageError, ImageManager};
 use crate::locks::KeyedLocks;
@@ -186,6 +187,8 @@ pub struct ContainerManager {
     exec_seq: std::sync::atomic::AtomicU64,
     /// CDI spec dirs (read at each CreateContainer that asks for devices).
     cdi: Arc<cdi::Registry>,
+    /// Where lifecycle events go.
+    events: Arc<EventHub>,
 }
 
 /// Whether the oom_score_adj clamp was logged already.
@@ -224,6 +227,7 @@ impl ContainerManager {
         store: Arc<Store>,
         images: Arc<ImageManager>,
         sandboxes: Arc<SandboxManager>,
+        events: Arc<EventHub>,
     ) -> Result<ContainerManager, ContainerError> {
         let min_oom_score_adj = std::fs::read_to_string("/proc/self/oom_score_adj")
             .ok()
@@ -242,6 +246,7 @@ impl ContainerManager {
             layout: cgroups::detect(),
             min_oom_score_adj,
             exec_seq: std::sync::atomic::AtomicU64::new(0),
+            events,
         };
         for (_, mut rec) in records {
             if rec.phase == Phase::Creating || mgr.sandboxes.get(&rec.sandbox_id).is_err() {
@@ -294,6 +299,13 @@ impl ContainerManager {
             "Error".to_string()
         };
         self.persist(rec)?;
+        self.events.publish(
+            EventKind::Stopped,
+            &rec.id,
+            &rec.sandbox_id,
+            None,
+            Some(rec),
+        );
         Ok(true)
     }
 
@@ -325,6 +337,13 @@ impl ContainerManager {
             rec.reason = "Error".to_string();
             rec.message = "the exit was not recorded: the pod's berth-monitor was gone".to_string();
             self.persist(rec)?;
+            self.events.publish(
+                EventKind::Stopped,
+                &rec.id,
+                &rec.sandbox_id,
+                None,
+                Some(rec),
+            );
         }
         Ok(())
     }
@@ -492,6 +511,13 @@ impl ContainerManager {
         {
             Ok(()) => {
                 self.index.insert(&id, rec.clone());
+                self.events.publish(
+                    EventKind::Created,
+                    &rec.id,
+                    &rec.sandbox_id,
+                    None,
+                    Some(&rec),
+                );
                 Ok(rec)
             }
             Err(e) => {
@@ -786,7 +812,9 @@ impl ContainerManager {
                 rec.phase = Phase::Running;
                 rec.started_at = started_at;
                 self.persist(&rec)?;
-                self.index.insert(&id, rec);
+                self.index.insert(&id, rec.clone());
+                self.events
+                    .publish(EventKind::Started, &id, &rec.sandbox_id, None, Some(&rec));
                 Ok(())
             }
             Err(e) => {
@@ -797,7 +825,9 @@ impl ContainerManager {
                 rec.reason = "StartError".to_string();
                 rec.message = e.to_string();
                 self.persist(&rec)?;
-                self.index.insert(&id, rec);
+                self.index.insert(&id, rec.clone());
+                self.events
+                    .publish(EventKind::Stopped, &id, &rec.sandbox_id, None, Some(&rec));
                 Err(e)
             }
         }
@@ -874,7 +904,35 @@ impl ContainerManager {
         self.store.commit(b)?;
         self.index.remove(&id);
         self.index.release(&rec.name_key);
+        self.events
+            .publish(EventKind::Deleted, &id, &rec.sandbox_id, None, None);
         Ok(())
+    }
+
+    /// Notices exits as they are recorded (every `period`), so that their stopped events go
+    /// out without waiting for a client to ask; ends when the manager is dropped.
+    pub async fn watch_exits(this: std::sync::Weak<ContainerManager>, period: Duration) {
+        loop {
+            tokio::time::sleep(period).await;
+            let Some(mgr) = this.upgrade() else { return };
+            for rec in mgr.index.values() {
+                if matches!(rec.phase, Phase::Running | Phase::Created)
+                    && rec.exit_file().exists()
+                    && let Err(e) = mgr.get(&rec.id)
+                {
+                    tracing::debug!(id = %rec.id, error = %e, "noticing an exit");
+                }
+            }
+        }
+    }
+
+    /// The records of a pod's containers as the index holds them (exits not looked for).
+    pub fn records_in_pod(&self, sandbox_id: &str) -> Vec<ContainerRecord> {
+        self.index
+            .values()
+            .into_iter()
+            .filter(|r| r.sandbox_id == sandbox_id)
+            .collect()
     }
 
     fn in_pod(&self, sandbox_id: &str) -> Vec<String> {

@@ -21,6 +21,7 @@ use crate::cri::v1 as cri;
 use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
+use crate::events::{EventHub, Kind as EventKind};
 use crate::ids::{self, Index, Lookup, now_nanos};
 use crate::locks::KeyedLocks;
 use crate::network::{
@@ -194,6 +195,8 @@ pub struct SandboxManager {
     /// The sandboxes by id, and their reserved names.
     index: Index<SandboxRecord>,
     locks: KeyedLocks,
+    /// Where lifecycle events go.
+    events: Arc<EventHub>,
 }
 
 fn name_key(m: &cri::PodSandboxMetadata) -> String {
@@ -210,6 +213,7 @@ impl SandboxManager {
         store: Arc<Store>,
         network: Arc<dyn NetworkBackend>,
         state: &Path,
+        events: Arc<EventHub>,
     ) -> Result<SandboxManager, SandboxError> {
         let pods_dir = state.join("pods");
         std::fs::create_dir_all(&pods_dir)
@@ -221,6 +225,7 @@ impl SandboxManager {
             pods_dir,
             index: Index::default(),
             locks: KeyedLocks::default(),
+            events,
         };
         for (_, mut rec) in records {
             if rec.phase == Phase::Creating {
@@ -235,6 +240,8 @@ impl SandboxManager {
                 tracing::info!(id = %rec.id, "pod sandbox namespaces are gone (reboot?): NotReady");
                 rec.phase = Phase::NotReady;
                 mgr.persist(&rec)?;
+                mgr.events
+                    .publish(EventKind::Stopped, &rec.id, &rec.id, Some(&rec), None);
             }
             let _ = mgr.index.reserve(&rec.name_key, &rec.id);
             mgr.index.insert(&rec.id.clone(), rec);
@@ -391,6 +398,10 @@ impl SandboxManager {
         match result {
             Ok(()) => {
                 self.index.insert(&id, rec.clone());
+                self.events
+                    .publish(EventKind::Created, &id, &id, Some(&rec), None);
+                self.events
+                    .publish(EventKind::Started, &id, &id, Some(&rec), None);
                 Ok(rec)
             }
             Err(e) => {
@@ -643,7 +654,9 @@ impl SandboxManager {
         rec.network = None;
         rec.init = None;
         self.persist(&rec)?;
-        self.index.insert(&id, rec);
+        self.index.insert(&id, rec.clone());
+        self.events
+            .publish(EventKind::Stopped, &id, &id, Some(&rec), None);
         Ok(())
     }
 
@@ -664,6 +677,8 @@ impl SandboxManager {
         self.store.commit(b)?;
         self.index.remove(&id);
         self.index.release(&rec.name_key);
+        self.events
+            .publish(EventKind::Deleted, &id, &id, None, None);
         Ok(())
     }
 }

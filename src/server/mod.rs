@@ -7,10 +7,12 @@
 pub mod authority;
 pub mod container;
 pub mod error;
+pub mod events;
 pub mod image_service;
 pub mod list_stream;
 pub mod pod_sandbox;
 pub mod runtime_service;
+pub mod stats;
 pub mod trace;
 
 use std::future::Future;
@@ -29,6 +31,7 @@ use tokio::net::UnixListener;
 
 use crate::config::Config;
 use crate::container::manager::ContainerManager;
+use crate::events::EventHub;
 use crate::image::{ImageError, ImageManager};
 use crate::sandbox::SandboxManager;
 use crate::store::{Store, StoreError};
@@ -51,6 +54,8 @@ pub enum ServerError {
     Network(#[from] crate::network::NetworkError),
     #[error("loading pod sandboxes: {0}")]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error("metrics endpoint: {0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("loading containers: {0}")]
     Container(#[from] crate::container::manager::ContainerError),
 }
@@ -72,6 +77,8 @@ pub fn labels_match(
 
 /// The largest CRI message accepted (a big ListContainers answer or a pod config).
 const MAX_MESSAGE: usize = 16 << 20;
+/// How often recorded exits are looked for (their stopped events go out within this).
+const EXIT_WATCH_PERIOD: Duration = Duration::from_millis(250);
 /// How long a stopping daemon waits for in-flight RPCs.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -82,6 +89,8 @@ pub struct Daemon {
     images: Arc<ImageManager>,
     sandboxes: Arc<SandboxManager>,
     containers: Arc<ContainerManager>,
+    events: Arc<EventHub>,
+    metrics: Option<crate::metrics::MetricsServer>,
 }
 
 impl Daemon {
@@ -104,9 +113,11 @@ impl Daemon {
                     source: std::io::Error::other(e.to_string()),
                 })??
         };
+        let events = Arc::new(EventHub::new());
         let network = crate::network::from_config(&config, store.clone()).await?;
-        let sandboxes =
-            Arc::new(SandboxManager::open(store.clone(), network, &config.state).await?);
+        let sandboxes = Arc::new(
+            SandboxManager::open(store.clone(), network, &config.state, events.clone()).await?,
+        );
         let images = Arc::new(images);
         let containers = Arc::new(
             ContainerManager::open(
@@ -114,9 +125,17 @@ impl Daemon {
                 store.clone(),
                 images.clone(),
                 sandboxes.clone(),
+                events.clone(),
             )
             .await?,
         );
+        events.set_sources(&sandboxes, &containers);
+        events.ready();
+        tokio::spawn(ContainerManager::watch_exits(
+            Arc::downgrade(&containers),
+            EXIT_WATCH_PERIOD,
+        ));
+        let metrics = crate::metrics::MetricsServer::bind(&config.metrics.address).await?;
         // Bound last: a client that can connect finds a daemon whose state is ready.
         let listener = bind_socket(&config.socket).await?;
         Ok(Daemon {
@@ -125,6 +144,8 @@ impl Daemon {
             images,
             sandboxes,
             containers,
+            events,
+            metrics,
         })
     }
 
@@ -136,10 +157,19 @@ impl Daemon {
     /// containerd and CRI-O (see [`trace::rpc`]).
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let socket = self.config.socket.clone();
+        let metrics_task = self.metrics.map(|m| {
+            let sources = Arc::new(crate::metrics::Sources {
+                sandboxes: self.sandboxes.clone(),
+                containers: self.containers.clone(),
+                layout: crate::cgroups::detect(),
+            });
+            tokio::spawn(m.serve(sources))
+        });
         let runtime = runtime_service::RuntimeServiceImpl::new(
             self.config.clone(),
             self.sandboxes.clone(),
             self.containers.clone(),
+            self.events.clone(),
         );
         let image = image_service::ImageServiceImpl::new(
             self.images.clone(),
@@ -194,6 +224,9 @@ impl Daemon {
             () = tokio::time::sleep(DRAIN_TIMEOUT) => {
                 tracing::warn!("in-flight RPCs did not finish within {DRAIN_TIMEOUT:?}; stopping anyway");
             }
+        }
+        if let Some(t) = metrics_task {
+            t.abort();
         }
         tracing::info!("stopped");
         Ok(())

@@ -14,11 +14,13 @@ use tonic::{Request, Response, Status};
 
 use super::error::unimplemented;
 use super::trace::{deadline, rpc};
-use super::{container, list_stream, pod_sandbox};
+use super::{container, events, list_stream, pod_sandbox, stats};
 use crate::config::{CgroupDriver, Config};
 use crate::container::manager::ContainerManager;
 use crate::container::volumes;
+use crate::events::EventHub;
 use crate::sandbox::SandboxManager;
+use crate::stats::Collector;
 
 /// The CRI API version berth speaks.
 pub const CRI_API_VERSION: &str = "v1";
@@ -29,6 +31,8 @@ pub struct RuntimeServiceImpl {
     config: Config,
     sandboxes: Arc<SandboxManager>,
     containers: Arc<ContainerManager>,
+    stats: Arc<Collector>,
+    events: Arc<EventHub>,
 }
 
 impl RuntimeServiceImpl {
@@ -36,11 +40,20 @@ impl RuntimeServiceImpl {
         config: Config,
         sandboxes: Arc<SandboxManager>,
         containers: Arc<ContainerManager>,
+        events: Arc<EventHub>,
     ) -> RuntimeServiceImpl {
+        let systemd = config.cgroup_driver == CgroupDriver::Systemd;
+        let stats = Arc::new(Collector::new(
+            crate::cgroups::detect(),
+            systemd,
+            config.root.clone(),
+        ));
         RuntimeServiceImpl {
             config,
             sandboxes,
             containers,
+            stats,
+            events,
         }
     }
 
@@ -482,12 +495,6 @@ impl RuntimeService for RuntimeServiceImpl {
         exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
         attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
-        container_stats(cri::ContainerStatsRequest) -> cri::ContainerStatsResponse = "ContainerStats";
-        list_container_stats(cri::ListContainerStatsRequest) -> cri::ListContainerStatsResponse = "ListContainerStats";
-        pod_sandbox_stats(cri::PodSandboxStatsRequest) -> cri::PodSandboxStatsResponse = "PodSandboxStats";
-        list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest) -> cri::ListPodSandboxStatsResponse = "ListPodSandboxStats";
-        list_metric_descriptors(cri::ListMetricDescriptorsRequest) -> cri::ListMetricDescriptorsResponse = "ListMetricDescriptors";
-        list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest) -> cri::ListPodSandboxMetricsResponse = "ListPodSandboxMetrics";
     }
 
     async fn checkpoint_container(
@@ -512,32 +519,143 @@ impl RuntimeService for RuntimeServiceImpl {
     // The streaming forms of the stats and metrics RPCs answer as their unary forms do.
     async fn stream_container_stats(
         &self,
-        _request: Request<cri::StreamContainerStatsRequest>,
+        request: Request<cri::StreamContainerStatsRequest>,
     ) -> Result<Response<Self::StreamContainerStatsStream>, Status> {
-        rpc("StreamContainerStats", "", None, async {
-            Err::<Self::StreamContainerStatsStream, Status>(unimplemented("ListContainerStats"))
+        let deadline = deadline(&request);
+        let filter = request.into_inner().filter;
+        rpc("StreamContainerStats", "", deadline, async {
+            let items = stats::list_container_stats(&self.stats, &self.containers, filter).await?;
+            Ok(list_stream::stream(items, |container_stats| {
+                cri::StreamContainerStatsResponse { container_stats }
+            }))
         })
         .await
     }
 
     async fn stream_pod_sandbox_stats(
         &self,
-        _request: Request<cri::StreamPodSandboxStatsRequest>,
+        request: Request<cri::StreamPodSandboxStatsRequest>,
     ) -> Result<Response<Self::StreamPodSandboxStatsStream>, Status> {
-        rpc("StreamPodSandboxStats", "", None, async {
-            Err::<Self::StreamPodSandboxStatsStream, Status>(unimplemented("ListPodSandboxStats"))
+        let deadline = deadline(&request);
+        let filter = request.into_inner().filter;
+        rpc("StreamPodSandboxStats", "", deadline, async {
+            let items = stats::list_pod_sandbox_stats(
+                &self.stats,
+                &self.sandboxes,
+                &self.containers,
+                filter,
+            )
+            .await?;
+            Ok(list_stream::stream(items, |pod_sandbox_stats| {
+                cri::StreamPodSandboxStatsResponse { pod_sandbox_stats }
+            }))
+        })
+        .await
+    }
+
+    async fn container_stats(
+        &self,
+        request: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.container_id.clone();
+        rpc(
+            "ContainerStats",
+            &id,
+            deadline,
+            stats::container_stats(&self.stats, &self.containers, req),
+        )
+        .await
+    }
+
+    async fn list_container_stats(
+        &self,
+        request: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        let deadline = deadline(&request);
+        let filter = request.into_inner().filter;
+        rpc("ListContainerStats", "", deadline, async {
+            let stats = stats::list_container_stats(&self.stats, &self.containers, filter).await?;
+            Ok(cri::ListContainerStatsResponse { stats })
+        })
+        .await
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        request: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.pod_sandbox_id.clone();
+        rpc(
+            "PodSandboxStats",
+            &id,
+            deadline,
+            stats::pod_sandbox_stats(&self.stats, &self.sandboxes, &self.containers, req),
+        )
+        .await
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        request: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        let deadline = deadline(&request);
+        let filter = request.into_inner().filter;
+        rpc("ListPodSandboxStats", "", deadline, async {
+            let stats = stats::list_pod_sandbox_stats(
+                &self.stats,
+                &self.sandboxes,
+                &self.containers,
+                filter,
+            )
+            .await?;
+            Ok(cri::ListPodSandboxStatsResponse { stats })
         })
         .await
     }
 
     async fn stream_pod_sandbox_metrics(
         &self,
-        _request: Request<cri::StreamPodSandboxMetricsRequest>,
+        request: Request<cri::StreamPodSandboxMetricsRequest>,
     ) -> Result<Response<Self::StreamPodSandboxMetricsStream>, Status> {
-        rpc("StreamPodSandboxMetrics", "", None, async {
-            Err::<Self::StreamPodSandboxMetricsStream, Status>(unimplemented(
-                "ListPodSandboxMetrics",
-            ))
+        let deadline = deadline(&request);
+        rpc("StreamPodSandboxMetrics", "", deadline, async {
+            let items =
+                stats::list_pod_sandbox_metrics(&self.stats, &self.sandboxes, &self.containers)
+                    .await?;
+            Ok(list_stream::stream(items, |pod_sandbox_metrics| {
+                cri::StreamPodSandboxMetricsResponse {
+                    pod_sandbox_metrics,
+                }
+            }))
+        })
+        .await
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        request: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        let deadline = deadline(&request);
+        rpc("ListMetricDescriptors", "", deadline, async {
+            Ok(stats::list_metric_descriptors())
+        })
+        .await
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        request: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        let deadline = deadline(&request);
+        rpc("ListPodSandboxMetrics", "", deadline, async {
+            let pod_metrics =
+                stats::list_pod_sandbox_metrics(&self.stats, &self.sandboxes, &self.containers)
+                    .await?;
+            Ok(cri::ListPodSandboxMetricsResponse { pod_metrics })
         })
         .await
     }
@@ -548,8 +666,9 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         _request: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        // No deadline: the stream lasts as long as the subscriber reads it.
         rpc("GetContainerEvents", "", None, async {
-            Err::<Self::GetContainerEventsStream, Status>(unimplemented("GetContainerEvents"))
+            Ok(events::subscribe(&self.events))
         })
         .await
     }

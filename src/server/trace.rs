@@ -1,5 +1,6 @@
 //! One `tracing` span per RPC: method, the ids it names, duration and resulting status; and
-//! the client's deadline (`grpc-timeout`), which ends the RPC with `DeadlineExceeded`.
+//! the client's deadline (`grpc-timeout`), which ends the RPC with `DeadlineExceeded`; and
+//! its count, error code and latency in [`crate::metrics`].
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -92,7 +93,9 @@ where
             }),
             None => body.await,
         };
-        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = start.elapsed();
+        crate::metrics::observe_rpc(method, result.as_ref().err().map(|s| s.code()), elapsed);
+        let ms = elapsed.as_secs_f64() * 1000.0;
         match &result {
             Ok(_) => tracing::debug!(ms, "ok"),
             Err(s) if s.code() == tonic::Code::Unimplemented => {
