@@ -5,7 +5,7 @@ set -euo pipefail
 what=${1:-test}
 pkgs=(protobuf-compiler runc crun iproute2 nftables iptables containernetworking-plugins)
 if [ "$what" = test ]; then
-  pkgs+=(busybox-static docker-registry openssl apache2-utils zstd)
+  pkgs+=(busybox-static docker-registry openssl apache2-utils zstd prometheus)  # prometheus: promtool
 fi
 missing=()
 for p in "${pkgs[@]}"; do
