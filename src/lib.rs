@@ -11,7 +11,8 @@
 //! - [`ns`]: namespace work on dedicated threads, pinned namespaces;
 //! - [`runtime`]: the OCI runtime CLI (runc, crun) per RuntimeClass handler;
 //! - [`sandbox`]: pod sandboxes: namespaces, pod files, sysctls, pod init, records;
-//! - [`server`]: the CRI gRPC services on the unix socket.
+//! - [`server`]: the CRI gRPC services on the unix socket;
+//! - [`stream`]: the Exec/Attach/PortForward streaming server (SPDY/3.1).
 
 pub mod cgroups;
 pub mod config;
@@ -27,3 +28,4 @@ pub mod runtime;
 pub mod sandbox;
 pub mod server;
 pub mod store;
+pub mod stream;

@@ -32,6 +32,7 @@ use crate::container::manager::ContainerManager;
 use crate::image::{ImageError, ImageManager};
 use crate::sandbox::SandboxManager;
 use crate::store::{Store, StoreError};
+use crate::stream::Streamer;
 
 /// Why the daemon could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,8 @@ pub struct Daemon {
     images: Arc<ImageManager>,
     sandboxes: Arc<SandboxManager>,
     containers: Arc<ContainerManager>,
+    streamer: Arc<Streamer>,
+    stream_listener: tokio::net::TcpListener,
 }
 
 impl Daemon {
@@ -117,6 +120,14 @@ impl Daemon {
             )
             .await?,
         );
+        let stream_addr = config.streaming.address.clone();
+        let stream_listener = tokio::net::TcpListener::bind(&stream_addr)
+            .await
+            .map_err(io_err(Path::new(&stream_addr)))?;
+        let bound = stream_listener
+            .local_addr()
+            .map_err(io_err(Path::new(&stream_addr)))?;
+        let streamer = Arc::new(Streamer::new(bound, containers.clone(), sandboxes.clone()));
         // Bound last: a client that can connect finds a daemon whose state is ready.
         let listener = bind_socket(&config.socket).await?;
         Ok(Daemon {
@@ -125,6 +136,8 @@ impl Daemon {
             images,
             sandboxes,
             containers,
+            streamer,
+            stream_listener,
         })
     }
 
@@ -140,7 +153,13 @@ impl Daemon {
             self.config.clone(),
             self.sandboxes.clone(),
             self.containers.clone(),
+            self.streamer.clone(),
         );
+        let streaming = tokio::spawn(crate::stream::http::serve(
+            self.stream_listener,
+            self.streamer.clone(),
+        ));
+        tracing::info!(address = %self.streamer.addr(), "serving streams");
         let image = image_service::ImageServiceImpl::new(
             self.images.clone(),
             self.config.runtimes.keys().cloned().collect(),
@@ -178,6 +197,7 @@ impl Daemon {
             }
         }
         drop(self.listener);
+        streaming.abort();
         let _ = std::fs::remove_file(&socket);
         // Finish in-flight RPCs; idle client connections are not waited for beyond that.
         let drained = async {

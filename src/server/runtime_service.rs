@@ -19,6 +19,7 @@ use crate::config::{CgroupDriver, Config};
 use crate::container::manager::ContainerManager;
 use crate::container::volumes;
 use crate::sandbox::SandboxManager;
+use crate::stream::Streamer;
 
 /// The CRI API version berth speaks.
 pub const CRI_API_VERSION: &str = "v1";
@@ -29,6 +30,7 @@ pub struct RuntimeServiceImpl {
     config: Config,
     sandboxes: Arc<SandboxManager>,
     containers: Arc<ContainerManager>,
+    streamer: Arc<Streamer>,
 }
 
 impl RuntimeServiceImpl {
@@ -36,11 +38,13 @@ impl RuntimeServiceImpl {
         config: Config,
         sandboxes: Arc<SandboxManager>,
         containers: Arc<ContainerManager>,
+        streamer: Arc<Streamer>,
     ) -> RuntimeServiceImpl {
         RuntimeServiceImpl {
             config,
             sandboxes,
             containers,
+            streamer,
         }
     }
 
@@ -479,8 +483,21 @@ impl RuntimeService for RuntimeServiceImpl {
         .await
     }
 
+    async fn exec(
+        &self,
+        request: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.container_id.clone();
+        rpc("Exec", &id, deadline, async {
+            let url = self.streamer.exec_url(req)?;
+            Ok(cri::ExecResponse { url })
+        })
+        .await
+    }
+
     not_yet! {
-        exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
         attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
         port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
         container_stats(cri::ContainerStatsRequest) -> cri::ContainerStatsResponse = "ContainerStats";
