@@ -497,9 +497,22 @@ impl RuntimeService for RuntimeServiceImpl {
         .await
     }
 
+    async fn port_forward(
+        &self,
+        request: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.pod_sandbox_id.clone();
+        rpc("PortForward", &id, deadline, async {
+            let url = self.streamer.port_forward_url(req)?;
+            Ok(cri::PortForwardResponse { url })
+        })
+        .await
+    }
+
     not_yet! {
         attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
-        port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
         container_stats(cri::ContainerStatsRequest) -> cri::ContainerStatsResponse = "ContainerStats";
         list_container_stats(cri::ListContainerStatsRequest) -> cri::ListContainerStatsResponse = "ListContainerStats";
         pod_sandbox_stats(cri::PodSandboxStatsRequest) -> cri::PodSandboxStatsResponse = "PodSandboxStats";

@@ -110,7 +110,8 @@ async fn handle(
         let conn = Connection::start(TokioIo::new(upgraded));
         match pending {
             Pending::Exec(req) => remotecommand::serve_exec(streamer, conn, protocol, req).await,
-            Pending::Attach(_) | Pending::PortForward(_) => {
+            Pending::PortForward(req) => super::portforward::serve_spdy(streamer, conn, req).await,
+            Pending::Attach(_) => {
                 tracing::warn!("streaming kind not built yet");
                 conn.finish().await;
             }
