@@ -55,10 +55,11 @@ pub async fn serve_spdy(
                 continue;
             }
         }
-        if entry.0.is_some() && entry.1.is_some() {
-            if let Some((Some(error), Some(data))) = waiting.remove(&request) {
-                tasks.spawn(forward(netns.clone(), pod.id.clone(), error, data));
-            }
+        if entry.0.is_some()
+            && entry.1.is_some()
+            && let Some((Some(error), Some(data))) = waiting.remove(&request)
+        {
+            tasks.spawn(forward(netns.clone(), pod.id.clone(), error, data));
         }
         // Reap finished forwards as we go.
         while tasks.try_join_next().is_some() {}
