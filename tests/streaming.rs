@@ -864,3 +864,121 @@ async fn spdy_port_forward_moves_data_intact() {
         tonic::Code::FailedPrecondition
     );
 }
+
+impl Env {
+    /// A running `sh` reading commands from its stdin (kept by berth-monitor).
+    async fn shell(&mut self, pod: &str, name: &str, tty: bool) -> String {
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(cri::ImageSpec {
+                image: self.image.clone(),
+                ..Default::default()
+            }),
+            command: vec!["sh".into()],
+            stdin: true,
+            tty,
+            log_path: format!("{name}.log"),
+            linux: Some(cri::LinuxContainerConfig::default()),
+            ..Default::default()
+        };
+        let id = self
+            .rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(config),
+                sandbox_config: None,
+            })
+            .await
+            .expect("create")
+            .into_inner()
+            .container_id;
+        self.rt
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .expect("start");
+        id
+    }
+
+    async fn attach_url(&mut self, id: &str, tty: bool) -> String {
+        self.rt
+            .attach(cri::AttachRequest {
+                container_id: id.into(),
+                stdin: true,
+                tty,
+                stdout: true,
+                stderr: !tty,
+            })
+            .await
+            .expect("Attach")
+            .into_inner()
+            .url
+    }
+}
+
+/// Attach over SPDY to a container's `sh` that berth-monitor holds: commands sent on stdin
+/// run, their stdout and stderr come back apart, and the attach ends with the container; the
+/// CRI log keeps being written. A terminal container sees the attacher's resize.
+#[tokio::test]
+async fn spdy_attach_sends_stdin_and_sees_output() {
+    let mut e = env().await;
+    let pod = e.pod("attach").await;
+    let id = e.shell(&pod, "sh", false).await;
+    let url = e.attach_url(&id, false).await;
+    let script = b"echo hello; echo oops >&2; exit 0\n";
+    let r = spdy_exec(&url, Some(script), false, None).await;
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "hello\n");
+    assert_eq!(String::from_utf8_lossy(&r.stderr), "oops\n");
+    assert_eq!(r.status()["status"], "Success");
+    let log = std::fs::read_to_string(e.logs.path().join("sh.log")).unwrap_or_default();
+    assert!(log.contains(" stdout F hello"), "log: {log:?}");
+    assert!(log.contains(" stderr F oops"), "log: {log:?}");
+
+    let tty = e.shell(&pod, "tty", true).await;
+    let url = e.attach_url(&tty, true).await;
+    let r = spdy_exec(
+        &url,
+        Some(b"sleep 1; stty size; exit 0\n"),
+        true,
+        Some((100, 30)),
+    )
+    .await;
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(out.contains("30 100"), "stty size said {out:?}");
+    assert_eq!(r.status()["status"], "Success");
+
+    // Attach to a container that is not running: FailedPrecondition.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st =
+            e.rt.container_status(cri::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            })
+            .await
+            .expect("status")
+            .into_inner()
+            .status
+            .expect("status");
+        if st.state == cri::ContainerState::ContainerExited as i32 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shell did not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err =
+        e.rt.attach(cri::AttachRequest {
+            container_id: id.clone(),
+            stdin: true,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .expect_err("exited container");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}

@@ -945,6 +945,32 @@ impl ContainerManager {
         })
     }
 
+    /// Attach: a stream of the running container's stdio from its pod's monitor (frames of
+    /// [`monitor::attach`]), and the record (its config says stdin, stdin_once, tty).
+    pub async fn attach_stream(
+        &self,
+        id: &str,
+    ) -> Result<
+        (
+            ContainerRecord,
+            tokio::io::BufReader<tokio::net::UnixStream>,
+        ),
+        ContainerError,
+    > {
+        let rec = self.get(id)?;
+        if rec.phase != Phase::Running {
+            return Err(ContainerError::WrongState {
+                id: rec.id.clone(),
+                state: rec.state_name(),
+                what: "attach needs a running container",
+            });
+        }
+        let sandbox = self.sandboxes.get(&rec.sandbox_id)?;
+        let client = self.connect_monitor(&sandbox).await?;
+        let stream = client.attach(&rec.id).await?;
+        Ok((rec, stream))
+    }
+
     /// UpdateContainerResources: applies new limits to a live container.
     pub async fn update_resources(
         &self,

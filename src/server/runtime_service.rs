@@ -497,6 +497,20 @@ impl RuntimeService for RuntimeServiceImpl {
         .await
     }
 
+    async fn attach(
+        &self,
+        request: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.container_id.clone();
+        rpc("Attach", &id, deadline, async {
+            let url = self.streamer.attach_url(req)?;
+            Ok(cri::AttachResponse { url })
+        })
+        .await
+    }
+
     async fn port_forward(
         &self,
         request: Request<cri::PortForwardRequest>,
@@ -512,7 +526,6 @@ impl RuntimeService for RuntimeServiceImpl {
     }
 
     not_yet! {
-        attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
         container_stats(cri::ContainerStatsRequest) -> cri::ContainerStatsResponse = "ContainerStats";
         list_container_stats(cri::ListContainerStatsRequest) -> cri::ListContainerStatsResponse = "ListContainerStats";
         pod_sandbox_stats(cri::PodSandboxStatsRequest) -> cri::PodSandboxStatsResponse = "PodSandboxStats";

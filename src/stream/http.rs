@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::Streamer;
-use super::remotecommand::{self, SPDY_PROTOCOLS};
+use super::remotecommand::{self, SPDY_PROTOCOLS, Target};
 use super::spdy::conn::Connection;
 use super::token::Pending;
 
@@ -109,12 +109,13 @@ async fn handle(
         };
         let conn = Connection::start(TokioIo::new(upgraded));
         match pending {
-            Pending::Exec(req) => remotecommand::serve_exec(streamer, conn, protocol, req).await,
-            Pending::PortForward(req) => super::portforward::serve_spdy(streamer, conn, req).await,
-            Pending::Attach(_) => {
-                tracing::warn!("streaming kind not built yet");
-                conn.finish().await;
+            Pending::Exec(req) => {
+                remotecommand::serve(streamer, conn, protocol, Target::Exec(req)).await
             }
+            Pending::Attach(req) => {
+                remotecommand::serve(streamer, conn, protocol, Target::Attach(req)).await
+            }
+            Pending::PortForward(req) => super::portforward::serve_spdy(streamer, conn, req).await,
         }
     });
     let mut r = plain(StatusCode::SWITCHING_PROTOCOLS, "");

@@ -2,8 +2,9 @@
 //! a single-use token ([`token`]) and answer a URL of this server; a client that opens that
 //! URL within a minute gets the stream. [`http`] is the HTTP/1.1 server and its upgrades,
 //! [`spdy`] SPDY/3.1, [`remotecommand`] the exec/attach protocol on top, [`exec`] the
-//! processes behind it and [`pty`] their terminals, [`portforward`] the port-forward protocol.
+//! processes behind it, [`attach`] the containers' stdio from berth-monitor and [`pty`] their terminals, [`portforward`] the port-forward protocol.
 
+pub mod attach;
 pub mod exec;
 pub mod http;
 pub mod portforward;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::attach;
 use super::exec::{self, ProcessIo, TermSize};
 use super::spdy::conn::{Connection, IncomingStream, StreamWriter};
 use super::spdy::frame::RST_REFUSED_STREAM;
@@ -68,18 +69,43 @@ fn protocol_resizes(protocol: &str) -> bool {
     matches!(protocol, "v3.channel.k8s.io" | "v4.channel.k8s.io")
 }
 
-/// Serves one exec over an upgraded SPDY connection.
-pub async fn serve_exec(
+/// What a remotecommand connection runs.
+pub enum Target {
+    Exec(cri::ExecRequest),
+    Attach(cri::AttachRequest),
+}
+
+/// Serves one exec or attach over an upgraded SPDY connection.
+pub async fn serve(
     streamer: Arc<Streamer>,
     mut conn: Connection,
     protocol: &'static str,
-    req: cri::ExecRequest,
+    target: Target,
 ) {
+    let (stdin, stdout, stderr, tty, container, cmd) = match &target {
+        Target::Exec(r) => (
+            r.stdin,
+            r.stdout,
+            r.stderr,
+            r.tty,
+            &r.container_id,
+            r.cmd.clone(),
+        ),
+        Target::Attach(r) => (
+            r.stdin,
+            r.stdout,
+            r.stderr,
+            r.tty,
+            &r.container_id,
+            Vec::new(),
+        ),
+    };
+    let container = container.clone();
     let wanted = Wanted {
-        stdin: req.stdin,
-        stdout: req.stdout,
-        stderr: req.stderr,
-        tty: req.tty,
+        stdin,
+        stdout,
+        stderr,
+        tty,
     };
     let Some(mut streams) = collect(&mut conn, &wanted, protocol).await else {
         conn.finish().await;
@@ -108,7 +134,10 @@ pub async fn serve_exec(
         io.resize = Some(resize_events(s.data));
     }
     let mut gone = conn.gone_signal();
-    let result = exec::run(&streamer.containers, &req, io, gone.wait()).await;
+    let result = match &target {
+        Target::Exec(req) => exec::run(&streamer.containers, req, io, gone.wait()).await,
+        Target::Attach(req) => attach::run(&streamer.containers, req, io, gone.wait()).await,
+    };
     if let Err(StreamError::ClientGone) = result {
         return;
     }
@@ -118,11 +147,11 @@ pub async fn serve_exec(
     }
     let _ = error
         .writer
-        .write(&status_message(protocol, &req.cmd, &result))
+        .write(&status_message(protocol, &cmd, &result))
         .await;
     let _ = error.writer.close().await;
     if let Err(e) = &result {
-        tracing::info!(container = %req.container_id, error = %e, "exec failed");
+        tracing::info!(container = %container, error = %e, "exec or attach failed");
     }
     conn.finish().await;
 }
