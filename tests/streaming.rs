@@ -642,6 +642,24 @@ async fn concurrent_execs_and_vanishing_clients_leave_nothing_behind() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{out:?}");
 }
 
+impl Env {
+    async fn wait_log(&self, name: &str, needle: &str) {
+        let path = self.logs.path().join(format!("{name}.log"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.contains(needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never logged: {text:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// A port-forward request's streams on a split SPDY connection: the writer half sends while
 /// the reader half receives (an echo server needs both at once).
 async fn port_forward_echo(
@@ -867,7 +885,7 @@ async fn spdy_port_forward_moves_data_intact() {
 
 impl Env {
     /// A running `sh` reading commands from its stdin (kept by berth-monitor).
-    async fn shell(&mut self, pod: &str, name: &str, tty: bool) -> String {
+    async fn shell(&mut self, pod: &str, name: &str, tty: bool, stdin_once: bool) -> String {
         let config = cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata {
                 name: name.into(),
@@ -879,6 +897,7 @@ impl Env {
             }),
             command: vec!["sh".into()],
             stdin: true,
+            stdin_once,
             tty,
             log_path: format!("{name}.log"),
             linux: Some(cri::LinuxContainerConfig::default()),
@@ -927,7 +946,8 @@ impl Env {
 async fn spdy_attach_sends_stdin_and_sees_output() {
     let mut e = env().await;
     let pod = e.pod("attach").await;
-    let id = e.shell(&pod, "sh", false).await;
+    // stdin_once: the client's end of stdin closes the container's; the shell ends.
+    let id = e.shell(&pod, "sh", false, true).await;
     let url = e.attach_url(&id, false).await;
     let script = b"echo hello; echo oops >&2; exit 0\n";
     let r = spdy_exec(&url, Some(script), false, None).await;
@@ -938,7 +958,17 @@ async fn spdy_attach_sends_stdin_and_sees_output() {
     assert!(log.contains(" stdout F hello"), "log: {log:?}");
     assert!(log.contains(" stderr F oops"), "log: {log:?}");
 
-    let tty = e.shell(&pod, "tty", true).await;
+    // Without stdin_once, the client's end of stdin detaches it; the shell goes on.
+    let keep = e.shell(&pod, "keep", false, false).await;
+    let url = e.attach_url(&keep, false).await;
+    let r = spdy_exec(&url, Some(b"echo first\n"), false, None).await;
+    assert_eq!(r.status()["status"], "Success");
+    e.wait_log("keep", "first").await;
+    let url = e.attach_url(&keep, false).await;
+    let r = spdy_exec(&url, Some(b""), false, None).await;
+    assert_eq!(r.status()["status"], "Success");
+
+    let tty = e.shell(&pod, "tty", true, false).await;
     let url = e.attach_url(&tty, true).await;
     let r = spdy_exec(
         &url,

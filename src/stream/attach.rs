@@ -43,6 +43,8 @@ pub async fn run(
         }
     });
     let mut pumps = Vec::new();
+    let close_on_eof = stdin_once && !tty;
+    let (detach_tx, detach_rx) = tokio::sync::oneshot::channel::<()>();
     if let Some(mut rx) = stdin {
         let tx = frame_tx.clone();
         pumps.push(tokio::spawn(async move {
@@ -53,10 +55,12 @@ pub async fn run(
                     return;
                 }
             }
-            if stdin_once {
+            if close_on_eof {
                 let mut f = Vec::new();
                 frames::push_frame(&mut f, frames::IN_CLOSE_STDIN, &[]);
                 let _ = tx.send(f).await;
+            } else {
+                let _ = detach_tx.send(());
             }
         }));
     }
@@ -103,8 +107,15 @@ pub async fn run(
             }
         }
     };
+    let detached = async {
+        if detach_rx.await.is_err() {
+            // No stdin: only the container's end or the client's ends the attach.
+            std::future::pending::<()>().await;
+        }
+    };
     let result = tokio::select! {
         r = output => r.map(|()| 0),
+        () = detached => Ok(0),
         () = gone => Err(StreamError::ClientGone),
     };
     for p in pumps {
