@@ -465,11 +465,32 @@ async fn tokens_and_validation() {
         &url[..url.find("/exec/").expect("path")]
     );
     assert_eq!(upgrade(&bogus, &["v4.channel.k8s.io"]).await.1, 404);
-    // An exec token on the attach path is spent and refused.
+    // An exec token is not found on the attach path; a request that is not a SPDY upgrade
+    // (a WebSocket client before its SPDY fallback) leaves it usable.
     let url = e.exec_url(&id, &["true"], false, false).await;
     let wrong = url.replace("/exec/", "/attach/");
     assert_eq!(upgrade(&wrong, &["v4.channel.k8s.io"]).await.1, 404);
-    assert_eq!(upgrade(&url, &["v4.channel.k8s.io"]).await.1, 404);
+    let rest = url.strip_prefix("http://").expect("http");
+    let (host, path) = rest.split_at(rest.find('/').expect("path"));
+    let mut ws = TcpStream::connect(host).await.expect("connect");
+    ws.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("send");
+    let mut answer = vec![0u8; 1024];
+    let n = ws.read(&mut answer).await.expect("answer");
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    let r = spdy_exec(&url, None, false, None).await;
+    assert_eq!(r.status()["status"], "Success");
     // No protocol in common: 403.
     let url = e.exec_url(&id, &["true"], false, false).await;
     assert_eq!(upgrade(&url, &["v9.channel.k8s.io"]).await.1, 403);

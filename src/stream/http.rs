@@ -1,5 +1,6 @@
 //! The streaming server's HTTP/1.1 side: routes `/exec/{token}`, `/attach/{token}` and
-//! `/portforward/{token}`, takes the token (404 when it is unknown, used or expired),
+//! `/portforward/{token}`, takes the token (404 when it is unknown, used or expired; a
+//! request that is not a SPDY/3.1 upgrade gets 400 and leaves the token),
 //! negotiates the sub-protocol (`X-Stream-Protocol-Version`) and upgrades the connection to
 //! SPDY/3.1, then hands it to the protocol.
 
@@ -66,6 +67,17 @@ async fn handle(
 ) -> Result<Response<String>, Infallible> {
     let mut parts = req.uri().path().trim_start_matches('/').splitn(2, '/');
     let (kind, token) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if !streamer.has(kind, token) {
+        return Ok(plain(StatusCode::NOT_FOUND, "404 page not found\n"));
+    }
+    // A request berth cannot upgrade leaves the token for the client's fallback (client-go
+    // tries WebSocket first, then SPDY/3.1, with the same URL).
+    if upgrade_kind(&req).as_deref() != Some("spdy/3.1") {
+        return Ok(plain(
+            StatusCode::BAD_REQUEST,
+            "unable to upgrade: berth streams over SPDY/3.1 (Upgrade: SPDY/3.1)\n",
+        ));
+    }
     let Some(pending) = streamer.take(kind, token) else {
         return Ok(plain(StatusCode::NOT_FOUND, "404 page not found\n"));
     };
@@ -75,15 +87,6 @@ async fn handle(
         .iter()
         .filter_map(|v| v.to_str().ok().map(str::to_string))
         .collect();
-    match upgrade_kind(&req).as_deref() {
-        Some("spdy/3.1") => {}
-        _ => {
-            return Ok(plain(
-                StatusCode::BAD_REQUEST,
-                "unable to upgrade: berth streams over SPDY/3.1 (Upgrade: SPDY/3.1)\n",
-            ));
-        }
-    }
     let protocol = match &pending {
         Pending::PortForward(_) => remotecommand::negotiate(&offered, &[PORT_FORWARD_PROTOCOL])
             .or(offered.is_empty().then_some(PORT_FORWARD_PROTOCOL)),

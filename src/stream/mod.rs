@@ -144,6 +144,11 @@ impl Streamer {
         self.url(Pending::PortForward(req))
     }
 
+    /// Whether a token waits for a stream of `kind` (see [`Tokens::contains`]).
+    pub fn has(&self, kind: &str, token: &str) -> bool {
+        self.tokens.contains(kind, token)
+    }
+
     /// Takes the request of a token (see [`Tokens::take`]).
     pub fn take(&self, kind: &str, token: &str) -> Option<Pending> {
         self.tokens.take(kind, token)

@@ -75,6 +75,13 @@ impl Tokens {
         Ok(token)
     }
 
+    /// Whether `token` is waiting for a stream of `kind` (and has not expired).
+    pub fn contains(&self, kind: &str, token: &str) -> bool {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(token)
+            .is_some_and(|(at, p)| at.elapsed() < self.ttl && p.kind() == kind)
+    }
+
     /// Takes the request of `token` if it is of `kind` and has not expired; the token is
     /// gone afterwards whatever the answer.
     pub fn take(&self, kind: &str, token: &str) -> Option<Pending> {
@@ -99,7 +106,10 @@ mod tests {
         let b = t.insert(exec()).expect("token");
         assert_ne!(a, b);
         assert!(a.len() >= 43);
+        assert!(t.contains("exec", &a));
+        assert!(!t.contains("attach", &a));
         assert!(t.take("exec", &a).is_some());
+        assert!(!t.contains("exec", &a));
         assert!(t.take("exec", &a).is_none());
         assert!(t.take("exec", "nope").is_none());
         // The wrong kind spends the token too.
