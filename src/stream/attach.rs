@@ -5,6 +5,7 @@
 //! does.
 
 use std::future::Future;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -121,6 +122,13 @@ pub async fn run(
     for p in pumps {
         p.abort();
     }
-    writer.abort();
+    // Input already queued (the last stdin bytes before a detach) still reaches the monitor.
+    let stop_writer = writer.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(1), writer)
+        .await
+        .is_err()
+    {
+        stop_writer.abort();
+    }
     result
 }
