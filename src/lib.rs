@@ -16,6 +16,7 @@
 //! - [`sandbox`]: pod sandboxes: namespaces, pod files, sysctls, pod init, records;
 //! - [`server`]: the CRI gRPC services on the unix socket;
 //! - [`stats`]: container and pod resource usage (cgroups, writable layer, pod network).
+//! - [`stream`]: the Exec/Attach/PortForward streaming server (SPDY/3.1).
 
 pub mod cgroups;
 pub mod config;
@@ -35,3 +36,4 @@ pub mod sandbox;
 pub mod server;
 pub mod stats;
 pub mod store;
+pub mod stream;

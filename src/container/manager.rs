@@ -172,6 +172,21 @@ impl ContainerRecord {
     }
 }
 
+/// An exec ready to run: the runtime, the container and the OCI process file.
+pub struct ExecPlan {
+    pub runtime: OciRuntime,
+    pub container_id: String,
+    pub process_file: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl Drop for ExecPlan {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.process_file);
+        let _ = std::fs::remove_file(&self.pid_file);
+    }
+}
+
 /// The containers of one berthd.
 pub struct ContainerManager {
     config: Config,
@@ -972,6 +987,29 @@ impl ContainerManager {
         cmd: Vec<String>,
         timeout_secs: i64,
     ) -> Result<crate::runtime::ExecOutput, ContainerError> {
+        let plan = self.prepare_exec(id, cmd, false)?;
+        let timeout = (timeout_secs > 0).then(|| Duration::from_secs(timeout_secs as u64));
+        let out = plan
+            .runtime
+            .exec(
+                &plan.container_id,
+                &plan.process_file,
+                &plan.pid_file,
+                timeout,
+            )
+            .await;
+        Ok(out?)
+    }
+
+    /// Writes the OCI process of an exec of `cmd` in the running container `id` (its
+    /// environment, user and capabilities as the container's own process has them), for
+    /// ExecSync and the streaming Exec. The files go when the plan is dropped.
+    pub fn prepare_exec(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        tty: bool,
+    ) -> Result<ExecPlan, ContainerError> {
         let rec = self.get(id)?;
         if rec.phase != Phase::Running {
             return Err(ContainerError::WrongState {
@@ -992,21 +1030,49 @@ impl ContainerManager {
             })?;
         let mut process = spec.get("process").cloned().unwrap_or_default();
         process["args"] = serde_json::json!(cmd);
-        process["terminal"] = serde_json::json!(false);
+        process["terminal"] = serde_json::json!(tty);
+        if let (false, Some(p)) = (tty, process.as_object_mut()) {
+            p.remove("consoleSize");
+        }
         let n = self
             .exec_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let process_file = rec.bundle.join(format!("exec-{n}.json"));
         let pid_file = rec.bundle.join(format!("exec-{n}.pid"));
-        std::fs::write(&process_file, process.to_string()).map_err(io_err("write exec process"))?;
         let runtime = self.runtime(&rec.runtime_handler)?;
-        let timeout = (timeout_secs > 0).then(|| Duration::from_secs(timeout_secs as u64));
-        let out = runtime
-            .exec(&rec.id, &process_file, &pid_file, timeout)
-            .await;
-        let _ = std::fs::remove_file(&process_file);
-        let _ = std::fs::remove_file(&pid_file);
-        Ok(out?)
+        std::fs::write(&process_file, process.to_string()).map_err(io_err("write exec process"))?;
+        Ok(ExecPlan {
+            runtime,
+            container_id: rec.id,
+            process_file,
+            pid_file,
+        })
+    }
+
+    /// Attach: a stream of the running container's stdio from its pod's monitor (frames of
+    /// [`monitor::attach`]), and the record (its config says stdin, stdin_once, tty).
+    pub async fn attach_stream(
+        &self,
+        id: &str,
+    ) -> Result<
+        (
+            ContainerRecord,
+            tokio::io::BufReader<tokio::net::UnixStream>,
+        ),
+        ContainerError,
+    > {
+        let rec = self.get(id)?;
+        if rec.phase != Phase::Running {
+            return Err(ContainerError::WrongState {
+                id: rec.id.clone(),
+                state: rec.state_name(),
+                what: "attach needs a running container",
+            });
+        }
+        let sandbox = self.sandboxes.get(&rec.sandbox_id)?;
+        let client = self.connect_monitor(&sandbox).await?;
+        let stream = client.attach(&rec.id).await?;
+        Ok((rec, stream))
     }
 
     /// UpdateContainerResources: applies new limits to a live container.

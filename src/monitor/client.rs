@@ -194,6 +194,14 @@ impl MonitorClient {
             .await
     }
 
+    /// Turns this connection into an attach stream of the container (frames of
+    /// [`super::attach`]); the stream may already hold output read with the answer.
+    pub async fn attach(mut self, id: &str) -> Result<BufReader<UnixStream>, MonitorError> {
+        self.ok("attach", &Request::Attach { id: id.to_string() })
+            .await?;
+        Ok(self.stream)
+    }
+
     /// The containers the monitor holds, with their exits.
     pub async fn state(&mut self) -> Result<Vec<ContainerState>, MonitorError> {
         let t = self.timeout;

@@ -16,6 +16,7 @@
 //! The monitor's directory holds [`SOCKET_NAME`], [`PID_FILE`] (locked while the monitor
 //! lives) and [`LOG_NAME`] (the monitor's own diagnostics).
 
+pub mod attach;
 pub mod client;
 pub mod log;
 pub mod proto;

@@ -21,6 +21,9 @@ pub enum Request {
     Reopen { id: String },
     /// Close the container's stdin (stdin_once semantics).
     CloseStdin { id: String },
+    /// Turn this connection into an attach stream of the container (see
+    /// [`super::attach`]).
+    Attach { id: String },
     /// The containers the monitor knows about.
     State,
     /// Drop everything the monitor holds of a container.

@@ -23,6 +23,7 @@ use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, pipe2, setsid};
 
+use super::attach;
 use super::log::{CriLog, LineSplitter, Stream, Tag};
 use super::proto::{
     ContainerState, CreateRequest, ErrorKind, ExitInfo, MAX_LINE, Request, Response,
@@ -191,6 +192,8 @@ struct Container {
     pid: i32,
     outputs: Vec<Output>,
     stdin: Option<File>,
+    /// Attach input not yet written to `stdin` (its fd is non-blocking).
+    stdin_buf: Vec<u8>,
     log: CriLog,
     exit_file: PathBuf,
     oom_files: Vec<PathBuf>,
@@ -224,6 +227,10 @@ struct Conn {
     /// The peer closed its side (answers still pending are dropped).
     eof: bool,
     dead: bool,
+    /// An attach stream of this container: frames, not lines (see [`attach`]).
+    attached: Option<String>,
+    /// [`attach::OUT_END`] was queued.
+    attach_ended: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -233,6 +240,7 @@ enum Token {
     Conn(usize),
     Output(usize, usize),
     Console(usize),
+    Stdin(usize),
 }
 
 struct Monitor {
@@ -390,7 +398,8 @@ impl Monitor {
             );
             for (i, c) in self.conns.iter().enumerate() {
                 let mut ev = 0;
-                if !c.eof {
+                // An attacher whose input waits for the container is not read further.
+                if !c.eof && c.inbuf.len() < attach::MAX_FRAME * 2 {
                     ev |= libc::POLLIN;
                 }
                 if !c.outbuf.is_empty() {
@@ -406,6 +415,11 @@ impl Monitor {
                     if let Some(fd) = &o.fd {
                         add(fd.as_raw_fd(), libc::POLLIN, Token::Output(i, j));
                     }
+                }
+            }
+            for (i, c) in self.containers.iter().enumerate() {
+                if let (Some(fd), false) = (&c.stdin, c.stdin_buf.is_empty()) {
+                    add(fd.as_raw_fd(), libc::POLLOUT, Token::Stdin(i));
                 }
             }
             for (i, p) in self.creates.iter().enumerate() {
@@ -442,6 +456,11 @@ impl Monitor {
                     self.accept_console(i);
                 }
             }
+            for &(t, _) in &ready {
+                if let Token::Stdin(i) = t {
+                    write_stdin(&mut self.containers[i]);
+                }
+            }
             // Outputs that hit EOF are dropped only now (indices above stay valid).
             for c in &mut self.containers {
                 c.outputs.retain(|o| o.fd.is_some());
@@ -460,6 +479,8 @@ impl Monitor {
             self.process_requests();
             self.conns.retain(|c| !c.dead);
             self.finish_exits();
+            // Last: an exit reaped in this round ends its attaches before the next poll.
+            self.end_attaches();
         }
     }
 
@@ -511,6 +532,18 @@ impl Monitor {
                 Ok(0) => break close_output(o, &mut c.log),
                 Ok(n) => {
                     let stream = o.stream;
+                    let kind = match stream {
+                        Stream::Stdout => attach::OUT_STDOUT,
+                        Stream::Stderr => attach::OUT_STDERR,
+                    };
+                    for a in self.conns.iter_mut() {
+                        if a.attached.as_deref() == Some(c.id.as_str())
+                            && !a.dead
+                            && a.outbuf.len() < attach::ATTACH_BUFFER
+                        {
+                            attach::push_frame(&mut a.outbuf, kind, &self.buf[..n]);
+                        }
+                    }
                     let log = &mut c.log;
                     o.splitter.feed(&self.buf[..n], &mut |tag, line| {
                         let _ = log.write_line(stream, tag, line);
@@ -756,6 +789,7 @@ impl Monitor {
             log,
             exit_file: req.exit_file.clone(),
             oom_files: req.cgroup_oom_files.clone(),
+            stdin_buf: Vec::new(),
             reaped: None,
             exited: None,
         };
@@ -890,6 +924,8 @@ impl Monitor {
                         busy: false,
                         eof: false,
                         dead: false,
+                        attached: None,
+                        attach_ended: false,
                     });
                     self.next_conn += 1;
                 }
@@ -935,9 +971,12 @@ impl Monitor {
 
     fn process_requests(&mut self) {
         for i in 0..self.conns.len() {
+            if self.conns[i].attached.is_some() {
+                self.attach_input(i);
+            }
             loop {
                 let c = &mut self.conns[i];
-                if c.busy || c.dead {
+                if c.busy || c.dead || c.attached.is_some() {
                     break;
                 }
                 let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') else {
@@ -966,6 +1005,88 @@ impl Monitor {
         }
     }
 
+    /// Applies the frames an attacher sent: stdin bytes (queued, written as the pipe takes
+    /// them), stdin close, terminal resize.
+    fn attach_input(&mut self, i: usize) {
+        let Some(id) = self.conns[i].attached.clone() else {
+            return;
+        };
+        let Some(k) = self.containers.iter().position(|c| c.id == id) else {
+            self.conns[i].dead = true;
+            return;
+        };
+        loop {
+            // Input waits while the container has not taken what came before.
+            if self.containers[k].stdin_buf.len() >= attach::ATTACH_BUFFER {
+                break;
+            }
+            let frame = match attach::take_frame(&mut self.conns[i].inbuf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => {
+                    self.conns[i].dead = true;
+                    return;
+                }
+            };
+            let c = &mut self.containers[k];
+            match frame {
+                (attach::IN_STDIN, data) if c.stdin.is_some() => {
+                    c.stdin_buf.extend_from_slice(&data);
+                }
+                (attach::IN_CLOSE_STDIN, _) => {
+                    write_stdin(c);
+                    c.stdin_buf.clear();
+                    c.stdin = None;
+                }
+                (attach::IN_RESIZE, size) if size.len() == 4 => {
+                    let ws = libc::winsize {
+                        ws_col: u16::from_be_bytes([size[0], size[1]]),
+                        ws_row: u16::from_be_bytes([size[2], size[3]]),
+                        ws_xpixel: 0,
+                        ws_ypixel: 0,
+                    };
+                    let fds = c
+                        .outputs
+                        .iter()
+                        .filter_map(|o| o.fd.as_ref())
+                        .chain(c.stdin.as_ref());
+                    for fd in fds {
+                        // SAFETY: TIOCSWINSZ reads one winsize from a pointer that outlives
+                        // the call; on a pipe it fails with ENOTTY and changes nothing.
+                        unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+                    }
+                }
+                _ => {}
+            }
+        }
+        write_stdin(&mut self.containers[k]);
+        if self.conns[i].eof && self.conns[i].inbuf.is_empty() && self.conns[i].outbuf.is_empty() {
+            self.conns[i].dead = true;
+        }
+    }
+
+    /// Tells attachers of containers whose output ended (or that are gone) that it did.
+    fn end_attaches(&mut self) {
+        for a in self.conns.iter_mut() {
+            let Some(id) = a.attached.as_deref() else {
+                continue;
+            };
+            if a.attach_ended {
+                continue;
+            }
+            let ended = self
+                .containers
+                .iter()
+                .find(|c| c.id == id)
+                .is_none_or(|c| c.outputs.is_empty() && (c.pid == 0 || c.reaped.is_some()));
+            if ended {
+                attach::push_frame(&mut a.outbuf, attach::OUT_END, &[]);
+                a.attach_ended = true;
+                a.eof = true;
+            }
+        }
+    }
+
     /// Handles one request; `None` when the answer comes later (create).
     fn handle(&mut self, conn: u64, req: Request) -> Option<Response> {
         let find = |cs: &mut Vec<Container>, id: &str| cs.iter().position(|c| c.id == id);
@@ -982,6 +1103,15 @@ impl Monitor {
                         format!("reopening {}: {e}", self.containers[k].log.path().display()),
                     ),
                 },
+            },
+            Request::Attach { id } => match find(&mut self.containers, &id) {
+                None => not_found(&id),
+                Some(_) => {
+                    if let Some(c) = self.conns.iter_mut().find(|c| c.id == conn) {
+                        c.attached = Some(id);
+                    }
+                    Response::Ok
+                }
             },
             Request::CloseStdin { id } => match find(&mut self.containers, &id) {
                 None => not_found(&id),
@@ -1030,6 +1160,34 @@ impl Monitor {
                 Response::Ok
             }
         })
+    }
+}
+
+/// Writes what the container's stdin takes of its queued attach input, without blocking.
+fn write_stdin(c: &mut Container) {
+    let Some(fd) = c.stdin.as_mut() else {
+        c.stdin_buf.clear();
+        return;
+    };
+    if let Ok(flags) = fcntl(&*fd, FcntlArg::F_GETFL) {
+        let flags = OFlag::from_bits_truncate(flags);
+        if !flags.contains(OFlag::O_NONBLOCK) {
+            let _ = fcntl(&*fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK));
+        }
+    }
+    while !c.stdin_buf.is_empty() {
+        match fd.write(&c.stdin_buf) {
+            Ok(n) => {
+                c.stdin_buf.drain(..n);
+            }
+            Err(e) if e.kind() == IoErrorKind::Interrupted => {}
+            Err(e) if e.kind() == IoErrorKind::WouldBlock => return,
+            Err(_) => {
+                // The container closed its stdin: input has nowhere to go.
+                c.stdin_buf.clear();
+                return;
+            }
+        }
     }
 }
 

@@ -298,46 +298,15 @@ impl OciRuntime {
                 })?,
                 false,
             ),
-            None => {
-                // Kill the exec'd process itself and let its runtime reap it and exit: the
-                // process is the runtime's child, and killing the runtime first would orphan
-                // it to the host's init, where it lingers as a zombie that the container can
-                // see. The runtime is killed only if it does not end by itself.
-                // The runtime may not have written the pid yet: give it a moment.
-                let mut pid = kill_pid_in(pid_file);
-                for _ in 0..20 {
-                    if pid.is_some() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    pid = kill_pid_in(pid_file);
-                }
-                let grace = if pid.is_some() {
-                    Duration::from_secs(5)
-                } else {
-                    Duration::ZERO
-                };
-                let s = match tokio::time::timeout(grace, child.wait()).await {
-                    Ok(s) => s,
-                    Err(_) => {
-                        let _ = child.start_kill();
-                        child.wait().await
-                    }
-                }
-                .map_err(|source| RuntimeError::Spawn {
-                    runtime: self.binary.display().to_string(),
-                    source,
-                })?;
-                if let Some(pid) = pid {
-                    for _ in 0..100 {
-                        if !Path::new(&format!("/proc/{pid}")).exists() {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-                (s, true)
-            }
+            None => (
+                stop_exec(&mut child, pid_file)
+                    .await
+                    .map_err(|source| RuntimeError::Spawn {
+                        runtime: self.binary.display().to_string(),
+                        source,
+                    })?,
+                true,
+            ),
         };
         // After a kill, a child the process left behind may still hold the pipes open: the
         // output read so far is what the caller gets, without waiting for that child.
@@ -356,11 +325,7 @@ impl OciRuntime {
         };
         let stdout = collect(stdout).await;
         let stderr = collect(stderr).await;
-        use std::os::unix::process::ExitStatusExt;
-        let exit_code = status
-            .code()
-            .or_else(|| status.signal().map(|s| 128 + s))
-            .unwrap_or(-1);
+        let exit_code = exit_code(status);
         Ok(ExecOutput {
             stdout,
             stderr,
@@ -368,6 +333,126 @@ impl OciRuntime {
             timed_out,
         })
     }
+}
+
+/// An exec whose stdio the caller wires (the streaming Exec): `runc exec` in the foreground,
+/// the parent and reaper of the process it runs.
+pub struct ExecChild {
+    child: tokio::process::Child,
+    pid_file: PathBuf,
+}
+
+impl OciRuntime {
+    /// Starts `exec` of an OCI process file with the given stdio. With `process.terminal`
+    /// the runtime copies between its own stdio (a pty the caller holds) and the container's
+    /// console, and resizes that console on SIGWINCH.
+    pub fn spawn_exec(
+        &self,
+        id: &str,
+        process_json: &Path,
+        pid_file: &Path,
+        stdio: [Stdio; 3],
+    ) -> Result<ExecChild, RuntimeError> {
+        let [stdin, stdout, stderr] = stdio;
+        let mut c = Command::new(&self.binary);
+        c.args(self.global_args())
+            .arg("exec")
+            .arg("--process")
+            .arg(process_json)
+            .arg("--pid-file")
+            .arg(pid_file)
+            .arg(id)
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
+            // Its own process group: signals for berthd's group do not reach it.
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = c.spawn().map_err(|source| RuntimeError::Spawn {
+            runtime: self.binary.display().to_string(),
+            source,
+        })?;
+        Ok(ExecChild {
+            child,
+            pid_file: pid_file.to_path_buf(),
+        })
+    }
+}
+
+impl ExecChild {
+    pub fn stdin(&mut self) -> Option<tokio::process::ChildStdin> {
+        self.child.stdin.take()
+    }
+    pub fn stdout(&mut self) -> Option<tokio::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+    pub fn stderr(&mut self) -> Option<tokio::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+    /// The runtime's pid (the process to send SIGWINCH to).
+    pub fn runtime_pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits for the exec's exit code (128 + signal for a signalled one).
+    pub async fn wait(&mut self) -> std::io::Result<i32> {
+        self.child.wait().await.map(exit_code)
+    }
+
+    /// Kills the exec'd process and lets its runtime reap it (see [`stop_exec`]).
+    pub async fn kill(&mut self) -> std::io::Result<i32> {
+        stop_exec(&mut self.child, &self.pid_file)
+            .await
+            .map(exit_code)
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+/// Kills an exec'd process itself and lets its runtime reap it and exit: the process is the
+/// runtime's child, and killing the runtime first would orphan it to the host's init, where
+/// it lingers as a zombie that the container can see. The runtime is killed only if it does
+/// not end by itself.
+async fn stop_exec(
+    child: &mut tokio::process::Child,
+    pid_file: &Path,
+) -> std::io::Result<std::process::ExitStatus> {
+    // The runtime may not have written the pid yet: give it a moment.
+    let mut pid = kill_pid_in(pid_file);
+    for _ in 0..20 {
+        if pid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pid = kill_pid_in(pid_file);
+    }
+    let grace = if pid.is_some() {
+        Duration::from_secs(5)
+    } else {
+        Duration::ZERO
+    };
+    let s = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    }?;
+    if let Some(pid) = pid {
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(s)
 }
 
 /// SIGKILLs the process whose pid a runtime wrote to `pid_file`, if any; returns the pid.

@@ -12,6 +12,8 @@ use crate::image::unpack::UnpackError;
 use crate::network::NetworkError;
 use crate::runtime::RuntimeError;
 use crate::sandbox::SandboxError;
+use crate::stream::StreamError;
+use crate::stream::token::TokenError;
 
 impl From<ImageError> for Status {
     fn from(e: ImageError) -> Status {
@@ -143,7 +145,27 @@ impl From<ContainerError> for Status {
     }
 }
 
-/// The answer of an RPC that berth does not implement yet.
-pub fn unimplemented(method: &str) -> Status {
-    Status::unimplemented(format!("berth does not implement {method} yet"))
+impl From<StreamError> for Status {
+    fn from(e: StreamError) -> Status {
+        let msg = e.to_string();
+        match e {
+            StreamError::Container(c) => {
+                let code = Status::from(c).code();
+                Status::new(code, msg)
+            }
+            StreamError::Sandbox(s) => {
+                let code = Status::from(s).code();
+                Status::new(code, msg)
+            }
+            StreamError::Invalid(_) => Status::invalid_argument(msg),
+            StreamError::NotRunning { .. } | StreamError::PodNotReady(_) => {
+                Status::failed_precondition(msg)
+            }
+            StreamError::Token(TokenError::TooMany) => Status::resource_exhausted(msg),
+            StreamError::Token(TokenError::Random(_))
+            | StreamError::Runtime(_)
+            | StreamError::Io { .. }
+            | StreamError::ClientGone => Status::internal(msg),
+        }
+    }
 }

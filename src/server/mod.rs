@@ -35,6 +35,7 @@ use crate::events::EventHub;
 use crate::image::{ImageError, ImageManager};
 use crate::sandbox::SandboxManager;
 use crate::store::{Store, StoreError};
+use crate::stream::Streamer;
 
 /// Why the daemon could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +92,8 @@ pub struct Daemon {
     containers: Arc<ContainerManager>,
     events: Arc<EventHub>,
     metrics: Option<crate::metrics::MetricsServer>,
+    streamer: Arc<Streamer>,
+    stream_listener: tokio::net::TcpListener,
 }
 
 impl Daemon {
@@ -136,6 +139,14 @@ impl Daemon {
             EXIT_WATCH_PERIOD,
         ));
         let metrics = crate::metrics::MetricsServer::bind(&config.metrics.address).await?;
+        let stream_addr = config.streaming.address.clone();
+        let stream_listener = tokio::net::TcpListener::bind(&stream_addr)
+            .await
+            .map_err(io_err(Path::new(&stream_addr)))?;
+        let bound = stream_listener
+            .local_addr()
+            .map_err(io_err(Path::new(&stream_addr)))?;
+        let streamer = Arc::new(Streamer::new(bound, containers.clone(), sandboxes.clone()));
         // Bound last: a client that can connect finds a daemon whose state is ready.
         let listener = bind_socket(&config.socket).await?;
         Ok(Daemon {
@@ -146,6 +157,8 @@ impl Daemon {
             containers,
             events,
             metrics,
+            streamer,
+            stream_listener,
         })
     }
 
@@ -170,7 +183,13 @@ impl Daemon {
             self.sandboxes.clone(),
             self.containers.clone(),
             self.events.clone(),
+            self.streamer.clone(),
         );
+        let streaming = tokio::spawn(crate::stream::http::serve(
+            self.stream_listener,
+            self.streamer.clone(),
+        ));
+        tracing::info!(address = %self.streamer.addr(), "serving streams");
         let image = image_service::ImageServiceImpl::new(
             self.images.clone(),
             self.config.runtimes.keys().cloned().collect(),
@@ -211,6 +230,7 @@ impl Daemon {
         }
         crate::notify::notify("STOPPING=1");
         drop(self.listener);
+        streaming.abort();
         let _ = std::fs::remove_file(&socket);
         // Finish in-flight RPCs; idle client connections are not waited for beyond that.
         let drained = async {

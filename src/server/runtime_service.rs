@@ -3,8 +3,6 @@
 //! that berth does not build yet answers `Unimplemented` (never a fake success).
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::cri::v1 as cri;
@@ -12,7 +10,6 @@ use crate::cri::v1::runtime_service_server::RuntimeService;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
-use super::error::unimplemented;
 use super::trace::{deadline, rpc};
 use super::{container, events, list_stream, pod_sandbox, stats};
 use crate::config::{CgroupDriver, Config};
@@ -21,6 +18,7 @@ use crate::container::volumes;
 use crate::events::EventHub;
 use crate::sandbox::SandboxManager;
 use crate::stats::Collector;
+use crate::stream::Streamer;
 
 /// The CRI API version berth speaks.
 pub const CRI_API_VERSION: &str = "v1";
@@ -33,6 +31,7 @@ pub struct RuntimeServiceImpl {
     containers: Arc<ContainerManager>,
     stats: Arc<Collector>,
     events: Arc<EventHub>,
+    streamer: Arc<Streamer>,
 }
 
 impl RuntimeServiceImpl {
@@ -41,6 +40,7 @@ impl RuntimeServiceImpl {
         sandboxes: Arc<SandboxManager>,
         containers: Arc<ContainerManager>,
         events: Arc<EventHub>,
+        streamer: Arc<Streamer>,
     ) -> RuntimeServiceImpl {
         let systemd = config.cgroup_driver == CgroupDriver::Systemd;
         let stats = Arc::new(Collector::new(
@@ -54,6 +54,7 @@ impl RuntimeServiceImpl {
             containers,
             stats,
             events,
+            streamer,
         }
     }
 
@@ -104,23 +105,6 @@ impl RuntimeServiceImpl {
         }
         out
     }
-}
-
-/// Defines RPCs that answer `Unimplemented`, each still traced. (`async_trait` cannot see into
-/// a macro, so this spells out the signature it would generate.)
-macro_rules! not_yet {
-    ($($method:ident ( $req:ty ) -> $resp:ty = $name:literal;)*) => {$(
-        fn $method<'life0, 'async_trait>(
-            &'life0 self,
-            _request: Request<$req>,
-        ) -> Pin<Box<dyn Future<Output = Result<Response<$resp>, Status>> + Send + 'async_trait>>
-        where
-            'life0: 'async_trait,
-            Self: 'async_trait,
-        {
-            Box::pin(rpc($name, "", deadline(&_request), async { Err::<$resp, Status>(unimplemented($name)) }))
-        }
-    )*};
 }
 
 #[tonic::async_trait]
@@ -491,10 +475,46 @@ impl RuntimeService for RuntimeServiceImpl {
         .await
     }
 
-    not_yet! {
-        exec(cri::ExecRequest) -> cri::ExecResponse = "Exec";
-        attach(cri::AttachRequest) -> cri::AttachResponse = "Attach";
-        port_forward(cri::PortForwardRequest) -> cri::PortForwardResponse = "PortForward";
+    async fn exec(
+        &self,
+        request: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.container_id.clone();
+        rpc("Exec", &id, deadline, async {
+            let url = self.streamer.exec_url(req)?;
+            Ok(cri::ExecResponse { url })
+        })
+        .await
+    }
+
+    async fn attach(
+        &self,
+        request: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.container_id.clone();
+        rpc("Attach", &id, deadline, async {
+            let url = self.streamer.attach_url(req)?;
+            Ok(cri::AttachResponse { url })
+        })
+        .await
+    }
+
+    async fn port_forward(
+        &self,
+        request: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let id = req.pod_sandbox_id.clone();
+        rpc("PortForward", &id, deadline, async {
+            let url = self.streamer.port_forward_url(req)?;
+            Ok(cri::PortForwardResponse { url })
+        })
+        .await
     }
 
     async fn checkpoint_container(
