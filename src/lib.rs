@@ -15,7 +15,7 @@
 //! - [`runtime`]: the OCI runtime CLI (runc, crun) per RuntimeClass handler;
 //! - [`sandbox`]: pod sandboxes: namespaces, pod files, sysctls, pod init, records;
 //! - [`server`]: the CRI gRPC services on the unix socket;
-//! - [`stats`]: container and pod resource usage (cgroups, writable layer, pod network).
+//! - [`stats`]: container and pod resource usage (cgroups, writable layer, pod network);
 //! - [`stream`]: the Exec/Attach/PortForward streaming server (SPDY/3.1).
 
 pub mod cgroups;
