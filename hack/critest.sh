@@ -102,6 +102,10 @@ cleanup() {
   grep -F " $T/" /proc/mounts | awk '{print $2}' | sort -r | while read -r f; do
     umount -R "$f" 2>/dev/null || umount -R -l "$f" 2>/dev/null
   done
+  # the default cgroup parent of containers whose pods named none, once empty
+  for d in /sys/fs/cgroup/*/berth /sys/fs/cgroup/berth; do
+    [ -d "$d" ] && rmdir "$d" 2>/dev/null
+  done
   ip link del "$BRIDGE" 2>/dev/null
   nft delete table inet "$NFT_TABLE" 2>/dev/null
   # never through a mount that is still there (a bind of a host path)
