@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use berth::cri::v1 as cri;
 use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -114,32 +113,11 @@ impl Env {
             linux: Some(cri::LinuxPodSandboxConfig::default()),
             ..Default::default()
         };
-        self.rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: String::new(),
-            })
-            .await
-            .expect("run pod")
-            .into_inner()
-            .pod_sandbox_id
+        common::run_pod(&mut self.rt, config, "").await
     }
 
     fn config(&self, name: &str, script: &str) -> cri::ContainerConfig {
-        cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(cri::ImageSpec {
-                image: self.image.clone(),
-                ..Default::default()
-            }),
-            command: vec!["sh".into(), "-c".into(), script.into()],
-            log_path: format!("{name}.log"),
-            linux: Some(cri::LinuxContainerConfig::default()),
-            ..Default::default()
-        }
+        common::sh_container(name, &self.image, script)
     }
 
     async fn create(
@@ -147,41 +125,19 @@ impl Env {
         pod: &str,
         config: cri::ContainerConfig,
     ) -> Result<String, tonic::Status> {
-        self.rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(config),
-                sandbox_config: None,
-            })
-            .await
-            .map(|r| r.into_inner().container_id)
+        common::create_container(&mut self.rt, pod, config).await
     }
 
     async fn run(&mut self, pod: &str, config: cri::ContainerConfig) -> String {
         let id = self.create(pod, config).await.expect("create");
-        self.rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
+        common::start_container(&mut self.rt, &id)
             .await
             .expect("start");
         id
     }
 
     async fn wait_log(&self, name: &str, needle: &str) -> String {
-        let path = self.logs.path().join(format!("{name}.log"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if text.contains(needle) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{needle:?} never logged: {text:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::wait_for_log(&self.logs.path().join(format!("{name}.log")), needle).await
     }
 
     async fn containers(&mut self, pod: &str) -> Vec<cri::Container> {
@@ -204,18 +160,7 @@ impl Env {
     }
 
     async fn remove_pod(&mut self, pod: &str) {
-        self.rt
-            .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .expect("stop pod");
-        self.rt
-            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .expect("remove pod");
+        common::remove_pod(&mut self.rt, pod).await;
     }
 }
 

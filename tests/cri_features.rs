@@ -81,15 +81,7 @@ fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
 
 impl Env {
     async fn pod_with(&mut self, config: cri::PodSandboxConfig, handler: &str) -> String {
-        self.rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: handler.into(),
-            })
-            .await
-            .expect("run pod")
-            .into_inner()
-            .pod_sandbox_id
+        common::run_pod(&mut self.rt, config, handler).await
     }
 
     async fn pod(&mut self, name: &str) -> String {
@@ -98,20 +90,7 @@ impl Env {
     }
 
     fn config(&self, image: &str, name: &str, script: &str) -> cri::ContainerConfig {
-        cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(cri::ImageSpec {
-                image: image.into(),
-                ..Default::default()
-            }),
-            command: vec!["sh".into(), "-c".into(), script.into()],
-            log_path: format!("{name}.log"),
-            linux: Some(cri::LinuxContainerConfig::default()),
-            ..Default::default()
-        }
+        common::sh_container(name, image, script)
     }
 
     async fn create(
@@ -119,23 +98,11 @@ impl Env {
         pod: &str,
         config: cri::ContainerConfig,
     ) -> Result<String, tonic::Status> {
-        self.rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(config),
-                sandbox_config: None,
-            })
-            .await
-            .map(|r| r.into_inner().container_id)
+        common::create_container(&mut self.rt, pod, config).await
     }
 
     async fn start(&mut self, id: &str) -> Result<(), tonic::Status> {
-        self.rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.into(),
-            })
-            .await
-            .map(|_| ())
+        common::start_container(&mut self.rt, id).await
     }
 
     async fn run(&mut self, pod: &str, config: cri::ContainerConfig) -> String {
@@ -162,33 +129,11 @@ impl Env {
     }
 
     async fn wait_log(&self, name: &str, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = std::fs::read_to_string(self.log(name)).unwrap_or_default();
-            if text.contains(needle) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{needle:?} never logged: {text:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::wait_for_log(&self.log(name), needle).await
     }
 
     async fn remove_pod(&mut self, pod: &str) {
-        self.rt
-            .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .expect("stop pod");
-        self.rt
-            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .expect("remove pod");
+        common::remove_pod(&mut self.rt, pod).await;
     }
 }
 
@@ -395,17 +340,6 @@ async fn runtime_handler_is_reported_as_asked() {
     e.remove_pod(&named).await;
 }
 
-async fn collect<T>(
-    s: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
-) -> Result<Vec<T>, tonic::Status> {
-    let mut s = s?.into_inner();
-    let mut out = Vec::new();
-    while let Some(m) = s.message().await? {
-        out.push(m);
-    }
-    Ok(out)
-}
-
 /// The `Stream*` list RPCs send what the unary ones answer, with the same filters (the
 /// stats stream too), PodSandboxStatus carries its containers, and
 /// CheckpointContainer says why it is not offered.
@@ -442,7 +376,7 @@ async fn stream_rpcs_answer_like_their_unary_forms() {
             .expect("list")
             .into_inner()
             .items;
-        let streamed: Vec<cri::PodSandbox> = collect(
+        let streamed: Vec<cri::PodSandbox> = common::collect_stream(
             e.rt.stream_pod_sandboxes(cri::StreamPodSandboxesRequest { filter })
                 .await,
         )
@@ -467,7 +401,7 @@ async fn stream_rpcs_answer_like_their_unary_forms() {
             .expect("list")
             .into_inner()
             .containers;
-        let streamed: Vec<cri::Container> = collect(
+        let streamed: Vec<cri::Container> = common::collect_stream(
             e.rt.stream_containers(cri::StreamContainersRequest { filter })
                 .await,
         )
@@ -485,7 +419,7 @@ async fn stream_rpcs_answer_like_their_unary_forms() {
             .expect("list")
             .into_inner()
             .images;
-    let streamed: Vec<cri::Image> = collect(
+    let streamed: Vec<cri::Image> = common::collect_stream(
         e.ic.stream_images(cri::StreamImagesRequest { filter: None })
             .await,
     )
@@ -497,7 +431,7 @@ async fn stream_rpcs_answer_like_their_unary_forms() {
     assert_eq!(unary.len(), 2);
     assert_eq!(streamed, unary);
     // Nothing matches: the stream just ends.
-    let none = collect(
+    let none = common::collect_stream(
         e.rt.stream_containers(cri::StreamContainersRequest {
             filter: Some(cri::ContainerFilter {
                 id: "ffffffffffff".into(),
@@ -527,7 +461,7 @@ async fn stream_rpcs_answer_like_their_unary_forms() {
     assert_eq!(ids, vec![containers[1].as_str()]);
     assert!(st.timestamp > 0);
 
-    let stats = collect(
+    let stats = common::collect_stream(
         e.rt.stream_container_stats(cri::StreamContainerStatsRequest { filter: None })
             .await,
     )

@@ -57,49 +57,18 @@ impl Env {
             linux: Some(cri::LinuxPodSandboxConfig::default()),
             ..Default::default()
         };
-        self.rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: String::new(),
-            })
-            .await
-            .expect("run pod")
-            .into_inner()
-            .pod_sandbox_id
+        common::run_pod(&mut self.rt, config, "").await
     }
 
     async fn create(&mut self, pod: &str, name: &str, script: &str) -> String {
-        let config = cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(cri::ImageSpec {
-                image: self.image.clone(),
-                ..Default::default()
-            }),
-            command: vec!["sh".into(), "-c".into(), script.into()],
-            log_path: format!("{name}.log"),
-            linux: Some(cri::LinuxContainerConfig::default()),
-            ..Default::default()
-        };
-        self.rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(config),
-                sandbox_config: None,
-            })
+        let config = common::sh_container(name, &self.image, script);
+        common::create_container(&mut self.rt, pod, config)
             .await
             .expect("create")
-            .into_inner()
-            .container_id
     }
 
     async fn start(&mut self, id: &str) {
-        self.rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.into(),
-            })
+        common::start_container(&mut self.rt, id)
             .await
             .expect("start");
     }

@@ -113,48 +113,16 @@ impl Env {
     }
 
     async fn pod(&mut self, config: cri::PodSandboxConfig) -> String {
-        self.rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: String::new(),
-            })
-            .await
-            .expect("run pod")
-            .into_inner()
-            .pod_sandbox_id
+        common::run_pod(&mut self.rt, config, "").await
     }
 
     async fn run(&mut self, pod: &str, name: &str, script: &str) -> String {
-        let config = cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(cri::ImageSpec {
-                image: self.image.clone(),
-                ..Default::default()
-            }),
-            command: vec!["sh".into(), "-c".into(), script.into()],
-            labels: [("name".to_string(), name.to_string())].into(),
-            log_path: format!("{name}.log"),
-            linux: Some(cri::LinuxContainerConfig::default()),
-            ..Default::default()
-        };
-        let id = self
-            .rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(config),
-                sandbox_config: None,
-            })
+        let mut config = common::sh_container(name, &self.image, script);
+        config.labels = [("name".to_string(), name.to_string())].into();
+        let id = common::create_container(&mut self.rt, pod, config)
             .await
-            .expect("create")
-            .into_inner()
-            .container_id;
-        self.rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
+            .expect("create");
+        common::start_container(&mut self.rt, &id)
             .await
             .expect("start");
         id
@@ -207,18 +175,7 @@ impl Env {
     }
 
     async fn remove_pod(&mut self, pod: &str) {
-        self.rt
-            .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .expect("stop pod");
-        self.rt
-            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod.into(),
-            })
-            .await
-            .expect("remove pod");
+        common::remove_pod(&mut self.rt, pod).await;
     }
 }
 
@@ -242,17 +199,6 @@ fn working_set(m: &Option<cri::MemoryUsage>) -> u64 {
     let m = m.as_ref().expect("memory");
     assert!(m.timestamp > 0);
     m.working_set_bytes.as_ref().expect("working set").value
-}
-
-async fn collect<T>(
-    s: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
-) -> Result<Vec<T>, tonic::Status> {
-    let mut s = s?.into_inner();
-    let mut out = Vec::new();
-    while let Some(m) = s.message().await? {
-        out.push(m);
-    }
-    Ok(out)
 }
 
 /// A container spinning a shell loop uses about one core; one holding a 50 MB string has a
@@ -348,7 +294,7 @@ async fn cpu_burner_holder_and_pod_totals() {
     assert_eq!(labelled.len(), 1);
     assert_eq!(labelled[0].attributes.as_ref().expect("attrs").id, holder);
     assert!(e.list(Some(f("", "", Some("nobody")))).await.is_empty());
-    let streamed: Vec<String> = collect(
+    let streamed: Vec<String> = common::collect_stream(
         e.rt.stream_container_stats(cri::StreamContainerStatsRequest {
             filter: Some(f("", &pod, None)),
         })
@@ -430,7 +376,7 @@ async fn cpu_burner_holder_and_pod_totals() {
         .into_inner()
         .stats;
     assert!(none.is_empty());
-    let streamed = collect(
+    let streamed = common::collect_stream(
         e.rt.stream_pod_sandbox_stats(cri::StreamPodSandboxStatsRequest { filter: None })
             .await,
     )
@@ -685,7 +631,7 @@ async fn metric_descriptors_and_pod_metrics() {
         .find(|m| m.name == "container_network_receive_bytes_total")
         .expect("pod network");
     assert_eq!(rx.label_values.last().map(String::as_str), Some("eth0"));
-    let streamed: Vec<String> = collect(
+    let streamed: Vec<String> = common::collect_stream(
         e.rt.stream_pod_sandbox_metrics(cri::StreamPodSandboxMetricsRequest {})
             .await,
     )

@@ -1,4 +1,6 @@
-//! Small helpers around the CRI ImageService client.
+//! Small helpers around the CRI clients: images (pull, status, list, remove) and the pod and
+//! container steps every integration test repeats (run a pod, create and start a
+//! `sh -c` container, wait for its log, stop and remove the pod).
 
 use base64::Engine as _;
 use berth::cri::v1::image_service_client::ImageServiceClient;
@@ -142,4 +144,104 @@ pub fn snapshot_dirs(info: &Value) -> Vec<std::path::PathBuf> {
             )
         })
         .collect()
+}
+
+/// A container running `sh -c script` from `image`, logging to `<name>.log` in the pod's log
+/// dir.
+pub fn sh_container(name: &str, image: &str, script: &str) -> berth::cri::v1::ContainerConfig {
+    use berth::cri::v1 as cri;
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(image_spec(image)),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}.log"),
+        linux: Some(cri::LinuxContainerConfig::default()),
+        ..Default::default()
+    }
+}
+
+/// RunPodSandbox; panics when it fails.
+pub async fn run_pod(
+    rt: &mut RuntimeClient,
+    config: berth::cri::v1::PodSandboxConfig,
+    handler: &str,
+) -> String {
+    rt.run_pod_sandbox(berth::cri::v1::RunPodSandboxRequest {
+        config: Some(config),
+        runtime_handler: handler.into(),
+    })
+    .await
+    .expect("run pod")
+    .into_inner()
+    .pod_sandbox_id
+}
+
+/// CreateContainer in `pod`.
+pub async fn create_container(
+    rt: &mut RuntimeClient,
+    pod: &str,
+    config: berth::cri::v1::ContainerConfig,
+) -> Result<String, tonic::Status> {
+    rt.create_container(berth::cri::v1::CreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: Some(config),
+        sandbox_config: None,
+    })
+    .await
+    .map(|r| r.into_inner().container_id)
+}
+
+/// StartContainer.
+pub async fn start_container(rt: &mut RuntimeClient, id: &str) -> Result<(), tonic::Status> {
+    rt.start_container(berth::cri::v1::StartContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .map(|_| ())
+}
+
+/// StopPodSandbox then RemovePodSandbox; panics when either fails.
+pub async fn remove_pod(rt: &mut RuntimeClient, pod: &str) {
+    rt.stop_pod_sandbox(berth::cri::v1::StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("stop pod");
+    rt.remove_pod_sandbox(berth::cri::v1::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .expect("remove pod");
+}
+
+/// Waits (up to 20 s) until the log at `path` contains `needle`; returns the log.
+pub async fn wait_for_log(path: &std::path::Path, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{needle:?} never reached {}: {text:?}",
+            path.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Every message of a server stream (or the status that ended it).
+pub async fn collect_stream<T>(
+    s: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
+) -> Result<Vec<T>, tonic::Status> {
+    let mut s = s?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.message().await? {
+        out.push(m);
+    }
+    Ok(out)
 }
