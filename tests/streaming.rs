@@ -276,48 +276,17 @@ impl Env {
             linux: Some(cri::LinuxPodSandboxConfig::default()),
             ..Default::default()
         };
-        self.rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config),
-                runtime_handler: String::new(),
-            })
-            .await
-            .expect("run pod")
-            .into_inner()
-            .pod_sandbox_id
+        common::run_pod(&mut self.rt, config, "").await
     }
 
     async fn container(&mut self, pod: &str, name: &str, start: bool) -> String {
-        let config = cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(cri::ImageSpec {
-                image: self.image.clone(),
-                ..Default::default()
-            }),
-            command: vec!["sleep".into(), "3600".into()],
-            log_path: format!("{name}.log"),
-            linux: Some(cri::LinuxContainerConfig::default()),
-            ..Default::default()
-        };
-        let id = self
-            .rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(config),
-                sandbox_config: None,
-            })
+        let mut config = common::sh_container(name, &self.image, "");
+        config.command = vec!["sleep".into(), "3600".into()];
+        let id = common::create_container(&mut self.rt, pod, config)
             .await
-            .expect("create")
-            .into_inner()
-            .container_id;
+            .expect("create");
         if start {
-            self.rt
-                .start_container(cri::StartContainerRequest {
-                    container_id: id.clone(),
-                })
+            common::start_container(&mut self.rt, &id)
                 .await
                 .expect("start");
         }
@@ -907,38 +876,15 @@ async fn spdy_port_forward_moves_data_intact() {
 impl Env {
     /// A running `sh` reading commands from its stdin (kept by berth-monitor).
     async fn shell(&mut self, pod: &str, name: &str, tty: bool, stdin_once: bool) -> String {
-        let config = cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(cri::ImageSpec {
-                image: self.image.clone(),
-                ..Default::default()
-            }),
-            command: vec!["sh".into()],
-            stdin: true,
-            stdin_once,
-            tty,
-            log_path: format!("{name}.log"),
-            linux: Some(cri::LinuxContainerConfig::default()),
-            ..Default::default()
-        };
-        let id = self
-            .rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(config),
-                sandbox_config: None,
-            })
+        let mut config = common::sh_container(name, &self.image, "");
+        config.command = vec!["sh".into()];
+        config.stdin = true;
+        config.stdin_once = stdin_once;
+        config.tty = tty;
+        let id = common::create_container(&mut self.rt, pod, config)
             .await
-            .expect("create")
-            .into_inner()
-            .container_id;
-        self.rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
+            .expect("create");
+        common::start_container(&mut self.rt, &id)
             .await
             .expect("start");
         id
