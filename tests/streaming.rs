@@ -9,14 +9,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use berth::cri::v1 as cri;
-use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
 use berth::stream::spdy::frame::{self, FLAG_FIN, Frame, HeaderDecoder, HeaderEncoder};
-use common::{Berthd, BerthdConfig, ImageBuilder, Registry};
+use common::stream::{
+    children, exec_req, fds, payload, sha256, spdy_port_forward_echo, stream_env as env,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tonic::transport::Channel;
-
-type Rt = RuntimeServiceClient<Channel>;
 
 /// A minimal SPDY/3.1 client of the streaming server.
 struct SpdyClient {
@@ -234,116 +232,9 @@ async fn spdy_exec(
     r
 }
 
-struct Env {
-    _reg: Registry,
-    d: Berthd,
-    rt: Rt,
-    image: String,
-    logs: tempfile::TempDir,
-}
-
-async fn env() -> Env {
-    let reg = Registry::anonymous();
-    let image = reg
-        .push("test/stream", "1", &ImageBuilder::busybox().build())
-        .await
-        .reference;
-    let d = Berthd::start(BerthdConfig::new().trust(&reg)).await;
-    let mut ic = d.image_client().await;
-    common::pull_image(&mut ic, &image, None)
-        .await
-        .expect("pull");
-    let rt = d.runtime_client().await;
-    Env {
-        _reg: reg,
-        d,
-        rt,
-        image,
-        logs: tempfile::tempdir().expect("log dir"),
-    }
-}
-
-impl Env {
-    async fn pod(&mut self, name: &str) -> String {
-        let config = cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: name.into(),
-                uid: format!("{name}-uid"),
-                namespace: "test".into(),
-                attempt: 0,
-            }),
-            log_directory: self.logs.path().display().to_string(),
-            linux: Some(cri::LinuxPodSandboxConfig::default()),
-            ..Default::default()
-        };
-        common::run_pod(&mut self.rt, config, "").await
-    }
-
-    async fn container(&mut self, pod: &str, name: &str, start: bool) -> String {
-        let mut config = common::sh_container(name, &self.image, "");
-        config.command = vec!["sleep".into(), "3600".into()];
-        let id = common::create_container(&mut self.rt, pod, config)
-            .await
-            .expect("create");
-        if start {
-            common::start_container(&mut self.rt, &id)
-                .await
-                .expect("start");
-        }
-        id
-    }
-
-    async fn exec_url(&mut self, id: &str, cmd: &[&str], stdin: bool, tty: bool) -> String {
-        self.rt
-            .exec(exec_req(id, cmd, stdin, tty))
-            .await
-            .expect("Exec")
-            .into_inner()
-            .url
-    }
-}
-
-fn exec_req(id: &str, cmd: &[&str], stdin: bool, tty: bool) -> cri::ExecRequest {
-    cri::ExecRequest {
-        container_id: id.into(),
-        cmd: cmd.iter().map(|s| s.to_string()).collect(),
-        tty,
-        stdin,
-        stdout: true,
-        stderr: !tty,
-    }
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
-}
-
-/// Number of open fds of a process.
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// Pids whose parent is `parent`.
-fn children(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit(')')
-            .next()
-            .and_then(|s| s.split_whitespace().nth(1))
-            .and_then(|s| s.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 /// Exec over SPDY: echo, a stdin round trip through cat, exit code 3 with stderr, a tty whose
@@ -434,25 +325,24 @@ async fn tokens_and_validation() {
         &url[..url.find("/exec/").expect("path")]
     );
     assert_eq!(upgrade(&bogus, &["v4.channel.k8s.io"]).await.1, 404);
-    // An exec token is not found on the attach path; a request that is not a SPDY upgrade
-    // (a WebSocket client before its SPDY fallback) leaves it usable.
+    // An exec token is not found on the attach path; a request for an upgrade berth does not
+    // speak leaves it usable.
     let url = e.exec_url(&id, &["true"], false, false).await;
     let wrong = url.replace("/exec/", "/attach/");
     assert_eq!(upgrade(&wrong, &["v4.channel.k8s.io"]).await.1, 404);
     let rest = url.strip_prefix("http://").expect("http");
     let (host, path) = rest.split_at(rest.find('/').expect("path"));
-    let mut ws = TcpStream::connect(host).await.expect("connect");
-    ws.write_all(
+    let mut h2c = TcpStream::connect(host).await.expect("connect");
+    h2c.write_all(
         format!(
-            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
         )
         .as_bytes(),
     )
     .await
     .expect("send");
     let mut answer = vec![0u8; 1024];
-    let n = ws.read(&mut answer).await.expect("answer");
+    let n = h2c.read(&mut answer).await.expect("answer");
     assert!(
         String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 400"),
         "{}",
@@ -632,139 +522,6 @@ async fn concurrent_execs_and_vanishing_clients_leave_nothing_behind() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{out:?}");
 }
 
-impl Env {
-    async fn wait_log(&self, name: &str, needle: &str) {
-        let path = self.logs.path().join(format!("{name}.log"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if text.contains(needle) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{needle:?} never logged: {text:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-/// A port-forward request's streams on a split SPDY connection: the writer half sends while
-/// the reader half receives (an echo server needs both at once).
-async fn port_forward_echo(
-    url: &str,
-    port: u16,
-    payload: &[u8],
-    refused_port: Option<u16>,
-) -> (Vec<u8>, String, String) {
-    let c = SpdyClient::connect(url, "portforward.k8s.io").await;
-    let SpdyClient {
-        tcp,
-        mut enc,
-        mut dec,
-        mut buf,
-        ..
-    } = c;
-    let (mut rd, mut wr) = tcp.into_split();
-    let mut frames = Vec::new();
-    let syn = |id: u32, kind: &str, port: u16, req: &str| Frame::SynStream {
-        stream_id: id,
-        associated_to: 0,
-        priority: 0,
-        flags: 0,
-        headers: vec![
-            ("streamType".into(), kind.into()),
-            ("port".into(), port.to_string()),
-            ("requestID".into(), req.into()),
-        ],
-    };
-    let fin = |id: u32| Frame::Data {
-        stream_id: id,
-        flags: FLAG_FIN,
-        data: Vec::new(),
-    };
-    // As client-go: the error stream, closed for writing at once, then the data stream.
-    frames.push(syn(1, "error", port, "0"));
-    frames.push(fin(1));
-    frames.push(syn(3, "data", port, "0"));
-    if let Some(p) = refused_port {
-        frames.push(syn(5, "error", p, "1"));
-        frames.push(fin(5));
-        frames.push(syn(7, "data", p, "1"));
-    }
-    let mut head = Vec::new();
-    for f in &frames {
-        frame::encode(f, &mut enc, &mut head).expect("encode");
-    }
-    wr.write_all(&head).await.expect("open streams");
-    let payload = payload.to_vec();
-    let writer = tokio::spawn(async move {
-        let mut out = Vec::new();
-        for chunk in payload.chunks(32 * 1024) {
-            out.clear();
-            let f = Frame::Data {
-                stream_id: 3,
-                flags: 0,
-                data: chunk.to_vec(),
-            };
-            frame::encode(&f, &mut enc, &mut out).expect("encode");
-            wr.write_all(&out).await.expect("send data");
-        }
-        out.clear();
-        frame::encode(&fin(3), &mut enc, &mut out).expect("encode");
-        wr.write_all(&out).await.expect("send FIN");
-        wr
-    });
-    let (mut data, mut err1, mut err5) = (Vec::new(), Vec::new(), Vec::new());
-    let mut open = vec![1u32, 3];
-    if refused_port.is_some() {
-        open.extend([5, 7]);
-    }
-    let mut chunk = vec![0u8; 64 * 1024];
-    while !open.is_empty() {
-        let f = loop {
-            if let Some((f, used)) = frame::decode(&buf, &mut dec).expect("frame") {
-                buf.drain(..used);
-                break f;
-            }
-            let n = tokio::time::timeout(Duration::from_secs(60), rd.read(&mut chunk))
-                .await
-                .expect("port-forward data within 60s")
-                .expect("read");
-            assert!(n > 0, "connection closed with streams {open:?} open");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        if let Frame::Data {
-            stream_id,
-            flags,
-            data: d,
-        } = f
-        {
-            match stream_id {
-                3 => data.extend_from_slice(&d),
-                1 => err1.extend_from_slice(&d),
-                5 => err5.extend_from_slice(&d),
-                _ => {}
-            }
-            if flags & FLAG_FIN != 0 {
-                open.retain(|s| *s != stream_id);
-            }
-        }
-    }
-    let _wr = writer.await.expect("writer");
-    (
-        data,
-        String::from_utf8_lossy(&err1).to_string(),
-        String::from_utf8_lossy(&err5).to_string(),
-    )
-}
-
-fn sha256(b: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(b))
-}
-
 /// Port-forward over SPDY to a busybox `nc` echo server inside a pod: 10 MB go up and come
 /// back intact (checksums); a port nobody listens on is reported on its error stream; the
 /// RPC validates the pod.
@@ -772,65 +529,14 @@ fn sha256(b: &[u8]) -> String {
 async fn spdy_port_forward_moves_data_intact() {
     let mut e = env().await;
     let pod = e.pod("pf").await;
-    let config = cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: "echo".into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: e.image.clone(),
-            ..Default::default()
-        }),
-        command: vec![
-            "nc".into(),
-            "-ll".into(),
-            "-p".into(),
-            "7000".into(),
-            "-e".into(),
-            "cat".into(),
-        ],
-        log_path: "echo.log".into(),
-        linux: Some(cri::LinuxContainerConfig::default()),
-        ..Default::default()
-    };
-    let id =
-        e.rt.create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(config),
-            sandbox_config: None,
-        })
-        .await
-        .expect("create")
-        .into_inner()
-        .container_id;
-    e.rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .expect("start");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    let payload: Vec<u8> = (0..10_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    let pf = |e: &mut Env| {
-        let mut rt = e.rt.clone();
-        let pod = pod.clone();
-        async move {
-            rt.port_forward(cri::PortForwardRequest {
-                pod_sandbox_id: pod,
-                port: vec![7000],
-            })
-            .await
-            .expect("PortForward")
-            .into_inner()
-            .url
-        }
-    };
-    let url = pf(&mut e).await;
+    e.echo_server(&pod, 7000).await;
+    let payload = payload(10_000_000);
+    let url = e.port_forward_url(&pod, &[7000]).await;
     assert!(url.contains("/portforward/"), "{url}");
     let t0 = Instant::now();
-    let (back, err, refused) = port_forward_echo(&url, 7000, &payload, Some(7001)).await;
+    let (tcp, code, head) = upgrade(&url, &["portforward.k8s.io"]).await;
+    assert_eq!(code, 101, "{head}");
+    let (back, err, refused) = spdy_port_forward_echo(tcp, 7000, &payload, Some(7001)).await;
     let took = t0.elapsed();
     assert_eq!(back.len(), payload.len());
     assert_eq!(sha256(&back), sha256(&payload), "data changed on the way");
@@ -871,39 +577,6 @@ async fn spdy_port_forward_moves_data_intact() {
         code(e.rt.port_forward(stopped).await),
         tonic::Code::FailedPrecondition
     );
-}
-
-impl Env {
-    /// A running `sh` reading commands from its stdin (kept by berth-monitor).
-    async fn shell(&mut self, pod: &str, name: &str, tty: bool, stdin_once: bool) -> String {
-        let mut config = common::sh_container(name, &self.image, "");
-        config.command = vec!["sh".into()];
-        config.stdin = true;
-        config.stdin_once = stdin_once;
-        config.tty = tty;
-        let id = common::create_container(&mut self.rt, pod, config)
-            .await
-            .expect("create");
-        common::start_container(&mut self.rt, &id)
-            .await
-            .expect("start");
-        id
-    }
-
-    async fn attach_url(&mut self, id: &str, tty: bool) -> String {
-        self.rt
-            .attach(cri::AttachRequest {
-                container_id: id.into(),
-                stdin: true,
-                tty,
-                stdout: true,
-                stderr: !tty,
-            })
-            .await
-            .expect("Attach")
-            .into_inner()
-            .url
-    }
 }
 
 /// Attach over SPDY to a container's `sh` that berth-monitor holds: commands sent on stdin

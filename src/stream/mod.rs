@@ -1,8 +1,10 @@
 //! The streaming server of Exec, Attach and PortForward: the RPCs store their request under
 //! a single-use token ([`token`]) and answer a URL of this server; a client that opens that
 //! URL within a minute gets the stream. [`http`] is the HTTP/1.1 server and its upgrades,
-//! [`spdy`] SPDY/3.1, [`remotecommand`] the exec/attach protocol on top, [`exec`] the
-//! processes behind it, [`attach`] the containers' stdio from berth-monitor and [`pty`] their terminals, [`portforward`] the port-forward protocol.
+//! [`spdy`] SPDY/3.1, [`remotecommand`] the exec/attach protocol on top, [`portforward`]
+//! the port-forward protocol, [`websocket`] both over WebSocket (channels, or SPDY
+//! tunnelled); [`exec`] the processes behind them, [`attach`] the containers' stdio from
+//! berth-monitor and [`pty`] their terminals.
 
 pub mod attach;
 pub mod exec;
@@ -12,6 +14,7 @@ pub mod pty;
 pub mod remotecommand;
 pub mod spdy;
 pub mod token;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

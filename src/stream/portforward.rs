@@ -70,7 +70,7 @@ pub async fn serve_spdy(
 }
 
 /// Connects to localhost:`port` in `netns` (the host's namespace when `None`).
-async fn connect(netns: Option<PathBuf>, port: u16) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect(netns: Option<PathBuf>, port: u16) -> std::io::Result<TcpStream> {
     let dial = move || -> std::io::Result<std::net::TcpStream> {
         let timeout = Duration::from_secs(10);
         let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], port));

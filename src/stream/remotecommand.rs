@@ -3,7 +3,9 @@
 //! the client opens one stream per `streamType` (error, stdin, stdout, stderr, resize); berth
 //! waits for the streams the request needs, runs the process, and reports how it ended on
 //! the error stream: a `metav1.Status` JSON from `v4.channel.k8s.io` on (`NonZeroExitCode`
-//! with an `ExitCode` cause), plain text before.
+//! with an `ExitCode` cause), plain text before. What does not depend on the transport
+//! ([`Target`], [`status_message`], [`resize_events`]) is shared with the
+//! WebSocket form (`super::websocket::remotecommand`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +19,10 @@ use super::spdy::frame::RST_REFUSED_STREAM;
 use super::{StreamError, Streamer};
 use crate::cri::v1 as cri;
 
-/// The remotecommand protocols berth speaks over SPDY, newest first.
-pub const SPDY_PROTOCOLS: [&str; 4] = [
+/// The remotecommand protocols berth speaks over SPDY, newest first (v5 adds nothing over
+/// SPDY: stdin's end is the stream's FIN already).
+pub const SPDY_PROTOCOLS: [&str; 5] = [
+    "v5.channel.k8s.io",
     "v4.channel.k8s.io",
     "v3.channel.k8s.io",
     "v2.channel.k8s.io",
@@ -48,13 +52,6 @@ struct Streams {
     resize: Option<IncomingStream>,
 }
 
-struct Wanted {
-    stdin: bool,
-    stdout: bool,
-    stderr: bool,
-    tty: bool,
-}
-
 impl Streams {
     fn complete(&self, w: &Wanted, protocol: &str) -> bool {
         self.error.is_some()
@@ -66,13 +63,72 @@ impl Streams {
 }
 
 fn protocol_resizes(protocol: &str) -> bool {
-    matches!(protocol, "v3.channel.k8s.io" | "v4.channel.k8s.io")
+    matches!(
+        protocol,
+        "v3.channel.k8s.io" | "v4.channel.k8s.io" | "v5.channel.k8s.io"
+    )
+}
+
+/// Whether the protocol reports the end as a `metav1.Status` JSON (v4 on, also in base64).
+fn reports_status(protocol: &str) -> bool {
+    protocol.starts_with("v4.") || protocol.starts_with("v5.")
 }
 
 /// What a remotecommand connection runs.
 pub enum Target {
     Exec(cri::ExecRequest),
     Attach(cri::AttachRequest),
+}
+
+/// Which of its stdio a request wants.
+pub struct Wanted {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+impl Target {
+    pub fn wanted(&self) -> Wanted {
+        let (stdin, stdout, stderr, tty) = match self {
+            Target::Exec(r) => (r.stdin, r.stdout, r.stderr, r.tty),
+            Target::Attach(r) => (r.stdin, r.stdout, r.stderr, r.tty),
+        };
+        Wanted {
+            stdin,
+            stdout,
+            stderr,
+            tty,
+        }
+    }
+
+    pub fn container_id(&self) -> &str {
+        match self {
+            Target::Exec(r) => &r.container_id,
+            Target::Attach(r) => &r.container_id,
+        }
+    }
+
+    /// The command (empty for an attach), for the status message.
+    pub fn cmd(&self) -> &[String] {
+        match self {
+            Target::Exec(r) => &r.cmd,
+            Target::Attach(_) => &[],
+        }
+    }
+
+    /// Runs the exec or the attach with `io` until it ends or `gone` resolves.
+    pub async fn run(
+        &self,
+        streamer: &Streamer,
+        io: ProcessIo,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> Result<i32, StreamError> {
+        match self {
+            Target::Exec(req) => exec::run(&streamer.containers, req, io, gone).await,
+            Target::Attach(req) => attach::run(&streamer.containers, req, io, gone).await,
+        }
+    }
 }
 
 /// Serves one exec or attach over an upgraded SPDY connection.
@@ -82,31 +138,7 @@ pub async fn serve(
     protocol: &'static str,
     target: Target,
 ) {
-    let (stdin, stdout, stderr, tty, container, cmd) = match &target {
-        Target::Exec(r) => (
-            r.stdin,
-            r.stdout,
-            r.stderr,
-            r.tty,
-            &r.container_id,
-            r.cmd.clone(),
-        ),
-        Target::Attach(r) => (
-            r.stdin,
-            r.stdout,
-            r.stderr,
-            r.tty,
-            &r.container_id,
-            Vec::new(),
-        ),
-    };
-    let container = container.clone();
-    let wanted = Wanted {
-        stdin,
-        stdout,
-        stderr,
-        tty,
-    };
+    let wanted = target.wanted();
     let Some(mut streams) = collect(&mut conn, &wanted, protocol).await else {
         conn.finish().await;
         return;
@@ -125,7 +157,7 @@ pub async fn serve(
         (streams.stderr.take(), &mut io.stderr),
     ] {
         if let Some(s) = stream {
-            let (tx, task) = forward_output(s.writer);
+            let (tx, task) = forward_spdy_output(s.writer);
             *slot = Some(tx);
             senders.push(task);
         }
@@ -134,10 +166,7 @@ pub async fn serve(
         io.resize = Some(resize_events(s.data));
     }
     let mut gone = conn.gone_signal();
-    let result = match &target {
-        Target::Exec(req) => exec::run(&streamer.containers, req, io, gone.wait()).await,
-        Target::Attach(req) => attach::run(&streamer.containers, req, io, gone.wait()).await,
-    };
+    let result = target.run(&streamer, io, gone.wait()).await;
     if let Err(StreamError::ClientGone) = result {
         return;
     }
@@ -147,11 +176,11 @@ pub async fn serve(
     }
     let _ = error
         .writer
-        .write(&status_message(protocol, &cmd, &result))
+        .write(&status_message(protocol, target.cmd(), &result))
         .await;
     let _ = error.writer.close().await;
     if let Err(e) = &result {
-        tracing::info!(container = %container, error = %e, "exec or attach failed");
+        tracing::info!(container = %target.container_id(), error = %e, "exec or attach failed");
     }
     conn.finish().await;
 }
@@ -192,7 +221,9 @@ async fn collect(conn: &mut Connection, wanted: &Wanted, protocol: &str) -> Opti
 
 /// A channel whose data goes out on `writer`; the stream is closed (FIN) once every sender
 /// is dropped.
-fn forward_output(writer: StreamWriter) -> (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<()>) {
+fn forward_spdy_output(
+    writer: StreamWriter,
+) -> (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
     let task = tokio::spawn(async move {
         while let Some(data) = rx.recv().await {
@@ -245,7 +276,7 @@ pub fn status_message(
     cmd: &[String],
     result: &Result<i32, StreamError>,
 ) -> Vec<u8> {
-    let v4 = protocol == "v4.channel.k8s.io" || protocol == "v5.channel.k8s.io";
+    let v4 = reports_status(protocol);
     match result {
         Ok(0) if v4 => serde_json::json!({"metadata": {}, "status": "Success"})
             .to_string()

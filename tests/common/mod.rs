@@ -10,7 +10,7 @@
 //! * [`Berthd`]: a `berthd` launcher with its own dirs, socket and config, CRI clients,
 //!   kill -9 / restart, and RAII cleanup (processes, mounts, dirs);
 //! * [`OverlayMount`]: a read-only overlay of snapshot dirs, unmounted on drop;
-//! * CRI helpers in [`cri`].
+//! * CRI helpers in [`cri`]; the streaming tests' shared steps in [`stream`].
 //!
 //! Every object cleans up in `Drop`, so tests clean up even when they panic. Nothing uses
 //! fixed ports or paths, so tests can run in parallel.
@@ -21,6 +21,7 @@ pub mod cri;
 pub mod image;
 pub mod proxy;
 pub mod registry;
+pub mod stream;
 
 pub use berthd::*;
 pub use cri::*;
