@@ -1,0 +1,265 @@
+//! Creating containers from the monitor: the OCI runtime's `create` with the monitor's pipes
+//! (or a console socket for terminals) as the container's stdio, and its answer to berthd.
+
+use super::conns::{push_response, receive_fd};
+use super::exits::parent_of;
+use super::io::{output, pipe};
+use super::*;
+
+impl Monitor {
+    pub(super) fn create(&mut self, conn: u64, req: CreateRequest) -> Option<Response> {
+        if self.shutting_down {
+            return Some(Response::error(
+                ErrorKind::ShuttingDown,
+                "monitor is shutting down",
+            ));
+        }
+        if req.id.is_empty() || req.id.contains('/') {
+            return Some(Response::error(
+                ErrorKind::BadRequest,
+                format!("bad container id {:?}", req.id),
+            ));
+        }
+        if self.containers.iter().any(|c| c.id == req.id) {
+            return Some(Response::error(
+                ErrorKind::AlreadyExists,
+                format!("container {} exists", req.id),
+            ));
+        }
+        match self.spawn_create(&req) {
+            Ok((runtime_pid, container, console)) => {
+                self.diag(&format!(
+                    "container {}: {} create (pid {runtime_pid})",
+                    req.id,
+                    req.runtime.display()
+                ));
+                self.containers.push(container);
+                self.creates.push(PendingCreate {
+                    runtime_pid,
+                    conn,
+                    id: req.id.clone(),
+                    req,
+                    console,
+                });
+                None
+            }
+            Err(resp) => Some(resp),
+        }
+    }
+
+    pub(super) fn spawn_create(
+        &mut self,
+        req: &CreateRequest,
+    ) -> Result<(i32, Container, Option<Console>), Response> {
+        let io_err = |what: &str, e: &dyn std::fmt::Display| {
+            Response::error(ErrorKind::Io, format!("{what}: {e}"))
+        };
+        let log = CriLog::open(&req.log_path)
+            .map_err(|e| io_err(&format!("opening {}", req.log_path.display()), &e))?;
+        let pid_file = req.bundle.join("init.pid");
+        let runtime_log = req.bundle.join("runtime.log");
+        for f in [&pid_file, &runtime_log, &req.exit_file] {
+            match std::fs::remove_file(f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == IoErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&format!("removing {}", f.display()), &e)),
+            }
+        }
+        let mut cmd = Command::new(&req.runtime);
+        cmd.arg("--root")
+            .arg(&req.runtime_root)
+            .arg("--log")
+            .arg(&runtime_log)
+            .arg("--log-format")
+            .arg("json");
+        if req.systemd_cgroup {
+            cmd.arg("--systemd-cgroup");
+        }
+        cmd.arg("create")
+            .arg("--bundle")
+            .arg(&req.bundle)
+            .arg("--pid-file")
+            .arg(&pid_file);
+        let mut outputs = Vec::new();
+        let mut stdin = None;
+        let mut console = None;
+        if req.tty {
+            self.console_seq += 1;
+            let path = self.dir.join(format!("console-{}.sock", self.console_seq));
+            let _ = std::fs::remove_file(&path);
+            let addr = socket_address(
+                &path,
+                self._dir_fd.as_ref(),
+                &std::process::id().to_string(),
+            );
+            let listener = UnixListener::bind(&addr)
+                .map_err(|e| io_err(&format!("binding {}", path.display()), &e))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| io_err("console socket", &e))?;
+            cmd.arg("--console-socket").arg(&addr);
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            console = Some(Console {
+                listener,
+                path,
+                master: None,
+            });
+        } else {
+            let (out_r, out_w) = pipe().map_err(|e| io_err("pipe", &e))?;
+            let (err_r, err_w) = pipe().map_err(|e| io_err("pipe", &e))?;
+            outputs.push(output(out_r, Stream::Stdout).map_err(|e| io_err("pipe", &e))?);
+            outputs.push(output(err_r, Stream::Stderr).map_err(|e| io_err("pipe", &e))?);
+            cmd.stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
+            if req.stdin {
+                let (in_r, in_w) = pipe().map_err(|e| io_err("pipe", &e))?;
+                stdin = Some(File::from(in_w));
+                cmd.stdin(Stdio::from(in_r));
+            } else {
+                cmd.stdin(Stdio::null());
+            }
+        }
+        cmd.arg(&req.id);
+        // std resets the signal mask and dispositions of the child before exec, so the
+        // runtime does not inherit our blocked SIGCHLD/SIGTERM.
+        let child = cmd.spawn().map_err(|e| {
+            Response::error(
+                ErrorKind::Runtime,
+                format!("running {}: {e}", req.runtime.display()),
+            )
+        })?;
+        // Our copies of the child's ends of the pipes close here.
+        drop(cmd);
+        let container = Container {
+            id: req.id.clone(),
+            pid: 0,
+            outputs,
+            stdin,
+            log,
+            exit_file: req.exit_file.clone(),
+            oom_files: req.cgroup_oom_files.clone(),
+            stdin_buf: Vec::new(),
+            reaped: None,
+            exited: None,
+        };
+        Ok((child.id() as i32, container, console))
+    }
+
+    pub(super) fn accept_console(&mut self, i: usize) {
+        let Some(c) = self.creates.get_mut(i).and_then(|p| p.console.as_mut()) else {
+            return;
+        };
+        if c.master.is_some() {
+            return;
+        }
+        let stream = match c.listener.accept() {
+            Ok((s, _)) => s,
+            Err(_) => return,
+        };
+        match receive_fd(&stream) {
+            Ok(fd) => c.master = Some(File::from(fd)),
+            Err(e) => {
+                let msg = format!("console socket: {e}");
+                self.diag(&msg);
+            }
+        }
+    }
+
+    pub(super) fn complete_create(&mut self, mut p: PendingCreate, status: WaitStatus) {
+        if let Some(c) = p.console.as_mut() {
+            // The runtime may have sent the terminal just before it exited.
+            if c.master.is_none()
+                && let Ok((s, _)) = c.listener.accept()
+                && let Ok(fd) = receive_fd(&s)
+            {
+                c.master = Some(File::from(fd));
+            }
+            let _ = std::fs::remove_file(&c.path);
+        }
+        let result = self.created(&mut p, status);
+        let resp = match result {
+            Ok(pid) => {
+                self.diag(&format!("container {} created, pid {pid}", p.id));
+                Response::Created { pid }
+            }
+            Err(message) => {
+                self.diag(&format!("container {}: {message}", p.id));
+                self.containers.retain(|c| c.id != p.id);
+                Response::error(ErrorKind::Runtime, message)
+            }
+        };
+        if let Some(conn) = self.conns.iter_mut().find(|c| c.id == p.conn) {
+            conn.busy = false;
+            push_response(conn, &resp);
+        }
+    }
+
+    /// The init pid after a create ended, or the error message.
+    pub(super) fn created(
+        &mut self,
+        p: &mut PendingCreate,
+        status: WaitStatus,
+    ) -> Result<i32, String> {
+        let runtime = p.req.runtime.display().to_string();
+        if !matches!(status, WaitStatus::Exited(_, 0)) {
+            let log = std::fs::read(p.req.bundle.join("runtime.log")).unwrap_or_default();
+            let log = String::from_utf8_lossy(&log[log.len().saturating_sub(16384)..]);
+            // The runtime's errors alone (its warnings are noise to a user).
+            let said = crate::runtime::log::errors(&log);
+            if !said.is_empty() {
+                return Err(said);
+            }
+            let how = match status {
+                WaitStatus::Exited(_, code) => format!("exit status {code}"),
+                WaitStatus::Signaled(_, sig, _) => format!("killed by {sig}"),
+                _ => "ended".to_string(),
+            };
+            return Err(format!(
+                "{runtime} create failed ({how}) and logged nothing"
+            ));
+        }
+        let pid_file = p.req.bundle.join("init.pid");
+        let text = std::fs::read_to_string(&pid_file)
+            .map_err(|e| format!("{runtime} create: reading {}: {e}", pid_file.display()))?;
+        let pid: i32 = text
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&pid| pid > 0)
+            .ok_or_else(|| format!("{runtime} create: bad pid file content {text:?}"))?;
+        let Some(c) = self.containers.iter_mut().find(|c| c.id == p.id) else {
+            return Err(format!(
+                "container {} was forgotten during its create",
+                p.id
+            ));
+        };
+        if let Some(console) = p.console.as_mut() {
+            let Some(master) = console.master.take() else {
+                return Err(format!(
+                    "{runtime} create did not send the container's terminal"
+                ));
+            };
+            if p.req.stdin {
+                c.stdin = Some(master.try_clone().map_err(|e| format!("dup: {e}"))?);
+            }
+            c.outputs
+                .push(output(master.into(), Stream::Stdout).map_err(|e| format!("terminal: {e}"))?);
+        }
+        c.pid = pid;
+        // Its init may have been reaped already (killed right after the create).
+        if let Some(k) = self.orphan_exits.iter().position(|o| o.0 == pid) {
+            // A stale entry (of an earlier process with the same pid) is told apart by the
+            // pid being our child now (alive, or a zombie the next SIGCHLD reaps).
+            let ours = parent_of(pid) == Some(std::process::id() as i32);
+            if let Some((_, st, at)) = self.orphan_exits.remove(k)
+                && !ours
+            {
+                c.reaped = Some((st, at, Instant::now() + DRAIN_TIMEOUT));
+            }
+        }
+        Ok(pid)
+    }
+
+    // ---- connections ----
+}
