@@ -56,8 +56,8 @@ pub struct Config {
     pub streaming: StreamingConfig,
     pub metrics: MetricsConfig,
     pub cdi: CdiConfig,
-    /// Per registry host (`docker.io`, `127.0.0.1:5000`, ...).
-    pub registries: BTreeMap<String, RegistryConfig>,
+    /// Registry host dirs (`config_path`) and settings per registry host.
+    pub registries: RegistriesConfig,
     /// Where drop-in files are read from (main file only); empty: `<main file>.d`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop_in_dir: Option<PathBuf>,
@@ -125,6 +125,38 @@ pub struct CdiConfig {
     pub spec_dirs: Vec<PathBuf>,
 }
 
+/// The default `[registries] config_path`: berth's own host dirs, then containerd's (an
+/// operator moving from containerd keeps its mirrors and certificates).
+pub const DEFAULT_REGISTRY_CONFIG_PATH: &str = "/etc/berth/certs.d:/etc/containerd/certs.d";
+
+/// `[registries]`: `config_path` (host dirs as containerd's `certs.d`, `:`-separated, read
+/// at every pull; "" turns them off) and a table per registry host (`docker.io`,
+/// `127.0.0.1:5000`, ...) used where no host dir names it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RegistriesConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_path: Option<String>,
+    #[serde(flatten)]
+    pub hosts: BTreeMap<String, RegistryConfig>,
+}
+
+impl Default for RegistriesConfig {
+    fn default() -> Self {
+        RegistriesConfig {
+            config_path: Some(DEFAULT_REGISTRY_CONFIG_PATH.to_string()),
+            hosts: BTreeMap::new(),
+        }
+    }
+}
+
+impl std::ops::Deref for RegistriesConfig {
+    type Target = BTreeMap<String, RegistryConfig>;
+    fn deref(&self) -> &Self::Target {
+        &self.hosts
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
@@ -165,7 +197,7 @@ impl Default for Config {
             streaming: StreamingConfig::default(),
             metrics: MetricsConfig::default(),
             cdi: CdiConfig::default(),
-            registries: BTreeMap::new(),
+            registries: RegistriesConfig::default(),
             drop_in_dir: None,
         }
     }
@@ -327,7 +359,7 @@ impl Config {
                 ));
             }
         }
-        for (host, reg) in &self.registries {
+        for (host, reg) in self.registries.iter() {
             for mirror in &reg.mirrors {
                 if !(mirror.starts_with("http://") || mirror.starts_with("https://"))
                     || mirror_host(mirror).is_empty()

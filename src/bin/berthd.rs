@@ -102,7 +102,10 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let daemon = Daemon::start(config).await?;
+        let mut daemon = Daemon::start(config).await?;
+        if let Some(path) = &args.config {
+            daemon.reload_on_sighup(path.clone());
+        }
         daemon.serve(shutdown_signal()).await?;
         Ok(())
     })

@@ -182,7 +182,7 @@ impl BlobWriter {
         if actual != self.digest {
             return Err(ImageError::BlobMismatch {
                 digest: self.digest.clone(),
-                reason: format!("content hashes to {actual}"),
+                reason: format!("digest mismatch: the content hashes to {actual}"),
             });
         }
         if let Some(mut file) = self.file.take() {

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::now_nanos;
 use sha2::{Digest, Sha256};
 
-use crate::config::Config;
+use crate::config::{Config, RegistriesConfig};
 use crate::locks::KeyedLocks;
 use crate::store::{Batch, Store, StoreError, Table};
 use content::ContentStore;
@@ -143,7 +143,8 @@ pub struct ImageManager {
     content: ContentStore,
     snapshots: SnapshotStore,
     store: Arc<Store>,
-    registries: Registries,
+    /// Replaced whole on a config reload (SIGHUP); a pull uses the one it started with.
+    registries: StdRwLock<Registries>,
     /// In-memory index of the store's image records, by id.
     images: StdRwLock<HashMap<String, ImageRecord>>,
     /// Serializes changes to image records (tags move between images).
@@ -182,7 +183,10 @@ impl ImageManager {
             content,
             snapshots,
             store,
-            registries: Registries::new(config.registries.clone(), config.pull_progress_timeout),
+            registries: StdRwLock::new(Registries::new(
+                config.registries.clone(),
+                config.pull_progress_timeout,
+            )),
             images: StdRwLock::new(images),
             records_lock: tokio::sync::Mutex::new(()),
             blob_locks: KeyedLocks::default(),
@@ -211,6 +215,13 @@ impl ImageManager {
         self.images.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Replaces the registry settings (a config reload); pulls under way keep theirs.
+    pub fn set_registries(&self, config: RegistriesConfig, progress_timeout: std::time::Duration) {
+        if let Ok(mut r) = self.registries.write() {
+            *r = Registries::new(config, progress_timeout);
+        }
+    }
+
     /// Pulls an image and registers it under the reference. Returns the image id.
     pub async fn pull(&self, image: &str, creds: &Credentials) -> Result<String, ImageError> {
         let reference = Reference::parse(image)?;
@@ -218,7 +229,12 @@ impl ImageManager {
         let _pull = self.pull_locks.lock(&reference.to_string()).await;
         let _gc = self.gc_lock.read().await;
         let started = std::time::Instant::now();
-        let (remote, top_bytes, top_digest) = self.registries.resolve(&reference, creds).await?;
+        let registries = self
+            .registries
+            .read()
+            .map(|r| r.clone())
+            .map_err(|_| ImageError::Internal("registry settings lock poisoned".to_string()))?;
+        let (remote, top_bytes, top_digest) = registries.resolve(&reference, creds).await?;
         let bad = |reason: String| ImageError::BadManifest {
             reference: reference.to_string(),
             reason,

@@ -11,6 +11,7 @@ pub mod events;
 pub mod image_service;
 pub mod list_stream;
 pub mod pod_sandbox;
+pub mod reload;
 pub mod runtime_service;
 pub mod stats;
 pub mod trace;
@@ -94,6 +95,8 @@ pub struct Daemon {
     metrics: Option<crate::metrics::MetricsServer>,
     streamer: Arc<Streamer>,
     stream_listener: tokio::net::TcpListener,
+    /// The config file re-read on SIGHUP (see [`reload`]).
+    config_file: Option<std::path::PathBuf>,
 }
 
 impl Daemon {
@@ -159,7 +162,13 @@ impl Daemon {
             metrics,
             streamer,
             stream_listener,
+            config_file: None,
         })
+    }
+
+    /// Re-reads `path` on SIGHUP while serving and applies what can change live.
+    pub fn reload_on_sighup(&mut self, path: std::path::PathBuf) {
+        self.config_file = Some(path);
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight RPCs finish
@@ -190,6 +199,13 @@ impl Daemon {
             self.streamer.clone(),
         ));
         tracing::info!(address = %self.streamer.addr(), "serving streams");
+        let reload_task = self.config_file.clone().map(|path| {
+            tokio::spawn(reload::on_sighup(
+                path,
+                self.config.clone(),
+                self.images.clone(),
+            ))
+        });
         let image = image_service::ImageServiceImpl::new(
             self.images.clone(),
             self.config.runtimes.keys().cloned().collect(),
@@ -245,7 +261,7 @@ impl Daemon {
                 tracing::warn!("in-flight RPCs did not finish within {DRAIN_TIMEOUT:?}; stopping anyway");
             }
         }
-        if let Some(t) = metrics_task {
+        for t in metrics_task.into_iter().chain(reload_task) {
             t.abort();
         }
         tracing::info!("stopped");

@@ -315,12 +315,16 @@ mod tests {
     #[test]
     fn negotiation_follows_the_client() {
         let offered = vec![
-            "v5.channel.k8s.io".to_string(),
+            "v9.channel.k8s.io".to_string(),
             "v4.channel.k8s.io, v3.channel.k8s.io".to_string(),
         ];
         assert_eq!(
             negotiate(&offered, &SPDY_PROTOCOLS),
             Some("v4.channel.k8s.io")
+        );
+        assert_eq!(
+            negotiate(&["v5.channel.k8s.io".to_string()], &SPDY_PROTOCOLS),
+            Some("v5.channel.k8s.io")
         );
         assert_eq!(
             negotiate(&["channel.k8s.io".to_string()], &SPDY_PROTOCOLS),

@@ -487,6 +487,12 @@ impl Berthd {
         self.wait_ready().await;
     }
 
+    /// Rewrites the config file with `config` while the daemon runs (for SIGHUP reloads).
+    pub fn rewrite_config(&mut self, config: BerthdConfig) {
+        self.config = config;
+        self.write_config();
+    }
+
     /// Changes the config used by the next [`Self::restart`].
     pub fn set_config(&mut self, config: BerthdConfig) {
         self.config = config;

@@ -74,6 +74,10 @@ CN = berth test
 basicConstraints = critical,CA:TRUE
 keyUsage = critical,keyCertSign,cRLSign,digitalSignature
 subjectKeyIdentifier = hash
+[v3_client]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = clientAuth
 [v3_srv]
 basicConstraints = critical,CA:FALSE
 keyUsage = critical,digitalSignature,keyEncipherment
@@ -90,7 +94,7 @@ fn write_openssl_cnf(dir: &Path) -> PathBuf {
 }
 
 /// Makes a self-signed CA (certificate + key) in `dir` named `<name>.pem` / `<name>.key`.
-fn make_ca(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+pub fn make_ca(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
     let cnf = write_openssl_cnf(dir);
     let cert = dir.join(format!("{name}.pem"));
     let key = dir.join(format!("{name}.key"));
@@ -1157,4 +1161,143 @@ async fn serve_token(
     })
     .to_string();
     write_http_response(&mut stream, 200, &[], "application/json", body.as_bytes()).await
+}
+
+/// A client certificate (`clientAuth`) named `<name>.pem`/`<name>.key` in `dir`, signed by
+/// the CA `ca`/`ca_key`.
+pub fn make_client_cert(dir: &Path, name: &str, ca: &Path, ca_key: &Path) -> (PathBuf, PathBuf) {
+    let cnf = write_openssl_cnf(dir);
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    let cert = dir.join(format!("{name}.pem"));
+    run_cmd(
+        Command::new("openssl")
+            .args(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-sha256"])
+            .args(["-subj", "/CN=berth client", "-config"])
+            .arg(&cnf)
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr),
+    );
+    let serial = format!("0x{:016x}", rand_u64());
+    run_cmd(
+        Command::new("openssl")
+            .args([
+                "x509",
+                "-req",
+                "-sha256",
+                "-days",
+                "3",
+                "-set_serial",
+                &serial,
+            ])
+            .arg("-in")
+            .arg(&csr)
+            .arg("-CA")
+            .arg(ca)
+            .arg("-CAkey")
+            .arg(ca_key)
+            .arg("-extfile")
+            .arg(&cnf)
+            .args(["-extensions", "v3_client", "-out"])
+            .arg(&cert),
+    );
+    (cert, key)
+}
+
+/// What `openssl req -x509` makes with the system's default settings (and Docker's registry
+/// docs tell operators to run): a self-signed certificate for 127.0.0.1 that says `CA:TRUE`.
+pub fn self_signed_server_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).expect("create cert dir");
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.pem"));
+    run_cmd(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256"])
+            .args(["-days", "2", "-subj", "/CN=127.0.0.1"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    (cert, key)
+}
+
+/// A second `docker-registry` serving another registry's storage over TLS (optionally
+/// demanding a client certificate signed by `client_ca`): what is pushed to the plain one
+/// is pulled from this one. Killed on drop.
+pub struct TlsFront {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl TlsFront {
+    pub fn start(storage: &Path, cert: &Path, key: &Path, client_ca: Option<&Path>) -> TlsFront {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-tls-front-")
+            .tempdir()
+            .expect("temp dir");
+        let port = super::free_port();
+        let clientcas = client_ca
+            .map(|ca| format!("    clientcas:\n      - {}\n", ca.display()))
+            .unwrap_or_default();
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  formatter: text\n\
+             storage:\n  filesystem:\n    rootdirectory: {storage}\n  maintenance:\n    uploadpurging:\n      enabled: false\n    readonly:\n      enabled: true\n\
+             http:\n  addr: 127.0.0.1:{port}\n  secret: berth-test-secret\n  tls:\n    certificate: {cert}\n    key: {key}\n{clientcas}",
+            storage = storage.display(),
+            cert = cert.display(),
+            key = key.display(),
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
+        let log2 = log.try_clone().expect("log fd");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .expect("spawn docker-registry");
+        let mut front = TlsFront {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = front.child.try_wait() {
+                panic!(
+                    "TLS docker-registry exited: {status}: {}",
+                    tail_file(&front._dir.path().join("registry.log"), 3000)
+                );
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "TLS docker-registry never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        front
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

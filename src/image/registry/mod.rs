@@ -1,0 +1,331 @@
+//! Talking to registries: which endpoints serve a registry host (a host dir under
+//! `[registries] config_path` when there is one, see [`hosts`]; else the host's mirrors from
+//! berth's own config, then the host itself), with which TLS settings ([`tls`]), headers and
+//! credentials, and the pull's HTTP requests ([`client`]). Failures become [`ImageError`]s
+//! that name the reference.
+
+pub mod client;
+pub mod hosts;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use sha2::Digest;
+
+use super::ImageError;
+use super::content::ContentStore;
+use super::reference::Reference;
+use crate::config::{RegistriesConfig, mirror_host};
+use client::Session;
+use tls::TlsSettings;
+
+/// Media types of manifests and indexes berth accepts.
+pub const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// Credentials for one pull, from the CRI `AuthConfig`.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+    /// A bearer token sent as is (`registry_token`).
+    pub registry_token: String,
+    /// An identity (refresh) token, sent as the password of the `<token>` user.
+    pub identity_token: String,
+}
+
+/// One place an image can be fetched from.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    /// `host[:port]` used in URLs.
+    host: String,
+    plain_http: bool,
+    /// The API's path (`/v2`, or a mirror's own with `override_path`).
+    api_path: String,
+    /// Asked for tags (else only for digests).
+    resolve: bool,
+    tls: TlsSettings,
+    headers: Vec<(String, String)>,
+}
+
+impl Endpoint {
+    fn new(host: String, plain_http: bool, tls: TlsSettings) -> Endpoint {
+        Endpoint {
+            host,
+            plain_http,
+            api_path: "/v2".to_string(),
+            resolve: true,
+            tls,
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// The HTTP clients made so far, by TLS settings and the times their files last changed.
+type ClientCache = HashMap<(TlsSettings, Vec<Option<SystemTime>>), reqwest::Client>;
+
+/// Registry settings from the configuration.
+#[derive(Clone)]
+pub struct Registries {
+    config: RegistriesConfig,
+    progress_timeout: Duration,
+    clients: Arc<Mutex<ClientCache>>,
+}
+
+/// An image's manifest source, authenticated and ready to fetch blobs.
+pub struct Remote {
+    session: Session,
+    /// The reference as the user gave it (normalized), for messages.
+    display: String,
+    progress_timeout: Duration,
+}
+
+fn ca_settings(ca_file: &Option<std::path::PathBuf>) -> Vec<std::path::PathBuf> {
+    ca_file
+        .iter()
+        .filter(|p| !p.as_os_str().is_empty())
+        .cloned()
+        .collect()
+}
+
+impl Registries {
+    pub fn new(config: RegistriesConfig, progress_timeout: Duration) -> Registries {
+        Registries {
+            config,
+            progress_timeout,
+            clients: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn endpoints(&self, registry: &str, display: &str) -> Result<Vec<Endpoint>, ImageError> {
+        if let Some(path) = self.config.config_path.as_deref().filter(|p| !p.is_empty()) {
+            let found = hosts::endpoints(path, registry).map_err(|e| ImageError::Registry {
+                reference: display.to_string(),
+                reason: e.to_string(),
+            })?;
+            if let Some(eps) = found {
+                return Ok(eps
+                    .into_iter()
+                    .filter(|e| e.pull)
+                    .map(|e| Endpoint {
+                        plain_http: e.scheme == "http",
+                        host: e.host,
+                        api_path: e.api_path,
+                        resolve: e.resolve,
+                        tls: e.tls,
+                        headers: e.headers,
+                    })
+                    .collect());
+            }
+        }
+        let cfg = self.config.hosts.get(registry).cloned().unwrap_or_default();
+        let ca_files = ca_settings(&cfg.ca_file);
+        let mut out = Vec::new();
+        for m in &cfg.mirrors {
+            let host = mirror_host(m).to_string();
+            let mirror_cfg = self.config.hosts.get(&host).cloned().unwrap_or_default();
+            let mirror_ca = ca_settings(&mirror_cfg.ca_file);
+            let tls = TlsSettings {
+                ca_files: if mirror_ca.is_empty() {
+                    ca_files.clone()
+                } else {
+                    mirror_ca
+                },
+                client: None,
+                skip_verify: cfg.insecure || mirror_cfg.insecure,
+            };
+            out.push(Endpoint::new(host, m.starts_with("http://"), tls));
+        }
+        let upstream = hosts::default_server(registry)
+            .trim_start_matches("https://")
+            .to_string();
+        let tls = TlsSettings {
+            ca_files,
+            client: None,
+            skip_verify: cfg.insecure,
+        };
+        if cfg.insecure {
+            // Like Docker's insecure registries: TLS without verification first, then plain HTTP.
+            for plain_http in [false, true] {
+                out.push(Endpoint::new(upstream.clone(), plain_http, tls.clone()));
+            }
+        } else {
+            out.push(Endpoint::new(upstream, false, tls));
+        }
+        Ok(out)
+    }
+
+    /// The HTTP client of `tls` (made once per settings and file versions).
+    fn http(&self, tls: &TlsSettings, display: &str) -> Result<reqwest::Client, ImageError> {
+        let mut files: Vec<&std::path::Path> = tls.ca_files.iter().map(|p| p.as_path()).collect();
+        if let Some((c, k)) = &tls.client {
+            files.push(c);
+            files.push(k);
+        }
+        let stamps = files
+            .iter()
+            .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+            .collect();
+        let key = (tls.clone(), stamps);
+        if let Ok(cache) = self.clients.lock()
+            && let Some(c) = cache.get(&key)
+        {
+            return Ok(c.clone());
+        }
+        let bad = |reason: String| ImageError::Registry {
+            reference: display.to_string(),
+            reason,
+        };
+        let rustls = tls::client_config(tls).map_err(|e| bad(e.to_string()))?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(rustls)
+            .read_timeout(self.progress_timeout)
+            .connect_timeout(Duration::from_secs(10).min(self.progress_timeout))
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| bad(format!("HTTP client: {e}")))?;
+        if let Ok(mut cache) = self.clients.lock() {
+            if cache.len() > 64 {
+                cache.clear();
+            }
+            cache.insert(key, client.clone());
+        }
+        Ok(client)
+    }
+
+    /// Resolves `reference` to its manifest (or index) on the first endpoint that has it.
+    /// Returns the endpoint session, the raw manifest and its digest.
+    pub async fn resolve(
+        &self,
+        reference: &Reference,
+        creds: &Credentials,
+    ) -> Result<(Remote, Vec<u8>, String), ImageError> {
+        let display = reference.to_string();
+        let mut authoritative: Option<ImageError> = None;
+        let mut last: Option<ImageError> = None;
+        let by_digest = reference.digest.is_some();
+        for ep in self.endpoints(&reference.registry, &display)? {
+            if !ep.resolve && !by_digest {
+                continue;
+            }
+            let attempt = async {
+                let http = self.http(&ep.tls, &display)?;
+                let headers =
+                    client::header_map(&ep.headers).map_err(|reason| ImageError::Registry {
+                        reference: display.clone(),
+                        reason: format!("{}: {reason}", ep.host),
+                    })?;
+                let scheme = if ep.plain_http { "http" } else { "https" };
+                let session = Session::new(
+                    http,
+                    format!("{scheme}://{}{}", ep.host, ep.api_path),
+                    ep.host.clone(),
+                    reference.repository.clone(),
+                    headers,
+                    creds.clone(),
+                    display.clone(),
+                    self.progress_timeout,
+                );
+                let remote = Remote {
+                    session,
+                    display: display.clone(),
+                    progress_timeout: self.progress_timeout,
+                };
+                let tag_or_digest = match (&reference.digest, &reference.tag) {
+                    (Some(d), _) => d.clone(),
+                    (None, Some(t)) => t.clone(),
+                    (None, None) => "latest".to_string(),
+                };
+                let (bytes, digest) = remote.fetch_manifest(&tag_or_digest).await?;
+                Ok::<_, ImageError>((remote, bytes, digest))
+            };
+            match attempt.await {
+                Ok(found) => return Ok(found),
+                Err(e) => {
+                    tracing::debug!(endpoint = %ep.host, plain_http = ep.plain_http, error = %e, "endpoint failed");
+                    if matches!(e, ImageError::Unavailable { .. }) {
+                        last = Some(e);
+                    } else if authoritative.is_none() {
+                        authoritative = Some(e);
+                    }
+                }
+            }
+        }
+        Err(authoritative.or(last).unwrap_or(ImageError::Unavailable {
+            reference: display,
+            reason: "no endpoint".to_string(),
+        }))
+    }
+}
+
+fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+impl Remote {
+    /// The manifest at `tag_or_digest` and its digest (checked when it was asked by digest).
+    async fn fetch_manifest(&self, tag_or_digest: &str) -> Result<(Vec<u8>, String), ImageError> {
+        let what = format!("manifest {tag_or_digest}");
+        let resp = self
+            .session
+            .get(
+                &format!("manifests/{tag_or_digest}"),
+                Some(&MANIFEST_TYPES.join(", ")),
+            )
+            .await?;
+        let bytes = self.session.body(resp, &what).await?;
+        let digest = sha256_digest(&bytes);
+        if tag_or_digest.contains(':') && tag_or_digest != digest {
+            return Err(ImageError::BadManifest {
+                reference: self.display.clone(),
+                reason: format!("{what} hashes to {digest}"),
+            });
+        }
+        Ok((bytes, digest))
+    }
+
+    /// Fetches a manifest of this repository by digest (a platform manifest of an index).
+    pub async fn fetch_manifest_by_digest(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
+        Ok(self.fetch_manifest(digest).await?.0)
+    }
+
+    /// Streams a blob into the content store, verifying size and digest as it goes.
+    /// Fails if no byte arrives for the progress timeout. Returns the bytes fetched.
+    pub async fn fetch_blob(
+        &self,
+        content: &ContentStore,
+        digest: &str,
+        size: Option<u64>,
+    ) -> Result<u64, ImageError> {
+        let t = self.progress_timeout;
+        let stalled = || ImageError::Stalled {
+            reference: self.display.clone(),
+            reason: format!("blob {digest}: no byte received for {t:?}"),
+        };
+        let resp = self.session.get(&format!("blobs/{digest}"), None).await?;
+        let mut stream = resp.bytes_stream();
+        let mut w = content.writer(digest, size).await?;
+        loop {
+            let next = tokio::time::timeout(t, stream.next())
+                .await
+                .map_err(|_| stalled())?;
+            match next {
+                None => break,
+                Some(Ok(chunk)) => w.write(&chunk).await?,
+                Some(Err(e)) => {
+                    return Err(self.session.request_error(&e, &format!("blob {digest}")));
+                }
+            }
+        }
+        let n = w.written();
+        w.commit().await?;
+        Ok(n)
+    }
+}
