@@ -55,6 +55,7 @@ pub struct Config {
     pub cni: CniConfig,
     pub streaming: StreamingConfig,
     pub metrics: MetricsConfig,
+    pub stats: StatsConfig,
     pub cdi: CdiConfig,
     /// Per registry host (`docker.io`, `127.0.0.1:5000`, ...).
     pub registries: BTreeMap<String, RegistryConfig>,
@@ -113,6 +114,25 @@ pub struct MetricsConfig {
     pub address: String,
 }
 
+/// Stats gathered in the background.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatsConfig {
+    /// How often the disk usage of the image and container filesystems (ImageFsInfo,
+    /// writable layers) is refreshed; pulls, image removals and container creates and
+    /// removals refresh it sooner.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub fs_refresh_interval: Duration,
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        StatsConfig {
+            fs_refresh_interval: Duration::from_secs(10),
+        }
+    }
+}
+
 /// CDI (Container Device Interface) devices.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -164,6 +184,7 @@ impl Default for Config {
             cni: CniConfig::default(),
             streaming: StreamingConfig::default(),
             metrics: MetricsConfig::default(),
+            stats: StatsConfig::default(),
             cdi: CdiConfig::default(),
             registries: BTreeMap::new(),
             drop_in_dir: None,
@@ -295,6 +316,13 @@ impl Config {
         }
         if self.pull_progress_timeout.is_zero() {
             return Err(invalid("pull_progress_timeout", "0", "must be positive"));
+        }
+        if self.stats.fs_refresh_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "stats.fs_refresh_interval",
+                &humantime::format_duration(self.stats.fs_refresh_interval).to_string(),
+                "must be at least 100ms",
+            ));
         }
         if !self.runtimes.contains_key(&self.default_runtime) {
             return Err(invalid(
@@ -451,6 +479,19 @@ mod tests {
         assert_eq!(c.runtimes.len(), d.runtimes.len());
         assert_eq!(c.cdi.enabled, d.cdi.enabled);
         assert_eq!(c.cdi.spec_dirs, d.cdi.spec_dirs);
+        assert_eq!(c.stats.fs_refresh_interval, d.stats.fs_refresh_interval);
+    }
+
+    #[test]
+    fn stats_table() {
+        assert_eq!(
+            Config::default().stats.fs_refresh_interval,
+            Duration::from_secs(10)
+        );
+        let c = Config::parse("[stats]\nfs_refresh_interval = \"1s\"").expect("parses");
+        assert_eq!(c.stats.fs_refresh_interval, Duration::from_secs(1));
+        let e = Config::parse("[stats]\nfs_refresh_interval = \"1ms\"").expect_err("too short");
+        assert!(e.to_string().contains("stats.fs_refresh_interval"), "{e}");
     }
 
     #[test]

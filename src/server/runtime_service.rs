@@ -18,6 +18,7 @@ use crate::container::volumes;
 use crate::events::EventHub;
 use crate::sandbox::SandboxManager;
 use crate::stats::Collector;
+use crate::stats::fs::FsUsage;
 use crate::stream::Streamer;
 
 /// The CRI API version berth speaks.
@@ -32,6 +33,7 @@ pub struct RuntimeServiceImpl {
     stats: Arc<Collector>,
     events: Arc<EventHub>,
     streamer: Arc<Streamer>,
+    fs: Arc<FsUsage>,
 }
 
 impl RuntimeServiceImpl {
@@ -41,12 +43,14 @@ impl RuntimeServiceImpl {
         containers: Arc<ContainerManager>,
         events: Arc<EventHub>,
         streamer: Arc<Streamer>,
+        fs: Arc<FsUsage>,
     ) -> RuntimeServiceImpl {
         let systemd = config.cgroup_driver == CgroupDriver::Systemd;
         let stats = Arc::new(Collector::new(
             crate::cgroups::detect(),
             systemd,
             config.root.clone(),
+            fs.clone(),
         ));
         RuntimeServiceImpl {
             config,
@@ -55,6 +59,7 @@ impl RuntimeServiceImpl {
             stats,
             events,
             streamer,
+            fs,
         }
     }
 
@@ -225,6 +230,7 @@ impl RuntimeService for RuntimeServiceImpl {
         rpc("RemovePodSandbox", &id, deadline, async {
             if let Ok(full) = self.sandboxes.resolve_id(&id) {
                 self.containers.remove_pod(&full).await?;
+                self.fs.nudge();
             }
             self.sandboxes.remove(&id).await?;
             Ok(cri::RemovePodSandboxResponse {})
@@ -337,13 +343,17 @@ impl RuntimeService for RuntimeServiceImpl {
             .and_then(|c| c.metadata.as_ref())
             .map(|m| format!("{}/{}", req.pod_sandbox_id, m.name))
             .unwrap_or_default();
-        rpc(
+        let created = rpc(
             "CreateContainer",
             &name,
             deadline,
             container::create(&self.containers, req),
         )
-        .await
+        .await;
+        if created.is_ok() {
+            self.fs.nudge();
+        }
+        created
     }
 
     async fn start_container(
@@ -381,6 +391,7 @@ impl RuntimeService for RuntimeServiceImpl {
         let id = request.into_inner().container_id;
         rpc("RemoveContainer", &id, deadline, async {
             self.containers.remove(&id).await?;
+            self.fs.nudge();
             Ok(cri::RemoveContainerResponse {})
         })
         .await
