@@ -85,6 +85,18 @@ pub enum ImageError {
 }
 
 impl ImageError {
+    /// How a pull that failed with this error is counted (`berth_image_pulls_total`).
+    pub fn pull_result(&self) -> &'static str {
+        match self {
+            ImageError::NotFound { .. } => "not_found",
+            ImageError::Unauthenticated { .. } => "unauthenticated",
+            ImageError::Unavailable { .. } => "unavailable",
+            ImageError::Stalled { .. } => "stalled",
+            ImageError::InvalidReference { .. } | ImageError::UnsupportedDigest(_) => "invalid",
+            _ => "failed",
+        }
+    }
+
     pub fn io(path: &Path, source: std::io::Error) -> ImageError {
         ImageError::Io {
             path: path.to_path_buf(),
@@ -214,6 +226,7 @@ impl ImageManager {
         let _gc = self.gc_lock.read().await;
         let started = std::time::Instant::now();
         let (remote, top_bytes, top_digest) = self.registries.resolve(&reference, creds).await?;
+        crate::metrics::add_pulled_bytes(top_bytes.len() as u64);
         let bad = |reason: String| ImageError::BadManifest {
             reference: reference.to_string(),
             reason,
@@ -246,6 +259,7 @@ impl ImageManager {
                         ),
                     })?;
             let bytes = remote.fetch_manifest_by_digest(&desc.digest).await?;
+            crate::metrics::add_pulled_bytes(bytes.len() as u64);
             let computed = sha256_digest(&bytes);
             if computed != desc.digest {
                 return Err(ImageError::BlobMismatch {
@@ -390,7 +404,8 @@ impl ImageManager {
             return Ok(());
         }
         let size = (desc.size > 0).then_some(desc.size as u64);
-        remote.fetch_blob(&self.content, &desc.digest, size).await?;
+        let n = remote.fetch_blob(&self.content, &desc.digest, size).await?;
+        crate::metrics::add_pulled_bytes(n);
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! `runtime.v1.ImageService`: thin RPCs over [`crate::image::ImageManager`]; `ImageFsInfo`
-//! answers from the filesystem usage cache ([`crate::stats::fs`]).
+//! answers from the filesystem usage cache ([`crate::stats::fs`]), and each pull is counted
+//! in the Prometheus metrics.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -219,7 +220,14 @@ impl ImageService for ImageServiceImpl {
             let name = require_spec(&req.image)?;
             self.check_handler(&req.image)?;
             let creds = credentials(&req.auth)?;
-            let id = self.images.pull(name, &creds).await?;
+            let started = std::time::Instant::now();
+            let pulled = self.images.pull(name, &creds).await;
+            let result = match &pulled {
+                Ok(_) => "success",
+                Err(e) => e.pull_result(),
+            };
+            crate::metrics::observe_pull(result, started.elapsed());
+            let id = pulled?;
             // New snapshots are walked once, now: ImageFsInfo counts the image at once.
             self.fs.refresh_images_now().await;
             Ok(PullImageResponse { image_ref: id })
