@@ -56,6 +56,7 @@ pub struct Config {
     pub streaming: StreamingConfig,
     pub metrics: MetricsConfig,
     pub stats: StatsConfig,
+    pub events: EventsConfig,
     pub cdi: CdiConfig,
     /// Per registry host (`docker.io`, `127.0.0.1:5000`, ...).
     pub registries: BTreeMap<String, RegistryConfig>,
@@ -133,6 +134,23 @@ impl Default for StatsConfig {
     }
 }
 
+/// Container events (`GetContainerEvents`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Events a subscriber may fall behind before it is dropped (its stream ends with
+    /// `ResourceExhausted`); the runtime never waits for a subscriber.
+    pub subscriber_buffer: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            subscriber_buffer: crate::events::CAPACITY,
+        }
+    }
+}
+
 /// CDI (Container Device Interface) devices.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -185,6 +203,7 @@ impl Default for Config {
             streaming: StreamingConfig::default(),
             metrics: MetricsConfig::default(),
             stats: StatsConfig::default(),
+            events: EventsConfig::default(),
             cdi: CdiConfig::default(),
             registries: BTreeMap::new(),
             drop_in_dir: None,
@@ -316,6 +335,13 @@ impl Config {
         }
         if self.pull_progress_timeout.is_zero() {
             return Err(invalid("pull_progress_timeout", "0", "must be positive"));
+        }
+        if self.events.subscriber_buffer == 0 {
+            return Err(invalid(
+                "events.subscriber_buffer",
+                "0",
+                "must be at least 1",
+            ));
         }
         if self.stats.fs_refresh_interval < Duration::from_millis(100) {
             return Err(invalid(
@@ -480,6 +506,7 @@ mod tests {
         assert_eq!(c.cdi.enabled, d.cdi.enabled);
         assert_eq!(c.cdi.spec_dirs, d.cdi.spec_dirs);
         assert_eq!(c.stats.fs_refresh_interval, d.stats.fs_refresh_interval);
+        assert_eq!(c.events.subscriber_buffer, d.events.subscriber_buffer);
     }
 
     #[test]
@@ -492,6 +519,11 @@ mod tests {
         assert_eq!(c.stats.fs_refresh_interval, Duration::from_secs(1));
         let e = Config::parse("[stats]\nfs_refresh_interval = \"1ms\"").expect_err("too short");
         assert!(e.to_string().contains("stats.fs_refresh_interval"), "{e}");
+        assert_eq!(Config::default().events.subscriber_buffer, 1024);
+        let c = Config::parse("[events]\nsubscriber_buffer = 16").expect("parses");
+        assert_eq!(c.events.subscriber_buffer, 16);
+        let e = Config::parse("[events]\nsubscriber_buffer = 0").expect_err("zero");
+        assert!(e.to_string().contains("events.subscriber_buffer"), "{e}");
     }
 
     #[test]

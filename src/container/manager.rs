@@ -6,8 +6,8 @@
 //! ([`ImageManager::acquire`]) from its creation to its removal.
 //!
 //! Crash safety: a container is recorded as `Creating` before anything is made; at start,
-//! [`ContainerManager::open`] removes what is still `Creating` and reads the exit files that
-//! the monitors wrote while berthd was down.
+//! [`ContainerManager::open`] removes what is still `Creating` (or whose pod is gone), with a
+//! deleted event, and reads the exit files that the monitors wrote while berthd was down.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -270,6 +270,16 @@ impl ContainerManager {
                 let mut b = Batch::new();
                 b.delete(Table::Containers, &rec.id);
                 mgr.store.commit(b)?;
+                // Replayed to the first subscribers (see crate::events): a client that knew
+                // the container learns that it is gone.
+                let pod = mgr.sandboxes.get(&rec.sandbox_id).ok();
+                mgr.events.publish(
+                    EventKind::Deleted,
+                    &rec.id,
+                    &rec.sandbox_id,
+                    pod.as_ref(),
+                    None,
+                );
                 continue;
             }
             mgr.images.hold(&rec.image_id, &rec.id);

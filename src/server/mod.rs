@@ -118,7 +118,7 @@ impl Daemon {
                     source: std::io::Error::other(e.to_string()),
                 })??
         };
-        let events = Arc::new(EventHub::new());
+        let events = Arc::new(EventHub::with_capacity(config.events.subscriber_buffer));
         let network = crate::network::from_config(&config, store.clone()).await?;
         let sandboxes = Arc::new(
             SandboxManager::open(store.clone(), network, &config.state, events.clone()).await?,
