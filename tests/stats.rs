@@ -709,6 +709,28 @@ async fn stats_latency_figures() {
         times[times.len() / 2],
         times[times.len() - 1]
     );
+    let mut ic = e._d.image_client().await;
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        image_fs_info(&mut ic).await;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "ImageFsInfo with {n} writable layers: median {:?}, max {:?} (20 calls)",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    // What the background refresh costs (berthd logs it at debug).
+    if let Some(l) =
+        e._d.log()
+            .lines()
+            .rev()
+            .find(|l| l.contains("filesystem usage refreshed"))
+    {
+        println!("last background refresh: {l}");
+    }
     for pod in pods {
         e.remove_pod(&pod).await;
     }
