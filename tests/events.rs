@@ -3,7 +3,7 @@
 //! an exit with nobody asking is pushed; an exit that happened while berthd was down is
 //! reported once after the restart; a subscriber that never reads is dropped while the
 //! runtime goes on and a reading subscriber still gets everything in order; a container that
-//! the startup repair removes yields a deleted event.
+//! the startup repair removes (left half-made by a crash) yields a deleted event.
 
 mod common;
 
@@ -397,4 +397,59 @@ async fn a_subscriber_that_never_reads_is_dropped_and_the_runtime_goes_on() {
         slow_got.len(),
         want.len()
     );
+}
+
+/// A container that a crash left half-made (its record still `Creating`, as a berthd killed
+/// inside CreateContainer leaves it; here the record is set back while berthd is down) is
+/// removed by the startup repair, and the first subscriber after the restart gets its deleted
+/// event, with its pod's status.
+#[tokio::test]
+async fn a_container_the_startup_repair_removes_yields_a_deleted_event() {
+    use berth::container::manager::{ContainerRecord, Phase};
+    use berth::store::{Batch, Store, Table};
+    let mut e = env().await;
+    let pod = e.pod("repair").await;
+    let half = e.create(&pod, "half", "sleep 100000").await;
+    e.d.kill9();
+    {
+        let store = Store::open(&e.d.root().join("berth.redb")).expect("open the store");
+        let mut rec: ContainerRecord = store
+            .get(Table::Containers, &half)
+            .expect("read the record")
+            .expect("the container's record");
+        rec.phase = Phase::Creating;
+        let mut b = Batch::new();
+        b.put(Table::Containers, &half, &rec).expect("encode");
+        store.commit(b).expect("commit");
+    }
+    e.d.restart().await;
+    e.rt = e.d.runtime_client().await;
+    let mut s = e.subscribe().await;
+    let mut seen = Vec::new();
+    let deleted = loop {
+        let ev = next(&mut s).await;
+        if ev.container_id == half && kind(&ev) == T::ContainerDeletedEvent {
+            break ev;
+        }
+        seen.push((ev.container_id.clone(), kind(&ev)));
+        assert!(seen.len() < 10, "no deleted event for {half}: {seen:?}");
+    };
+    assert_eq!(
+        deleted
+            .pod_sandbox_status
+            .as_ref()
+            .map(|p| p.id.clone())
+            .as_deref(),
+        Some(pod.as_str()),
+        "with its pod's status"
+    );
+    assert!(state_of(&deleted, &half).is_none(), "no longer listed");
+    let listed =
+        e.rt.list_containers(cri::ListContainersRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .containers;
+    assert!(listed.iter().all(|c| c.id != half), "the repair removed it");
+    common::remove_pod(&mut e.rt, &pod).await;
 }
