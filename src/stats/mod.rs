@@ -2,8 +2,8 @@
 //! `PodSandboxStats`): CPU and memory from the cgroups ([`crate::cgroups::stats`]), CPU
 //! usage in nano-cores as a rate between two samples kept per object ([`Rates`]), the
 //! writable layer's bytes and inodes (from the background cache of [`fs`], never a walk per
-//! call), process counts, and a pod's network counters read inside its network namespace (on a dedicated
-//! thread, see [`crate::ns`]) from `/proc/thread-self/net/dev`.
+//! call), process counts, and a pod's network counters read inside its network namespace
+//! (on a dedicated thread, see [`crate::ns`]) from `/proc/thread-self/net/dev`.
 //!
 //! A pod with a cgroup of its own (`cgroup_parent`) is read there; one without adds up its
 //! containers. Missing cgroups (a stopped container) leave numbers out, never fail.
