@@ -55,6 +55,8 @@ pub struct Config {
     pub cni: CniConfig,
     pub streaming: StreamingConfig,
     pub metrics: MetricsConfig,
+    pub stats: StatsConfig,
+    pub events: EventsConfig,
     pub cdi: CdiConfig,
     /// Registry host dirs (`config_path`) and settings per registry host.
     pub registries: RegistriesConfig,
@@ -111,6 +113,42 @@ pub struct StreamingConfig {
 pub struct MetricsConfig {
     /// `host:port`; empty turns the endpoint off.
     pub address: String,
+}
+
+/// Stats gathered in the background.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatsConfig {
+    /// How often the disk usage of the image and container filesystems (ImageFsInfo,
+    /// writable layers) is refreshed; pulls, image removals and container creates and
+    /// removals refresh it sooner.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub fs_refresh_interval: Duration,
+}
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        StatsConfig {
+            fs_refresh_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Container events (`GetContainerEvents`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Events a subscriber may fall behind before it is dropped (its stream ends with
+    /// `ResourceExhausted`); the runtime never waits for a subscriber.
+    pub subscriber_buffer: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            subscriber_buffer: crate::events::CAPACITY,
+        }
+    }
 }
 
 /// CDI (Container Device Interface) devices.
@@ -196,6 +234,8 @@ impl Default for Config {
             cni: CniConfig::default(),
             streaming: StreamingConfig::default(),
             metrics: MetricsConfig::default(),
+            stats: StatsConfig::default(),
+            events: EventsConfig::default(),
             cdi: CdiConfig::default(),
             registries: RegistriesConfig::default(),
             drop_in_dir: None,
@@ -327,6 +367,20 @@ impl Config {
         }
         if self.pull_progress_timeout.is_zero() {
             return Err(invalid("pull_progress_timeout", "0", "must be positive"));
+        }
+        if self.events.subscriber_buffer == 0 {
+            return Err(invalid(
+                "events.subscriber_buffer",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        if self.stats.fs_refresh_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "stats.fs_refresh_interval",
+                &humantime::format_duration(self.stats.fs_refresh_interval).to_string(),
+                "must be at least 100ms",
+            ));
         }
         if !self.runtimes.contains_key(&self.default_runtime) {
             return Err(invalid(
@@ -483,6 +537,25 @@ mod tests {
         assert_eq!(c.runtimes.len(), d.runtimes.len());
         assert_eq!(c.cdi.enabled, d.cdi.enabled);
         assert_eq!(c.cdi.spec_dirs, d.cdi.spec_dirs);
+        assert_eq!(c.stats.fs_refresh_interval, d.stats.fs_refresh_interval);
+        assert_eq!(c.events.subscriber_buffer, d.events.subscriber_buffer);
+    }
+
+    #[test]
+    fn stats_table() {
+        assert_eq!(
+            Config::default().stats.fs_refresh_interval,
+            Duration::from_secs(10)
+        );
+        let c = Config::parse("[stats]\nfs_refresh_interval = \"1s\"").expect("parses");
+        assert_eq!(c.stats.fs_refresh_interval, Duration::from_secs(1));
+        let e = Config::parse("[stats]\nfs_refresh_interval = \"1ms\"").expect_err("too short");
+        assert!(e.to_string().contains("stats.fs_refresh_interval"), "{e}");
+        assert_eq!(Config::default().events.subscriber_buffer, 1024);
+        let c = Config::parse("[events]\nsubscriber_buffer = 16").expect("parses");
+        assert_eq!(c.events.subscriber_buffer, 16);
+        let e = Config::parse("[events]\nsubscriber_buffer = 0").expect_err("zero");
+        assert!(e.to_string().contains("events.subscriber_buffer"), "{e}");
     }
 
     #[test]

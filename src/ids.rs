@@ -104,6 +104,16 @@ impl<R: Clone> Index<R> {
             .collect()
     }
 
+    /// What `f` picks out of the records, under the read lock (no record is cloned).
+    pub fn filter_map<T>(&self, f: impl FnMut(&R) -> Option<T>) -> Vec<T> {
+        self.records
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(f)
+            .collect()
+    }
+
     /// Every id.
     pub fn ids(&self) -> Vec<String> {
         self.records

@@ -174,7 +174,49 @@ async fn version_status_and_unimplemented_rpcs() {
     };
     assert!(cond("RuntimeReady").status);
     assert!(cond("NetworkReady").status, "the native network is usable");
-    assert!(s.info.contains_key("config"));
+    // `crictl info`: every value is JSON an operator can read.
+    let info = |k: &str| -> serde_json::Value {
+        let v = s
+            .info
+            .get(k)
+            .unwrap_or_else(|| panic!("no {k} in {:?}", s.info));
+        serde_json::from_str(v).unwrap_or_else(|e| panic!("{k} is not JSON ({e}): {v}"))
+    };
+    let config = info("config");
+    assert_eq!(config["root"], d.root().display().to_string());
+    assert_eq!(config["socket"], d.socket().display().to_string());
+    assert_eq!(config["cgroup_driver"], "cgroupfs");
+    assert_eq!(info("version")["runtimeVersion"], env!("CARGO_PKG_VERSION"));
+    let handlers = info("runtimeHandlers");
+    assert_eq!(handlers["defaultRuntime"], "runc");
+    let runc = handlers["handlers"]
+        .as_array()
+        .expect("handlers")
+        .iter()
+        .find(|h| h["name"] == "runc")
+        .expect("runc")
+        .clone();
+    assert_eq!(runc["default"], true);
+    assert!(
+        runc["version"].as_str().is_some_and(|v| v.contains("runc")),
+        "runc --version: {runc}"
+    );
+    assert!(handlers["features"]["recursiveReadOnlyMounts"].is_boolean());
+    let network = info("network");
+    assert_eq!(network["mode"], "native");
+    assert_eq!(network["ready"], true);
+    assert_eq!(
+        network["bridge"],
+        d.net_slot().expect("own bridge").bridge()
+    );
+    assert_eq!(info("cgroup")["driver"], "cgroupfs");
+    let quiet = rt
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(quiet.info.is_empty(), "not verbose: no info");
+    assert!(!quiet.runtime_handlers.is_empty());
 
     let rc = rt
         .runtime_config(cri::RuntimeConfigRequest::default())

@@ -1,7 +1,9 @@
 //! `GetContainerEvents` through a real berthd and runc: two subscribers see the created,
 //! started, stopped and deleted events of a pod and its container in order, with statuses;
 //! an exit with nobody asking is pushed; an exit that happened while berthd was down is
-//! reported once after the restart.
+//! reported once after the restart; a subscriber that never reads is dropped while the
+//! runtime goes on and a reading subscriber still gets everything in order; a container that
+//! the startup repair removes (left half-made by a crash) yields a deleted event.
 
 mod common;
 
@@ -26,10 +28,14 @@ struct Env {
 }
 
 async fn env() -> Env {
+    env_with(BerthdConfig::new()).await
+}
+
+async fn env_with(config: BerthdConfig) -> Env {
     let reg = Registry::anonymous();
     let image = ImageBuilder::busybox().build();
     let image = reg.push("test/events", "1", &image).await.reference;
-    let d = Berthd::start(BerthdConfig::new().trust(&reg)).await;
+    let d = Berthd::start(config.trust(&reg)).await;
     let mut ic = d.image_client().await;
     common::pull_image(&mut ic, &image, None)
         .await
@@ -242,4 +248,208 @@ async fn exits_are_pushed_and_an_exit_while_down_is_reported_after_restart() {
     })
     .await
     .expect("remove pod");
+}
+
+/// A subscriber on a connection with the smallest HTTP/2 windows, so that what it does not
+/// read backs up to berthd quickly (the default windows hold megabytes).
+async fn tight_subscriber(d: &Berthd) -> Events {
+    let path = d.socket();
+    let ch = tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .expect("endpoint")
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect");
+    RuntimeServiceClient::new(ch)
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .expect("subscribe")
+        .into_inner()
+}
+
+/// With `[events] subscriber_buffer = 16`, a subscriber that never reads falls behind and is
+/// dropped (berthd logs it; when it reads at last, it gets what was buffered, in order, then
+/// `ResourceExhausted`), while containers go on being created, started and removed, and a
+/// subscriber that reads gets every event of every container in order.
+#[tokio::test]
+async fn a_subscriber_that_never_reads_is_dropped_and_the_runtime_goes_on() {
+    let mut e = env_with(BerthdConfig::new().table("[events]\nsubscriber_buffer = 16")).await;
+    let mut slow = tight_subscriber(&e.d).await;
+    let mut fast = e.subscribe().await;
+    let pod = e.pod("flood").await;
+    // The reading subscriber: every event until the pod's deleted one.
+    let pod_id = pod.clone();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), fast.message()).await {
+                Ok(Ok(Some(ev))) => {
+                    let done = ev.container_id == pod_id && kind(&ev) == T::ContainerDeletedEvent;
+                    got.push(ev);
+                    if done {
+                        return Ok(got);
+                    }
+                }
+                Ok(Ok(None)) => return Err(format!("stream ended after {} events", got.len())),
+                Ok(Err(s)) => return Err(format!("{s} after {} events", got.len())),
+                Err(_) => return Err(format!("no event for 60s after {} events", got.len())),
+            }
+        }
+    });
+    let mut made = Vec::new();
+    // Until berthd has dropped the slow subscriber (at most 150 containers).
+    for n in 0..150 {
+        let c = e.create(&pod, &format!("c{n}"), "sleep 100000").await;
+        e.start(&c).await;
+        e.rt.remove_container(cri::RemoveContainerRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .expect("remove while a subscriber does not read");
+        made.push(c);
+        if e.d.log().contains("an events subscriber fell behind") {
+            break;
+        }
+    }
+    assert!(
+        e.d.log().contains("an events subscriber fell behind"),
+        "the slow subscriber was never dropped after {} containers",
+        made.len()
+    );
+    println!("slow subscriber dropped after {} containers", made.len());
+    // One more container after the drop: the runtime and the reading subscriber carry on.
+    let after = e.create(&pod, "after", "sleep 100000").await;
+    e.start(&after).await;
+    common::remove_pod(&mut e.rt, &pod).await;
+
+    // The slow one reads at last: what was buffered, in order, then the error.
+    let mut slow_got = Vec::new();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(20), slow.message())
+            .await
+            .expect("the slow stream answers")
+        {
+            Ok(Some(ev)) => slow_got.push(ev),
+            Ok(None) => panic!("ended without an error after {} events", slow_got.len()),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    println!(
+        "the slow subscriber got {} events, then: {status}",
+        slow_got.len()
+    );
+    let mut last = 0;
+    for ev in &slow_got {
+        assert!(ev.created_at >= last, "buffered events in order");
+        last = ev.created_at;
+    }
+
+    // The reading subscriber saw every container's whole lifecycle, in order.
+    let got = reader
+        .await
+        .expect("reader task")
+        .expect("the reading subscriber");
+    let seen: Vec<(String, T)> = got
+        .iter()
+        .map(|ev| (ev.container_id.clone(), kind(ev)))
+        .collect();
+    let mut want = vec![
+        (pod.clone(), T::ContainerCreatedEvent),
+        (pod.clone(), T::ContainerStartedEvent),
+    ];
+    for c in &made {
+        for k in [
+            T::ContainerCreatedEvent,
+            T::ContainerStartedEvent,
+            T::ContainerStoppedEvent,
+            T::ContainerDeletedEvent,
+        ] {
+            want.push((c.clone(), k));
+        }
+    }
+    // StopPodSandbox stops its container, then the pod; RemovePodSandbox removes both.
+    want.extend([
+        (after.clone(), T::ContainerCreatedEvent),
+        (after.clone(), T::ContainerStartedEvent),
+        (after.clone(), T::ContainerStoppedEvent),
+        (pod.clone(), T::ContainerStoppedEvent),
+        (after.clone(), T::ContainerDeletedEvent),
+        (pod.clone(), T::ContainerDeletedEvent),
+    ]);
+    assert_eq!(
+        seen.len(),
+        want.len(),
+        "every event reached the reading subscriber"
+    );
+    assert_eq!(seen, want);
+    assert!(
+        slow_got.len() < want.len(),
+        "the slow subscriber missed events ({} of {})",
+        slow_got.len(),
+        want.len()
+    );
+}
+
+/// A container that a crash left half-made (its record still `Creating`, as a berthd killed
+/// inside CreateContainer leaves it; here the record is set back while berthd is down) is
+/// removed by the startup repair, and the first subscriber after the restart gets its deleted
+/// event, with its pod's status.
+#[tokio::test]
+async fn a_container_the_startup_repair_removes_yields_a_deleted_event() {
+    use berth::container::manager::{ContainerRecord, Phase};
+    use berth::store::{Batch, Store, Table};
+    let mut e = env().await;
+    let pod = e.pod("repair").await;
+    let half = e.create(&pod, "half", "sleep 100000").await;
+    e.d.kill9();
+    {
+        let store = Store::open(&e.d.root().join("berth.redb")).expect("open the store");
+        let mut rec: ContainerRecord = store
+            .get(Table::Containers, &half)
+            .expect("read the record")
+            .expect("the container's record");
+        rec.phase = Phase::Creating;
+        let mut b = Batch::new();
+        b.put(Table::Containers, &half, &rec).expect("encode");
+        store.commit(b).expect("commit");
+    }
+    e.d.restart().await;
+    e.rt = e.d.runtime_client().await;
+    let mut s = e.subscribe().await;
+    let mut seen = Vec::new();
+    let deleted = loop {
+        let ev = next(&mut s).await;
+        if ev.container_id == half && kind(&ev) == T::ContainerDeletedEvent {
+            break ev;
+        }
+        seen.push((ev.container_id.clone(), kind(&ev)));
+        assert!(seen.len() < 10, "no deleted event for {half}: {seen:?}");
+    };
+    assert_eq!(
+        deleted
+            .pod_sandbox_status
+            .as_ref()
+            .map(|p| p.id.clone())
+            .as_deref(),
+        Some(pod.as_str()),
+        "with its pod's status"
+    );
+    assert!(state_of(&deleted, &half).is_none(), "no longer listed");
+    let listed =
+        e.rt.list_containers(cri::ListContainersRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .containers;
+    assert!(listed.iter().all(|c| c.id != half), "the repair removed it");
+    common::remove_pod(&mut e.rt, &pod).await;
 }

@@ -1,7 +1,8 @@
 //! Prometheus `/metrics` of a real berthd: a scrape counts an RPC after it was called, shows
 //! pods and containers by state and a running container's CPU and memory labelled with its
-//! pod's namespace and name, passes `promtool check metrics` (when Debian's `prometheus`
-//! package is installed), and other paths get 404.
+//! pod's namespace and name, counts image pulls by result with the bytes they downloaded and
+//! their duration, passes `promtool check metrics` (when Debian's `prometheus` package is
+//! installed), and other paths get 404.
 
 mod common;
 
@@ -50,6 +51,11 @@ async fn scrape_counts_rpcs_and_labels_containers() {
     let reg = Registry::anonymous();
     let image = ImageBuilder::busybox().build();
     let image = reg.push("test/prom", "1", &image).await.reference;
+    let bigger = ImageBuilder::busybox()
+        .layer(common::random_layer(1 << 20, 77))
+        .build();
+    let bigger_layers = bigger.layers_size();
+    let bigger = reg.push("test/prom", "2", &bigger).await.reference;
     let port = free_port();
     let d = Berthd::start(
         BerthdConfig::new()
@@ -65,6 +71,47 @@ async fn scrape_counts_rpcs_and_labels_containers() {
 
     let (code, before) = get(port, "/metrics");
     assert_eq!(code, 200, "{before}");
+    let pulls = |t: &str, result: &str| {
+        sample(
+            t,
+            &format!("berth_image_pulls_total{{result=\"{result}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("no pulls counted as {result}:\n{t}"))
+    };
+    let pulled_bytes = |t: &str| sample(t, "berth_image_pull_bytes_total").expect("pull bytes");
+    let pull_count =
+        |t: &str| sample(t, "berth_image_pull_duration_seconds_count").expect("pull durations");
+    assert!(
+        pulls(&before, "success") >= 1.0,
+        "the first pull is counted"
+    );
+    assert!(pulled_bytes(&before) > 0.0);
+    common::pull_image(&mut ic, &bigger, None)
+        .await
+        .expect("pull the bigger image");
+    let missing = reg.reference("test/prom", "absent");
+    let e = common::pull_image(&mut ic, &missing, None)
+        .await
+        .expect_err("no such tag");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let (_, after_pulls) = get(port, "/metrics");
+    assert_eq!(
+        pulls(&after_pulls, "success"),
+        pulls(&before, "success") + 1.0
+    );
+    assert_eq!(
+        pulls(&after_pulls, "not_found"),
+        pulls(&before, "not_found") + 1.0
+    );
+    let grew = pulled_bytes(&after_pulls) - pulled_bytes(&before);
+    println!("bytes pulled for the bigger image: {grew} (layers {bigger_layers})");
+    // Its busybox layer is stored already: at least the new 1 MiB layer came down.
+    assert!(grew >= (1 << 20) as f64, "pulled bytes grew by {grew}");
+    assert_eq!(
+        pull_count(&after_pulls),
+        pull_count(&before) + 1.0,
+        "failed pulls are not timed"
+    );
     let versions =
         |t: &str| sample(t, "berth_rpc_requests_total{method=\"Version\"}").unwrap_or(0.0);
     let v0 = versions(&before);

@@ -709,7 +709,189 @@ async fn stats_latency_figures() {
         times[times.len() / 2],
         times[times.len() - 1]
     );
+    let mut ic = e._d.image_client().await;
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        image_fs_info(&mut ic).await;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "ImageFsInfo with {n} writable layers: median {:?}, max {:?} (20 calls)",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    // What the background refresh costs (berthd logs it at debug).
+    if let Some(l) =
+        e._d.log()
+            .lines()
+            .rev()
+            .find(|l| l.contains("filesystem usage refreshed"))
+    {
+        println!("last background refresh: {l}");
+    }
     for pod in pods {
         e.remove_pod(&pod).await;
     }
+}
+
+/// The one filesystem of an `ImageFsInfo` list: (used bytes, inodes, mountpoint, timestamp).
+fn fs_of(fs: &[cri::FilesystemUsage]) -> (u64, u64, String, i64) {
+    assert_eq!(fs.len(), 1, "{fs:?}");
+    let f = &fs[0];
+    (
+        f.used_bytes.as_ref().expect("used bytes").value,
+        f.inodes_used.as_ref().expect("inodes").value,
+        f.fs_id.as_ref().expect("fs id").mountpoint.clone(),
+        f.timestamp,
+    )
+}
+
+async fn image_fs_info(
+    ic: &mut common::ImageClient,
+) -> ((u64, u64, String, i64), (u64, u64, String, i64)) {
+    let r = ic
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .expect("ImageFsInfo")
+        .into_inner();
+    (fs_of(&r.image_filesystems), fs_of(&r.container_filesystems))
+}
+
+/// The image filesystem (blobs and snapshots) and the container filesystem (writable layers)
+/// are reported apart, from the background cache: a pull makes the image filesystem grow (at
+/// once: the pull samples its new snapshots); a container writing 5 MB into its rootfs makes
+/// the container filesystem and its own writable layer grow by that much once the cache is
+/// refreshed (`[stats] fs_refresh_interval = "1s"` here), and not the image filesystem;
+/// removing the pod gives the space back. Both share `root`'s filesystem, so both report
+/// `root` as their mountpoint (the kubelet then sees no split image filesystem).
+#[tokio::test]
+async fn image_and_container_filesystems_apart() {
+    let reg = Registry::anonymous();
+    let built = ImageBuilder::busybox()
+        .layer(common::random_layer(2 << 20, 41))
+        .build();
+    let layers = built.layers_size();
+    let image = reg.push("test/fsinfo", "1", &built).await.reference;
+    let d = Berthd::start(
+        BerthdConfig::new()
+            .trust(&reg)
+            .table("[stats]\nfs_refresh_interval = \"1s\""),
+    )
+    .await;
+    let mut ic = d.image_client().await;
+    let (img0, ctr0) = image_fs_info(&mut ic).await;
+    let root = d.root().display().to_string();
+    assert_eq!(img0.2, root, "image fs mountpoint");
+    assert_eq!(ctr0.2, root, "container fs mountpoint: the same filesystem");
+    assert!(img0.3 > 0 && ctr0.3 > 0, "timestamps");
+
+    common::pull_image(&mut ic, &image, None)
+        .await
+        .expect("pull");
+    let (img1, _) = image_fs_info(&mut ic).await;
+    println!(
+        "image fs: {} -> {} bytes, {} -> {} inodes after pulling {layers} bytes of layers",
+        img0.0, img1.0, img0.1, img1.1
+    );
+    assert!(img1.0 >= img0.0 + layers, "image fs grew by the layers");
+    assert!(img1.1 > img0.1 + 100, "busybox's links are inodes");
+
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut rt = d.runtime_client().await;
+    let pod = common::run_pod(
+        &mut rt,
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "writer".into(),
+                uid: "writer-uid".into(),
+                namespace: "stats".into(),
+                attempt: 0,
+            }),
+            log_directory: logs.path().display().to_string(),
+            linux: Some(cri::LinuxPodSandboxConfig::default()),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    let id = common::create_container(
+        &mut rt,
+        &pod,
+        common::sh_container(
+            "writer",
+            &image,
+            "dd if=/dev/urandom of=/big bs=1048576 count=5 && sync && echo written; sleep 100000",
+        ),
+    )
+    .await
+    .expect("create");
+    common::start_container(&mut rt, &id).await.expect("start");
+    common::wait_for_log(&logs.path().join("writer.log"), "written").await;
+
+    let five = 5u64 << 20;
+    let ctr_base = ctr0.0;
+    let (_, ctr1) = common::wait_for(
+        Duration::from_secs(60),
+        "the container filesystem to count the 5 MB",
+        || {
+            let mut ic = ic.clone();
+            async move {
+                let (i, c) = image_fs_info(&mut ic).await;
+                (c.0 >= ctr_base + five).then_some((i, c))
+            }
+        },
+    )
+    .await;
+    println!("container fs: {} -> {} bytes", ctr0.0, ctr1.0);
+    let layer = common::wait_for(
+        Duration::from_secs(60),
+        "the writable layer to count the 5 MB",
+        || {
+            let mut rt = rt.clone();
+            let id = id.clone();
+            async move {
+                let s = rt
+                    .container_stats(cri::ContainerStatsRequest { container_id: id })
+                    .await
+                    .expect("container stats")
+                    .into_inner()
+                    .stats
+                    .expect("stats");
+                let wl = s.writable_layer.expect("writable layer");
+                let used = wl.used_bytes.as_ref().map(|v| v.value).unwrap_or(0);
+                (used >= five).then_some(wl)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        layer.fs_id.as_ref().expect("fs id").mountpoint,
+        root,
+        "the writable layer is on the container filesystem"
+    );
+    assert!(layer.timestamp > 0);
+    let (img2, _) = image_fs_info(&mut ic).await;
+    assert!(
+        img2.0 < img1.0 + (1 << 20),
+        "the container's writes are not counted on the image filesystem: {} -> {}",
+        img1.0,
+        img2.0
+    );
+
+    common::remove_pod(&mut rt, &pod).await;
+    let full = ctr1.0;
+    common::wait_for(
+        Duration::from_secs(60),
+        "the container filesystem to give the 5 MB back",
+        || {
+            let mut ic = ic.clone();
+            async move {
+                let (_, c) = image_fs_info(&mut ic).await;
+                (c.0 + five <= full).then_some(())
+            }
+        },
+    )
+    .await;
 }

@@ -6,8 +6,8 @@
 //! ([`ImageManager::acquire`]) from its creation to its removal.
 //!
 //! Crash safety: a container is recorded as `Creating` before anything is made; at start,
-//! [`ContainerManager::open`] removes what is still `Creating` and reads the exit files that
-//! the monitors wrote while berthd was down.
+//! [`ContainerManager::open`] removes what is still `Creating` (or whose pod is gone), with a
+//! deleted event, and reads the exit files that the monitors wrote while berthd was down.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -270,6 +270,16 @@ impl ContainerManager {
                 let mut b = Batch::new();
                 b.delete(Table::Containers, &rec.id);
                 mgr.store.commit(b)?;
+                // Replayed to the first subscribers (see crate::events): a client that knew
+                // the container learns that it is gone.
+                let pod = mgr.sandboxes.get(&rec.sandbox_id).ok();
+                mgr.events.publish(
+                    EventKind::Deleted,
+                    &rec.id,
+                    &rec.sandbox_id,
+                    pod.as_ref(),
+                    None,
+                );
                 continue;
             }
             mgr.images.hold(&rec.image_id, &rec.id);
@@ -926,37 +936,41 @@ impl ContainerManager {
 
     /// Notices exits as they are recorded (every `period`), so that their stopped events go
     /// out without waiting for a client to ask; ends when the manager is dropped.
+    ///
+    /// Each round looks only at containers that can exit (created or running): their exit
+    /// files are picked out under the index's read lock without cloning a record, and a
+    /// record is read again only for a container whose exit file appeared.
     pub async fn watch_exits(this: std::sync::Weak<ContainerManager>, period: Duration) {
         loop {
             tokio::time::sleep(period).await;
             let Some(mgr) = this.upgrade() else { return };
-            for rec in mgr.index.values() {
-                if matches!(rec.phase, Phase::Running | Phase::Created)
-                    && rec.exit_file().exists()
-                    && let Err(e) = mgr.get(&rec.id)
+            for (id, exit_file) in mgr.exit_candidates() {
+                if exit_file.exists()
+                    && let Err(e) = mgr.get(&id)
                 {
-                    tracing::debug!(id = %rec.id, error = %e, "noticing an exit");
+                    tracing::debug!(%id, error = %e, "noticing an exit");
                 }
             }
         }
     }
 
+    /// The id and exit file of every container that can still exit (created or running).
+    fn exit_candidates(&self) -> Vec<(String, PathBuf)> {
+        self.index.filter_map(|r| {
+            matches!(r.phase, Phase::Running | Phase::Created)
+                .then(|| (r.id.clone(), r.exit_file()))
+        })
+    }
+
     /// The records of a pod's containers as the index holds them (exits not looked for).
     pub fn records_in_pod(&self, sandbox_id: &str) -> Vec<ContainerRecord> {
         self.index
-            .values()
-            .into_iter()
-            .filter(|r| r.sandbox_id == sandbox_id)
-            .collect()
+            .filter_map(|r| (r.sandbox_id == sandbox_id).then(|| r.clone()))
     }
 
     fn in_pod(&self, sandbox_id: &str) -> Vec<String> {
         self.index
-            .values()
-            .into_iter()
-            .filter(|r| r.sandbox_id == sandbox_id)
-            .map(|r| r.id.clone())
-            .collect()
+            .filter_map(|r| (r.sandbox_id == sandbox_id).then(|| r.id.clone()))
     }
 
     /// Stops every container of a pod (StopPodSandbox does this first).

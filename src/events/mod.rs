@@ -3,8 +3,9 @@
 //!
 //! The managers publish into an [`EventHub`], a `tokio` broadcast channel: publishing never
 //! waits, every subscriber sees the events in the order they were published, and a
-//! subscriber that falls more than [`CAPACITY`] events behind is dropped (its stream ends
-//! with an error) while the runtime carries on. Each event carries a snapshot of the pod and
+//! subscriber that falls more than `[events] subscriber_buffer` events (default
+//! [`CAPACITY`]) behind is dropped (its stream ends with an error) while the runtime carries
+//! on. Each event carries a snapshot of the pod and
 //! its containers as they were when it happened.
 //!
 //! Events published while the daemon recovers its state (before [`EventHub::ready`]) have
@@ -21,7 +22,7 @@ use crate::container::manager::{ContainerManager, ContainerRecord};
 use crate::ids::now_nanos;
 use crate::sandbox::{SandboxManager, SandboxRecord};
 
-/// Events a subscriber may lag behind before it is dropped.
+/// Events a subscriber may lag behind before it is dropped, by default.
 pub const CAPACITY: usize = 1024;
 /// How long after the start the recovery events are replayed to new subscribers.
 pub const BACKLOG_TTL: Duration = Duration::from_secs(120);
@@ -53,6 +54,7 @@ pub struct Event {
 /// The fan-out point of lifecycle events.
 pub struct EventHub {
     tx: broadcast::Sender<Arc<Event>>,
+    capacity: usize,
     /// Events of the recovery, and whether recovery is over.
     backlog: Mutex<(Vec<Arc<Event>>, bool)>,
     started: Instant,
@@ -71,9 +73,16 @@ impl Default for EventHub {
 
 impl EventHub {
     pub fn new() -> EventHub {
-        let (tx, _) = broadcast::channel(CAPACITY);
+        EventHub::with_capacity(CAPACITY)
+    }
+
+    /// A hub whose subscribers may lag `capacity` events (at least 1) behind.
+    pub fn with_capacity(capacity: usize) -> EventHub {
+        let capacity = capacity.max(1);
+        let (tx, _) = broadcast::channel(capacity);
         EventHub {
             tx,
+            capacity,
             backlog: Mutex::new((Vec::new(), false)),
             started: Instant::now(),
             stopped: Mutex::new(HashSet::new()),
@@ -87,6 +96,11 @@ impl EventHub {
     pub fn set_sources(&self, sandboxes: &Arc<SandboxManager>, containers: &Arc<ContainerManager>) {
         let _ = self.sandboxes.set(Arc::downgrade(sandboxes));
         let _ = self.containers.set(Arc::downgrade(containers));
+    }
+
+    /// How many events a subscriber may lag behind.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Recovery is over: events from now on go to subscribers only.

@@ -19,7 +19,6 @@ pub mod snapshot;
 pub mod unpack;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
 
@@ -86,6 +85,18 @@ pub enum ImageError {
 }
 
 impl ImageError {
+    /// How a pull that failed with this error is counted (`berth_image_pulls_total`).
+    pub fn pull_result(&self) -> &'static str {
+        match self {
+            ImageError::NotFound { .. } => "not_found",
+            ImageError::Unauthenticated { .. } => "unauthenticated",
+            ImageError::Unavailable { .. } => "unavailable",
+            ImageError::Stalled { .. } => "stalled",
+            ImageError::InvalidReference { .. } | ImageError::UnsupportedDigest(_) => "invalid",
+            _ => "failed",
+        }
+    }
+
     pub fn io(path: &Path, source: std::io::Error) -> ImageError {
         ImageError::Io {
             path: path.to_path_buf(),
@@ -131,13 +142,6 @@ pub struct ImageRecord {
     pub extra_blobs: Vec<String>,
 }
 
-/// Bytes and inodes used on disk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DiskUsage {
-    pub bytes: u64,
-    pub inodes: u64,
-}
-
 /// The images of one berthd.
 pub struct ImageManager {
     content: ContentStore,
@@ -156,6 +160,8 @@ pub struct ImageManager {
     root: PathBuf,
     /// Image id → the containers holding it.
     holders: StdMutex<HashMap<String, BTreeSet<String>>>,
+    /// Told when garbage collection removed content (the filesystem usage cache listens).
+    on_collect: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
 }
 
 fn sha256_digest(bytes: &[u8]) -> String {
@@ -195,6 +201,7 @@ impl ImageManager {
             gc_lock: tokio::sync::RwLock::new(()),
             root: config.root.clone(),
             holders: StdMutex::new(HashMap::new()),
+            on_collect: std::sync::OnceLock::new(),
         };
         let (blobs, snaps) = mgr.collect_garbage_now()?;
         if blobs + snaps > 0 {
@@ -235,6 +242,7 @@ impl ImageManager {
             .map(|r| r.clone())
             .map_err(|_| ImageError::Internal("registry settings lock poisoned".to_string()))?;
         let (remote, top_bytes, top_digest) = registries.resolve(&reference, creds).await?;
+        crate::metrics::add_pulled_bytes(top_bytes.len() as u64);
         let bad = |reason: String| ImageError::BadManifest {
             reference: reference.to_string(),
             reason,
@@ -267,6 +275,7 @@ impl ImageManager {
                         ),
                     })?;
             let bytes = remote.fetch_manifest_by_digest(&desc.digest).await?;
+            crate::metrics::add_pulled_bytes(bytes.len() as u64);
             let computed = sha256_digest(&bytes);
             if computed != desc.digest {
                 return Err(ImageError::BlobMismatch {
@@ -411,7 +420,8 @@ impl ImageManager {
             return Ok(());
         }
         let size = (desc.size > 0).then_some(desc.size as u64);
-        remote.fetch_blob(&self.content, &desc.digest, size).await?;
+        let n = remote.fetch_blob(&self.content, &desc.digest, size).await?;
+        crate::metrics::add_pulled_bytes(n);
         Ok(())
     }
 
@@ -581,13 +591,24 @@ impl ImageManager {
         Ok(())
     }
 
+    /// Whom to tell when garbage collection removed something (set once).
+    pub fn notify_on_collect(&self, n: Arc<tokio::sync::Notify>) {
+        let _ = self.on_collect.set(n);
+    }
+
     /// Removes blobs and snapshots no image references, waiting for in-flight pulls.
     pub async fn collect_garbage(self: &Arc<Self>) -> Result<(usize, usize), ImageError> {
         let _gc = self.gc_lock.write().await;
         let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || me.collect_garbage_now())
+        let removed = tokio::task::spawn_blocking(move || me.collect_garbage_now())
             .await
-            .map_err(|e| ImageError::Internal(e.to_string()))?
+            .map_err(|e| ImageError::Internal(e.to_string()))??;
+        if removed.0 + removed.1 > 0
+            && let Some(n) = self.on_collect.get()
+        {
+            n.notify_one();
+        }
+        Ok(removed)
     }
 
     fn collect_garbage_now(&self) -> Result<(usize, usize), ImageError> {
@@ -642,38 +663,5 @@ impl ImageManager {
             reference: img.id.clone(),
             reason: format!("stored config: {e}"),
         })
-    }
-
-    /// Bytes and inodes used by blobs and snapshots (hardlinks counted once).
-    pub async fn disk_usage(&self) -> Result<DiskUsage, ImageError> {
-        let dirs = vec![self.content.base(), self.snapshots.base().to_path_buf()];
-        tokio::task::spawn_blocking(move || {
-            let mut seen = HashSet::new();
-            let mut usage = DiskUsage::default();
-            for d in dirs {
-                walk_usage(&d, &mut seen, &mut usage);
-            }
-            usage
-        })
-        .await
-        .map_err(|e| ImageError::Internal(e.to_string()))
-    }
-}
-
-fn walk_usage(dir: &Path, seen: &mut HashSet<(u64, u64)>, usage: &mut DiskUsage) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Ok(m) = entry.metadata() else {
-            continue; // removed meanwhile
-        };
-        if seen.insert((m.dev(), m.ino())) {
-            usage.inodes += 1;
-            usage.bytes += m.blocks() * 512;
-        }
-        if m.is_dir() {
-            walk_usage(&entry.path(), seen, usage);
-        }
     }
 }

@@ -1,8 +1,9 @@
 //! Prometheus `/metrics` over HTTP/1 on `[metrics] address` (`""` turns it off): per-RPC
 //! request counts, errors by gRPC code and latency histograms (recorded by
-//! [`crate::server::trace::rpc`]), pods and containers by state, per-container CPU seconds,
-//! memory working set and restarts labelled `namespace`, `pod`, `container`, and berthd's
-//! own process metrics.
+//! [`crate::server::trace::rpc`]), image pulls by result, bytes pulled from registries and
+//! pull durations, pods and containers by state, per-container CPU seconds, memory working
+//! set and restarts labelled `namespace`, `pod`, `container`, and berthd's own process
+//! metrics.
 //!
 //! A scrape reads each container's cgroup counters once (no tree walks) on a blocking
 //! thread, so it never holds up CRI RPCs. Any path other than `/metrics` gets 404.
@@ -16,7 +17,8 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, Opts, Registry,
+    TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -36,13 +38,27 @@ pub enum MetricsError {
     Register(#[from] prometheus::Error),
 }
 
-/// The RPC metrics every RPC records into.
+/// The metrics RPCs and image pulls record into, as they happen.
 struct RpcMetrics {
     registry: Registry,
     requests: CounterVec,
     errors: CounterVec,
     duration: HistogramVec,
+    pulls: CounterVec,
+    pull_bytes: Counter,
+    pull_duration: Histogram,
 }
+
+/// What a finished image pull counts as (`berth_image_pulls_total{result}`).
+pub const PULL_RESULTS: [&str; 7] = [
+    "success",
+    "not_found",
+    "unauthenticated",
+    "unavailable",
+    "stalled",
+    "invalid",
+    "failed",
+];
 
 fn rpc_metrics() -> Option<&'static RpcMetrics> {
     static RPC: OnceLock<Option<RpcMetrics>> = OnceLock::new();
@@ -71,9 +87,36 @@ fn rpc_metrics() -> Option<&'static RpcMetrics> {
                 ]),
                 &["method"],
             )?;
+            let pulls = CounterVec::new(
+                Opts::new(
+                    "berth_image_pulls_total",
+                    "Image pulls (PullImage) that finished, by result.",
+                ),
+                &["result"],
+            )?;
+            let pull_bytes = Counter::new(
+                "berth_image_pull_bytes_total",
+                "Bytes of manifests and blobs downloaded from registries.",
+            )?;
+            let pull_duration = Histogram::with_opts(
+                HistogramOpts::new(
+                    "berth_image_pull_duration_seconds",
+                    "Time a successful image pull took.",
+                )
+                .buckets(vec![
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                ]),
+            )?;
             registry.register(Box::new(requests.clone()))?;
             registry.register(Box::new(errors.clone()))?;
             registry.register(Box::new(duration.clone()))?;
+            registry.register(Box::new(pulls.clone()))?;
+            registry.register(Box::new(pull_bytes.clone()))?;
+            registry.register(Box::new(pull_duration.clone()))?;
+            // Every result shows, at 0 until it happens.
+            for r in PULL_RESULTS {
+                pulls.with_label_values(&[r]);
+            }
             #[cfg(target_os = "linux")]
             registry.register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
@@ -83,6 +126,9 @@ fn rpc_metrics() -> Option<&'static RpcMetrics> {
                 requests,
                 errors,
                 duration,
+                pulls,
+                pull_bytes,
+                pull_duration,
             })
         };
         match make() {
@@ -108,6 +154,23 @@ pub fn observe_rpc(method: &str, error: Option<tonic::Code>, elapsed: Duration) 
     m.duration
         .with_label_values(&[method])
         .observe(elapsed.as_secs_f64());
+}
+
+/// Records a finished image pull: its result (one of [`PULL_RESULTS`]) and, for a
+/// success, how long it took.
+pub fn observe_pull(result: &str, elapsed: Duration) {
+    let Some(m) = rpc_metrics() else { return };
+    m.pulls.with_label_values(&[result]).inc();
+    if result == "success" {
+        m.pull_duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Counts bytes downloaded from a registry.
+pub fn add_pulled_bytes(n: u64) {
+    if let Some(m) = rpc_metrics() {
+        m.pull_bytes.inc_by(n as f64);
+    }
 }
 
 /// What a scrape reports on besides the RPCs.

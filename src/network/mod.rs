@@ -131,6 +131,9 @@ pub trait NetworkBackend: Send + Sync {
     /// At start: frees what pods that no longer exist still hold (addresses, rules, links).
     /// `live` are the pods that exist.
     async fn repair(&self, live: &[PodNetworkRequest]) -> Result<(), NetworkError>;
+
+    /// What the backend is and holds, for an operator (`Status` verbose, `crictl info`).
+    fn describe(&self) -> serde_json::Value;
 }
 
 /// The backend `config.network.mode` names.

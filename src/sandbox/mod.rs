@@ -288,6 +288,11 @@ impl SandboxManager {
         self.network.ready().await
     }
 
+    /// The network backend as an operator sees it (see [`NetworkBackend::describe`]).
+    pub fn network_info(&self) -> serde_json::Value {
+        self.network.describe()
+    }
+
     /// Passes the kubelet's pod CIDR to the network backend.
     pub async fn set_pod_cidr(&self, cidr: &str) -> Result<(), SandboxError> {
         Ok(self.network.set_pod_cidr(cidr).await?)

@@ -1,4 +1,6 @@
-//! `runtime.v1.ImageService`: thin RPCs over [`crate::image::ImageManager`].
+//! `runtime.v1.ImageService`: thin RPCs over [`crate::image::ImageManager`]; `ImageFsInfo`
+//! answers from the filesystem usage cache ([`crate::stats::fs`]), and each pull is counted
+//! in the Prometheus metrics.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,23 +12,32 @@ use crate::cri::v1::{
     ListImagesRequest, ListImagesResponse, PullImageRequest, PullImageResponse, RemoveImageRequest,
     RemoveImageResponse, StreamImagesRequest, StreamImagesResponse, UInt64Value,
 };
+use crate::stats::fs::{FsSample, FsUsage};
 use base64::Engine;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::trace::{deadline, rpc};
-use crate::ids::now_nanos;
 use crate::image::{Credentials, ImageManager, ImageRecord};
 
 pub struct ImageServiceImpl {
     images: Arc<ImageManager>,
     /// The configured RuntimeClass handlers (an image pull may name one).
     handlers: Vec<String>,
+    fs: Arc<FsUsage>,
 }
 
 impl ImageServiceImpl {
-    pub fn new(images: Arc<ImageManager>, handlers: Vec<String>) -> ImageServiceImpl {
-        ImageServiceImpl { images, handlers }
+    pub fn new(
+        images: Arc<ImageManager>,
+        handlers: Vec<String>,
+        fs: Arc<FsUsage>,
+    ) -> ImageServiceImpl {
+        ImageServiceImpl {
+            images,
+            handlers,
+            fs,
+        }
     }
 
     /// `ImageSpec.runtime_handler`: images are shared by every handler here, but an unknown
@@ -114,6 +125,22 @@ fn user_of(user: Option<&str>) -> (Option<Int64Value>, String) {
     }
 }
 
+/// The CRI form of a filesystem's cached usage.
+fn fs_usage(s: &FsSample) -> FilesystemUsage {
+    FilesystemUsage {
+        timestamp: s.at,
+        fs_id: Some(FilesystemIdentifier {
+            mountpoint: s.mountpoint.clone(),
+        }),
+        used_bytes: Some(UInt64Value {
+            value: s.usage.bytes,
+        }),
+        inodes_used: Some(UInt64Value {
+            value: s.usage.inodes,
+        }),
+    }
+}
+
 pub fn to_cri(r: &ImageRecord) -> Image {
     let (uid, username) = user_of(r.user.as_deref());
     Image {
@@ -193,7 +220,16 @@ impl ImageService for ImageServiceImpl {
             let name = require_spec(&req.image)?;
             self.check_handler(&req.image)?;
             let creds = credentials(&req.auth)?;
-            let id = self.images.pull(name, &creds).await?;
+            let started = std::time::Instant::now();
+            let pulled = self.images.pull(name, &creds).await;
+            let result = match &pulled {
+                Ok(_) => "success",
+                Err(e) => e.pull_result(),
+            };
+            crate::metrics::observe_pull(result, started.elapsed());
+            let id = pulled?;
+            // New snapshots are walked once, now: ImageFsInfo counts the image at once.
+            self.fs.refresh_images_now().await;
             Ok(PullImageResponse { image_ref: id })
         })
         .await
@@ -236,20 +272,9 @@ impl ImageService for ImageServiceImpl {
         _request: Request<ImageFsInfoRequest>,
     ) -> Result<Response<ImageFsInfoResponse>, Status> {
         rpc("ImageFsInfo", "", deadline(&_request), async {
-            let usage = self.images.disk_usage().await?;
-            let fs = FilesystemUsage {
-                timestamp: now_nanos(),
-                fs_id: Some(FilesystemIdentifier {
-                    mountpoint: self.images.root().display().to_string(),
-                }),
-                used_bytes: Some(UInt64Value { value: usage.bytes }),
-                inodes_used: Some(UInt64Value {
-                    value: usage.inodes,
-                }),
-            };
             Ok(ImageFsInfoResponse {
-                image_filesystems: vec![fs],
-                container_filesystems: vec![],
+                image_filesystems: vec![fs_usage(&self.fs.image())],
+                container_filesystems: vec![fs_usage(&self.fs.containers())],
             })
         })
         .await

@@ -35,6 +35,7 @@ use crate::container::manager::ContainerManager;
 use crate::events::EventHub;
 use crate::image::{ImageError, ImageManager};
 use crate::sandbox::SandboxManager;
+use crate::stats::fs::FsUsage;
 use crate::store::{Store, StoreError};
 use crate::stream::Streamer;
 
@@ -92,6 +93,7 @@ pub struct Daemon {
     sandboxes: Arc<SandboxManager>,
     containers: Arc<ContainerManager>,
     events: Arc<EventHub>,
+    fs: Arc<FsUsage>,
     metrics: Option<crate::metrics::MetricsServer>,
     streamer: Arc<Streamer>,
     stream_listener: tokio::net::TcpListener,
@@ -119,7 +121,7 @@ impl Daemon {
                     source: std::io::Error::other(e.to_string()),
                 })??
         };
-        let events = Arc::new(EventHub::new());
+        let events = Arc::new(EventHub::with_capacity(config.events.subscriber_buffer));
         let network = crate::network::from_config(&config, store.clone()).await?;
         let sandboxes = Arc::new(
             SandboxManager::open(store.clone(), network, &config.state, events.clone()).await?,
@@ -137,6 +139,28 @@ impl Daemon {
         );
         events.set_sources(&sandboxes, &containers);
         events.ready();
+        // Disk usage of images and writable layers: sampled once now (so ImageFsInfo never
+        // answers an empty cache), then in the background.
+        let fs = Arc::new(FsUsage::new(&config.root));
+        images.notify_on_collect(fs.nudger());
+        {
+            let fs = fs.clone();
+            let t = std::time::Instant::now();
+            tokio::task::spawn_blocking(move || fs.refresh())
+                .await
+                .map_err(|e| ServerError::Io {
+                    path: config.root.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            tracing::debug!(
+                ms = t.elapsed().as_secs_f64() * 1000.0,
+                "filesystem usage sampled"
+            );
+        }
+        tokio::spawn(FsUsage::run(
+            Arc::downgrade(&fs),
+            config.stats.fs_refresh_interval,
+        ));
         tokio::spawn(ContainerManager::watch_exits(
             Arc::downgrade(&containers),
             EXIT_WATCH_PERIOD,
@@ -159,6 +183,7 @@ impl Daemon {
             sandboxes,
             containers,
             events,
+            fs,
             metrics,
             streamer,
             stream_listener,
@@ -193,6 +218,7 @@ impl Daemon {
             self.containers.clone(),
             self.events.clone(),
             self.streamer.clone(),
+            self.fs.clone(),
         );
         let streaming = tokio::spawn(crate::stream::http::serve(
             self.stream_listener,
@@ -209,6 +235,7 @@ impl Daemon {
         let image = image_service::ImageServiceImpl::new(
             self.images.clone(),
             self.config.runtimes.keys().cloned().collect(),
+            self.fs.clone(),
         );
         let routes = tonic::service::Routes::new(
             RuntimeServiceServer::new(runtime).max_decoding_message_size(MAX_MESSAGE),

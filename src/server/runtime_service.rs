@@ -18,6 +18,7 @@ use crate::container::volumes;
 use crate::events::EventHub;
 use crate::sandbox::SandboxManager;
 use crate::stats::Collector;
+use crate::stats::fs::FsUsage;
 use crate::stream::Streamer;
 
 /// The CRI API version berth speaks.
@@ -32,6 +33,7 @@ pub struct RuntimeServiceImpl {
     stats: Arc<Collector>,
     events: Arc<EventHub>,
     streamer: Arc<Streamer>,
+    fs: Arc<FsUsage>,
 }
 
 impl RuntimeServiceImpl {
@@ -41,12 +43,14 @@ impl RuntimeServiceImpl {
         containers: Arc<ContainerManager>,
         events: Arc<EventHub>,
         streamer: Arc<Streamer>,
+        fs: Arc<FsUsage>,
     ) -> RuntimeServiceImpl {
         let systemd = config.cgroup_driver == CgroupDriver::Systemd;
         let stats = Arc::new(Collector::new(
             crate::cgroups::detect(),
             systemd,
             config.root.clone(),
+            fs.clone(),
         ));
         RuntimeServiceImpl {
             config,
@@ -55,6 +59,7 @@ impl RuntimeServiceImpl {
             stats,
             events,
             streamer,
+            fs,
         }
     }
 
@@ -107,6 +112,124 @@ impl RuntimeServiceImpl {
     }
 }
 
+impl RuntimeServiceImpl {
+    /// `Status{verbose}`'s `info`, what `crictl info` shows an operator: each value is JSON.
+    async fn verbose_info(&self, conditions: &[cri::RuntimeCondition]) -> HashMap<String, String> {
+        let mut handlers = Vec::new();
+        for (name, rc) in &self.config.runtimes {
+            handlers.push(serde_json::json!({
+                "name": name,
+                "default": *name == self.config.default_runtime,
+                "path": rc.path,
+                "resolvedPath": resolve_binary(&rc.path),
+                "version": binary_version(&rc.path).await,
+                "root": self.config.state.join("runtime").join(name),
+            }));
+        }
+        let features = self.runtime_handlers().first().and_then(|h| h.features);
+        let network_ready = conditions
+            .iter()
+            .find(|c| c.r#type == "NetworkReady")
+            .map(|c| (c.status, c.message.clone()))
+            .unwrap_or_default();
+        let mut network = self.sandboxes.network_info();
+        if let Some(obj) = network.as_object_mut() {
+            obj.insert("ready".into(), network_ready.0.into());
+            obj.insert("message".into(), network_ready.1.into());
+        }
+        status_info(
+            &self.config,
+            serde_json::Value::Array(handlers),
+            features,
+            network,
+        )
+    }
+}
+
+/// The `info` map of a verbose Status, from its parts (see [`RuntimeServiceImpl::verbose_info`]).
+/// The config holds no secrets (credentials come with each PullImage, never from it).
+fn status_info(
+    config: &Config,
+    handlers: serde_json::Value,
+    features: Option<cri::RuntimeHandlerFeatures>,
+    network: serde_json::Value,
+) -> HashMap<String, String> {
+    let layout = match crate::cgroups::detect() {
+        crate::cgroups::Layout::V1 => "v1",
+        crate::cgroups::Layout::V2 => "v2",
+    };
+    let driver = match config.cgroup_driver {
+        CgroupDriver::Cgroupfs => "cgroupfs",
+        CgroupDriver::Systemd => "systemd",
+    };
+    let mut info = HashMap::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        info.insert(k.to_string(), v.to_string());
+    };
+    put(
+        "config",
+        serde_json::to_value(config).unwrap_or(serde_json::Value::Null),
+    );
+    put(
+        "version",
+        serde_json::json!({
+            "runtimeName": RUNTIME_NAME,
+            "runtimeVersion": env!("CARGO_PKG_VERSION"),
+            "runtimeApiVersion": CRI_API_VERSION,
+            "criApi": "k8s.io/cri-api v0.36.3",
+            "buildProfile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        }),
+    );
+    put(
+        "runtimeHandlers",
+        serde_json::json!({
+            "defaultRuntime": config.default_runtime,
+            "features": features.map(|f| serde_json::json!({
+                "recursiveReadOnlyMounts": f.recursive_read_only_mounts,
+                "userNamespaces": f.user_namespaces,
+            })),
+            "handlers": handlers,
+        }),
+    );
+    put("network", network);
+    put(
+        "cgroup",
+        serde_json::json!({ "driver": driver, "version": layout }),
+    );
+    info
+}
+
+/// The path a runtime binary runs from (looked up in `PATH` when it is a bare name).
+fn resolve_binary(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    if path.components().count() > 1 {
+        return path.exists().then(|| path.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|dirs| {
+        std::env::split_paths(&dirs)
+            .map(|d| d.join(path))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The first line of `<binary> --version` (or why there is none), within 5 s.
+async fn binary_version(path: &std::path::Path) -> String {
+    let run = tokio::process::Command::new(path)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(std::time::Duration::from_secs(5), run).await {
+        Ok(Ok(out)) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        Ok(Ok(out)) => format!("--version failed: {}", out.status),
+        Ok(Err(e)) => format!("cannot run: {e}"),
+        Err(_) => "--version did not answer in 5s".to_string(),
+    }
+}
+
 #[tonic::async_trait]
 impl RuntimeService for RuntimeServiceImpl {
     async fn version(
@@ -131,22 +254,14 @@ impl RuntimeService for RuntimeServiceImpl {
         let deadline = deadline(&request);
         let verbose = request.into_inner().verbose;
         rpc("Status", "", deadline, async {
-            let mut info = HashMap::new();
-            if verbose {
-                let config = serde_json::json!({
-                    "root": self.config.root,
-                    "state": self.config.state,
-                    "socket": self.config.socket,
-                    "defaultRuntime": self.config.default_runtime,
-                    "runtimes": self.config.runtimes.keys().collect::<Vec<_>>(),
-                    "registries": self.config.registries.keys().collect::<Vec<_>>(),
-                });
-                info.insert("config".to_string(), config.to_string());
-            }
+            let conditions = self.conditions().await;
+            let info = if verbose {
+                self.verbose_info(&conditions).await
+            } else {
+                HashMap::new()
+            };
             Ok(cri::StatusResponse {
-                status: Some(cri::RuntimeStatus {
-                    conditions: self.conditions().await,
-                }),
+                status: Some(cri::RuntimeStatus { conditions }),
                 info,
                 runtime_handlers: self.runtime_handlers(),
                 // berth resolves users and groups itself (src/container/user.rs): Merge and
@@ -225,6 +340,7 @@ impl RuntimeService for RuntimeServiceImpl {
         rpc("RemovePodSandbox", &id, deadline, async {
             if let Ok(full) = self.sandboxes.resolve_id(&id) {
                 self.containers.remove_pod(&full).await?;
+                self.fs.nudge();
             }
             self.sandboxes.remove(&id).await?;
             Ok(cri::RemovePodSandboxResponse {})
@@ -337,13 +453,17 @@ impl RuntimeService for RuntimeServiceImpl {
             .and_then(|c| c.metadata.as_ref())
             .map(|m| format!("{}/{}", req.pod_sandbox_id, m.name))
             .unwrap_or_default();
-        rpc(
+        let created = rpc(
             "CreateContainer",
             &name,
             deadline,
             container::create(&self.containers, req),
         )
-        .await
+        .await;
+        if created.is_ok() {
+            self.fs.nudge();
+        }
+        created
     }
 
     async fn start_container(
@@ -381,6 +501,7 @@ impl RuntimeService for RuntimeServiceImpl {
         let id = request.into_inner().container_id;
         rpc("RemoveContainer", &id, deadline, async {
             self.containers.remove(&id).await?;
+            self.fs.nudge();
             Ok(cri::RemoveContainerResponse {})
         })
         .await
@@ -691,5 +812,48 @@ impl RuntimeService for RuntimeServiceImpl {
             Ok(events::subscribe(&self.events))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verbose_info_is_json_an_operator_can_read() {
+        let config = Config::default();
+        let info = status_info(
+            &config,
+            serde_json::json!([{"name": "runc"}]),
+            Some(cri::RuntimeHandlerFeatures {
+                recursive_read_only_mounts: true,
+                user_namespaces: false,
+            }),
+            serde_json::json!({"mode": "native"}),
+        );
+        let get = |k: &str| -> serde_json::Value {
+            serde_json::from_str(info.get(k).unwrap_or_else(|| panic!("no {k}")))
+                .unwrap_or_else(|e| panic!("{k} is not JSON: {e}"))
+        };
+        let c = get("config");
+        assert_eq!(c["root"], "/var/lib/berth");
+        assert_eq!(c["default_runtime"], "runc");
+        assert_eq!(c["stats"]["fs_refresh_interval"], "10s");
+        assert_eq!(get("version")["runtimeName"], "berth");
+        let h = get("runtimeHandlers");
+        assert_eq!(h["defaultRuntime"], "runc");
+        assert_eq!(h["features"]["recursiveReadOnlyMounts"], true);
+        assert_eq!(h["handlers"][0]["name"], "runc");
+        assert_eq!(get("network")["mode"], "native");
+        assert_eq!(get("cgroup")["driver"], "cgroupfs");
+    }
+
+    #[test]
+    fn runtime_binaries_resolve_in_path() {
+        assert_eq!(
+            resolve_binary(std::path::Path::new("/nonexistent/runc")),
+            None
+        );
+        assert!(resolve_binary(std::path::Path::new("sh")).is_some());
     }
 }

@@ -1,25 +1,24 @@
 //! Container and pod resource usage as the CRI reports it (`ContainerStats`,
 //! `PodSandboxStats`): CPU and memory from the cgroups ([`crate::cgroups::stats`]), CPU
 //! usage in nano-cores as a rate between two samples kept per object ([`Rates`]), the
-//! writable layer's bytes and inodes (a walk of the container's overlay upper dir), process
-//! counts, and a pod's network counters read inside its network namespace (on a dedicated
-//! thread, see [`crate::ns`]) from `/proc/thread-self/net/dev`.
+//! writable layer's bytes and inodes (from the background cache of [`fs`], never a walk per
+//! call), process counts, and a pod's network counters read inside its network namespace
+//! (on a dedicated thread, see [`crate::ns`]) from `/proc/thread-self/net/dev`.
 //!
 //! A pod with a cgroup of its own (`cgroup_parent`) is read there; one without adds up its
 //! containers. Missing cgroups (a stopped container) leave numbers out, never fail.
 //! [`metrics`] gives the same numbers, and more, as cAdvisor-named metrics.
 
+pub mod fs;
 pub mod metrics;
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::cgroups::stats::{CgroupSample, MemorySample};
 use crate::cgroups::{self, Layout};
 use crate::container::manager::ContainerRecord;
-use crate::container::rootfs;
 use crate::cri::v1 as cri;
 use crate::ids::now_nanos;
 use crate::sandbox::{Phase as PodPhase, SandboxRecord};
@@ -100,33 +99,6 @@ impl Rates {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// Bytes (allocated blocks) and inodes under a directory, not following symlinks, each
-/// hard-linked inode once; `None` when the directory is not there.
-pub fn disk_usage(dir: &Path) -> Option<(u64, u64)> {
-    let top = std::fs::symlink_metadata(dir).ok()?;
-    let mut bytes = top.blocks() * 512;
-    let mut inodes = 1u64;
-    let mut seen = HashSet::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Ok(md) = e.metadata() else { continue };
-            if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
-                continue;
-            }
-            bytes += md.blocks() * 512;
-            inodes += 1;
-            if md.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    Some((bytes, inodes))
 }
 
 /// Counters of one network interface.
@@ -260,8 +232,10 @@ pub struct ContainerSample {
     pub at: i64,
     pub cgroup: CgroupSample,
     pub nano_cores: Option<u64>,
-    /// Writable layer bytes and inodes.
+    /// Writable layer bytes and inodes, from the filesystem cache.
     pub writable: Option<(u64, u64)>,
+    /// When the writable layer was measured.
+    pub writable_at: i64,
 }
 
 /// Reads stats for one berthd's containers and pods.
@@ -270,15 +244,17 @@ pub struct Collector {
     systemd: bool,
     root: PathBuf,
     rates: Rates,
+    fs: Arc<fs::FsUsage>,
 }
 
 impl Collector {
-    pub fn new(layout: Layout, systemd: bool, root: PathBuf) -> Collector {
+    pub fn new(layout: Layout, systemd: bool, root: PathBuf, fs: Arc<fs::FsUsage>) -> Collector {
         Collector {
             layout,
             systemd,
             root,
             rates: Rates::default(),
+            fs,
         }
     }
 
@@ -287,7 +263,8 @@ impl Collector {
         self.root.join("containers")
     }
 
-    /// Reads a container's cgroup and writable layer (blocking file I/O).
+    /// Reads a container's cgroup (blocking file I/O) and its writable layer's usage as the
+    /// filesystem cache last saw it.
     pub fn sample_container(&self, rec: &ContainerRecord) -> ContainerSample {
         let at = now_nanos();
         let cgroup = if rec.cgroups_path.is_empty() {
@@ -298,12 +275,13 @@ impl Collector {
         let nano_cores = cgroup
             .cpu_usage_ns
             .and_then(|u| self.rates.observe(&format!("c/{}", rec.id), at, u));
-        let writable = disk_usage(&rootfs::rw_dir(&self.root, &rec.id).join("upper"));
+        let layer = self.fs.writable(&rec.id);
         ContainerSample {
             at,
             cgroup,
             nano_cores,
-            writable,
+            writable: layer.map(|(_, u)| (u.bytes, u.inodes)),
+            writable_at: layer.map(|(t, _)| t).unwrap_or(at),
         }
     }
 
@@ -323,9 +301,9 @@ impl Collector {
             cpu: Some(cpu_usage(s.at, s.cgroup.cpu_usage_ns, s.nano_cores)),
             memory: Some(memory_usage(s.at, s.cgroup.memory)),
             writable_layer: Some(cri::FilesystemUsage {
-                timestamp: s.at,
+                timestamp: s.writable_at,
                 fs_id: Some(cri::FilesystemIdentifier {
-                    mountpoint: self.writable_root().display().to_string(),
+                    mountpoint: self.fs.container_mountpoint(),
                 }),
                 used_bytes: s.writable.and_then(|w| u64v(w.0)),
                 inodes_used: s.writable.and_then(|w| u64v(w.1)),
@@ -470,18 +448,5 @@ eth0:    5000      40    2    0    0     0          0         0     3000      30
         assert_eq!(n.default_interface.expect("eth0").name, "eth0");
         assert!(n.interfaces.is_empty());
         assert!(network_usage(1, &[]).default_interface.is_none());
-    }
-
-    #[test]
-    fn disk_usage_counts_files_once() {
-        let d = tempfile::tempdir().expect("tmp");
-        std::fs::create_dir(d.path().join("sub")).expect("mkdir");
-        std::fs::write(d.path().join("sub/f"), vec![1u8; 10000]).expect("write");
-        std::fs::hard_link(d.path().join("sub/f"), d.path().join("g")).expect("link");
-        let (bytes, inodes) = disk_usage(d.path()).expect("usage");
-        // The top dir, sub, and the file once.
-        assert_eq!(inodes, 3);
-        assert!(bytes >= 10000, "{bytes}");
-        assert_eq!(disk_usage(&d.path().join("absent")), None);
     }
 }

@@ -430,6 +430,33 @@ fn validate_pod_id(id: &str) -> Result<(), NetworkError> {
 #[tonic::async_trait]
 impl NetworkBackend for CniNetwork {
     /// Ready when the first config of the conf dir parses and all its plugins are installed.
+    fn describe(&self) -> serde_json::Value {
+        let network = match self.conf.current() {
+            Ok(list) => serde_json::json!({
+                "name": list.name,
+                "cniVersion": list.cni_version,
+                "plugins": list.plugins.iter().map(|p| p.plugin_type.as_str()).collect::<Vec<_>>(),
+                "config": serde_json::from_slice::<serde_json::Value>(&list.bytes)
+                    .unwrap_or(serde_json::Value::Null),
+            }),
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        let cidrs: Vec<String> = self
+            .pod_cidrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        serde_json::json!({
+            "mode": "cni",
+            "confDir": self.conf.dir(),
+            "binDirs": self.bin_dirs,
+            "podCidrs": cidrs,
+            "network": network,
+        })
+    }
+
     async fn ready(&self) -> Result<(), String> {
         let list = self.conf.current()?;
         self.plugin_binaries(&list)

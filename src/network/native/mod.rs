@@ -500,6 +500,15 @@ impl NativeNetwork {
 
 #[tonic::async_trait]
 impl NetworkBackend for NativeNetwork {
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mode": "native",
+            "bridge": self.bridge,
+            "podCidrs": self.pod_cidrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "nftablesTable": format!("inet berth_{}", self.bridge),
+        })
+    }
+
     async fn ready(&self) -> Result<(), String> {
         if self.pod_cidrs().is_empty() {
             return Err(
