@@ -15,6 +15,7 @@
 //! - [`runtime`]: the OCI runtime CLI (runc, crun) per RuntimeClass handler;
 //! - [`sandbox`]: pod sandboxes: namespaces, pod files, sysctls, pod init, records;
 //! - [`server`]: the CRI gRPC services on the unix socket;
+//! - [`span`]: the pod and container ids an RPC's log span carries;
 //! - [`stats`]: container and pod resource usage (cgroups, writable layer, pod network);
 //! - [`stream`]: the Exec/Attach/PortForward streaming server (SPDY/3.1).
 
@@ -34,6 +35,7 @@ pub mod ns;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;
+pub mod span;
 pub mod stats;
 pub mod store;
 pub mod stream;

@@ -1,17 +1,28 @@
 //! berthd on a node: systemd's readiness protocol (`READY=1` once the CRI socket serves,
 //! `STOPPING=1` on SIGTERM, and no `NOTIFY_SOCKET` handed down to what berthd starts), and the
 //! configuration an operator manages (drop-ins merged in order, `berthd config check` and
-//! `config default`).
+//! `config default`); `--log-format json`.
 
 mod common;
 
 use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use berth::cri::v1 as cri;
 use common::{Berthd, BerthdConfig};
 
 const BERTHD: &str = env!("CARGO_BIN_EXE_berthd");
+
+/// A fake systemd notification socket bound in `dir`.
+fn notify_socket(dir: &Path) -> (UnixDatagram, PathBuf) {
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("timeout");
+    (sock, path)
+}
 
 fn recv(sock: &UnixDatagram) -> String {
     let mut buf = [0u8; 512];
@@ -24,10 +35,7 @@ fn recv(sock: &UnixDatagram) -> String {
 #[tokio::test]
 async fn readiness_and_stopping_are_notified() {
     let dir = tempfile::tempdir().expect("tmp");
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
-    sock.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+    let (sock, path) = notify_socket(dir.path());
     let mut d =
         Berthd::start(BerthdConfig::new().env("NOTIFY_SOCKET", &path.display().to_string())).await;
     // The harness returns once an RPC answers; READY=1 was sent before that, not after.
@@ -167,5 +175,101 @@ fn drop_ins_merge_in_order_and_errors_name_the_file() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         berth::config::DEFAULT_TOML
+    );
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_pod_of_each_rpc() {
+    let d = Berthd::start(
+        BerthdConfig::new()
+            .arg("--log-format")
+            .arg("json")
+            .arg("--log")
+            .arg("info,berth=debug"),
+    )
+    .await;
+    let mut rt = d.runtime_client().await;
+    let pod = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cri::PodSandboxConfig {
+                metadata: Some(cri::PodSandboxMetadata {
+                    name: "json".into(),
+                    uid: "json-uid".into(),
+                    namespace: "logs".into(),
+                    attempt: 0,
+                }),
+                ..Default::default()
+            }),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("run pod")
+        .into_inner()
+        .pod_sandbox_id;
+    // By a prefix: the span names the full id and the pod's name.
+    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: pod[..12].to_string(),
+        verbose: false,
+    })
+    .await
+    .expect("status");
+    let missing = rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: "feedface".into(),
+            verbose: false,
+        })
+        .await
+        .expect_err("no such container");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("stop pod");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("remove pod");
+
+    // Every line the daemon wrote is a JSON object (the harness's own start marker aside).
+    let log = d.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.starts_with("===== berthd start"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty());
+    for v in &lines {
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string() && v["target"].is_string(),
+            "{v}"
+        );
+    }
+    let rpc = |method: &str| -> Vec<&serde_json::Value> {
+        lines
+            .iter()
+            .filter(|v| v["span"]["name"] == "rpc" && v["span"]["method"] == method)
+            .collect()
+    };
+    for method in [
+        "RunPodSandbox",
+        "PodSandboxStatus",
+        "StopPodSandbox",
+        "RemovePodSandbox",
+    ] {
+        let events = rpc(method);
+        assert!(!events.is_empty(), "no event of {method}:\n{log}");
+        for v in events {
+            assert_eq!(v["span"]["pod_id"], pod.as_str(), "{v}");
+            assert_eq!(v["span"]["pod"], "logs/json", "{v}");
+        }
+    }
+    let failed = rpc("ContainerStatus");
+    assert!(
+        failed.iter().any(|v| v["level"] == "WARN"
+            && v["span"]["id"] == "feedface"
+            && v["code"].is_string()),
+        "{failed:?}"
     );
 }
