@@ -10,6 +10,7 @@
 //! - [`image`]: registry pulls, the content store, layer snapshots, image records;
 //! - [`metrics`]: Prometheus `/metrics` over HTTP (RPCs, objects, per-container usage);
 //! - [`network`]: pod networking, native (rtnetlink + nftables) or CNI;
+//! - [`node_check`]: what the node's kernel must have (overlayfs, forwarding), at start and in `Status`;
 //! - [`notify`]: systemd readiness notifications (`READY=1`, `STOPPING=1`);
 //! - [`ns`]: namespace work on dedicated threads, pinned namespaces;
 //! - [`runtime`]: the OCI runtime CLI (runc, crun) per RuntimeClass handler;
@@ -30,6 +31,7 @@ pub mod locks;
 pub mod metrics;
 pub mod monitor;
 pub mod network;
+pub mod node_check;
 pub mod notify;
 pub mod ns;
 pub mod runtime;

@@ -1,7 +1,7 @@
 //! berthd on a node: systemd's readiness protocol (`READY=1` once the CRI socket serves,
 //! `STOPPING=1` on SIGTERM, and no `NOTIFY_SOCKET` handed down to what berthd starts), and the
 //! configuration an operator manages (drop-ins merged in order, `berthd config check` and
-//! `config default`); `--log-format json`.
+//! `config default`); node checks in `Status`; `--log-format json`.
 
 mod common;
 
@@ -176,6 +176,40 @@ fn drop_ins_merge_in_order_and_errors_name_the_file() {
         String::from_utf8_lossy(&out.stdout),
         berth::config::DEFAULT_TOML
     );
+}
+
+#[tokio::test]
+async fn status_reports_the_node_checks() {
+    // This host's own state, read as berthd reads it: Status agrees with the node check.
+    let d = Berthd::start(BerthdConfig::new()).await;
+    let mut rt = d.runtime_client().await;
+    let status = rt
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .expect("Status")
+        .into_inner();
+    let conditions = status.status.expect("status").conditions;
+    let report = berth::node_check::check(berth::config::NetworkMode::Native);
+    let runtime = conditions
+        .iter()
+        .find(|c| c.r#type == "RuntimeReady")
+        .expect("RuntimeReady");
+    match report.runtime_problem() {
+        None => assert!(runtime.status, "{runtime:?}"),
+        Some((reason, _)) => assert!(!runtime.status && runtime.reason == reason),
+    }
+    // The native backend turned forwarding on at start (tests run as root).
+    assert_eq!(report.network_problem(), None, "{report:?}");
+    let network = conditions
+        .iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .expect("NetworkReady");
+    assert!(network.status, "{network:?}");
+    // What the node lacks is logged once, at start.
+    let log = d.log();
+    for f in &report.findings {
+        assert_eq!(log.matches(&f.message()).count(), 1, "{f:?}\n{log}");
+    }
 }
 
 #[tokio::test]
