@@ -1,13 +1,14 @@
 //! berthd on a node: systemd's readiness protocol (`READY=1` once the CRI socket serves,
 //! `STOPPING=1` on SIGTERM, and no `NOTIFY_SOCKET` handed down to what berthd starts), and the
 //! configuration an operator manages (drop-ins merged in order, `berthd config check` and
-//! `config default`); node checks in `Status`; `--log-format json`.
+//! `config default`); `hack/install.sh` into a scratch root, twice, and the installed berthd
+//! serving; node checks in `Status`; `--log-format json`.
 
 mod common;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use berth::cri::v1 as cri;
@@ -176,6 +177,216 @@ fn drop_ins_merge_in_order_and_errors_name_the_file() {
         String::from_utf8_lossy(&out.stdout),
         berth::config::DEFAULT_TOML
     );
+}
+
+/// `hack/install.sh` run with a scratch `DESTDIR` and the test build's binaries.
+fn install(destdir: &Path, args: &[&str]) -> String {
+    let bin_dir = Path::new(BERTHD).parent().expect("the binaries' dir");
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/install.sh"))
+        .args(args)
+        .env("DESTDIR", destdir)
+        .env("BERTH_BIN_DIR", bin_dir)
+        .env_remove("BERTH_ETC")
+        .env_remove("SYSTEMD_DIR")
+        .env_remove("CRICTL_YAML")
+        .output()
+        .expect("run hack/install.sh");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "install.sh {args:?}: {:?}\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// The installed berthd as systemd would run it; killed (if still running) and its dirs
+/// unmounted on drop, before the scratch root goes.
+struct Installed {
+    child: Option<Child>,
+    scratch: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- installed berthd log -----\n{}",
+                common::tail_file(&self.log, 40_000)
+            );
+        }
+        common::kill_leftovers(self.scratch.path());
+        common::unmount_all_under(self.scratch.path());
+    }
+}
+
+#[tokio::test]
+async fn install_twice_then_the_installed_berthd_serves() {
+    let scratch = tempfile::Builder::new()
+        .prefix("berth-install-")
+        .tempdir()
+        .expect("scratch root");
+    let root = scratch.path().to_path_buf();
+    let mut inst = Installed {
+        child: None,
+        log: root.join("berthd.log"),
+        scratch,
+    };
+
+    // First run: everything is installed; native mode needs no CNI config.
+    let out = install(&root, &["/opt/berth"]);
+    let berthd = root.join("opt/berth/bin/berthd");
+    for b in ["berthd", "berth-monitor"] {
+        let installed = root.join("opt/berth/bin").join(b);
+        let source = Path::new(BERTHD).with_file_name(b);
+        assert_eq!(
+            std::fs::read(&installed).expect("installed binary"),
+            std::fs::read(&source).expect("built binary"),
+            "{b}"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&installed)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755, "{b}");
+    }
+    let config = root.join("etc/berth/berth.toml");
+    assert_eq!(
+        std::fs::read_to_string(&config).expect("config"),
+        berth::config::DEFAULT_TOML
+    );
+    let unit =
+        std::fs::read_to_string(root.join("etc/systemd/system/berthd.service")).expect("unit");
+    assert!(
+        unit.lines()
+            .any(|l| l == "ExecStart=/opt/berth/bin/berthd --config /etc/berth/berth.toml"),
+        "{unit}"
+    );
+    assert!(
+        unit.contains("Type=notify") && unit.contains("Delegate=yes"),
+        "{unit}"
+    );
+    let crictl = root.join("etc/crictl.yaml");
+    let crictl_text = std::fs::read_to_string(&crictl).expect("crictl.yaml");
+    assert!(
+        crictl_text.contains("runtime-endpoint: unix:///run/berth/berth.sock")
+            && crictl_text.contains("image-endpoint: unix:///run/berth/berth.sock"),
+        "{crictl_text}"
+    );
+    assert!(!root.join("etc/cni").exists(), "{out}");
+    assert!(
+        out.contains("skipped") && out.contains("network mode is native"),
+        "{out}"
+    );
+
+    // The operator's changes: a config in cni mode, with berthd's dirs in the scratch root
+    // (so that it never touches the host's), and their own crictl.yaml.
+    let cni_dir = root.join("etc/cni/net.d");
+    let operator_config = format!(
+        "root = \"{r}/var/lib/berth\"\nstate = \"{r}/run/berth\"\nsocket = \"{r}/run/berth/berth.sock\"\n\
+         [network]\nmode = \"cni\"\n[cni]\nconf_dir = \"/etc/cni/net.d\"\n[metrics]\naddress = \"\"\n",
+        r = root.display()
+    );
+    std::fs::write(&config, &operator_config).expect("edit config");
+    let operator_crictl = format!("{crictl_text}# the operator's\n");
+    std::fs::write(&crictl, &operator_crictl).expect("edit crictl.yaml");
+
+    // Second run: nothing of the operator's is overwritten; the CNI conflist comes (cni mode,
+    // into DESTDIR + the config's conf_dir).
+    let out = install(&root, &["/opt/berth"]);
+    assert_eq!(
+        std::fs::read_to_string(&config).expect("config"),
+        operator_config
+    );
+    assert_eq!(
+        std::fs::read_to_string(&crictl).expect("crictl"),
+        operator_crictl
+    );
+    assert!(out.contains("kept") && out.contains("unchanged"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(cni_dir.join("10-berth.conflist")).expect("conflist"),
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("cni/10-berth.conflist")
+        )
+        .expect("shipped conflist")
+    );
+
+    // The installed berthd, with the installed config pointed at the scratch CNI dir, under a
+    // fake systemd: READY=1, then CRI through its socket.
+    let config_text = operator_config.replace(
+        "conf_dir = \"/etc/cni/net.d\"",
+        &format!("conf_dir = \"{}\"", cni_dir.display()),
+    );
+    std::fs::write(&config, config_text).expect("edit config");
+    let (notify, notify_path) = notify_socket(&root);
+    let log = std::fs::File::create(&inst.log).expect("log");
+    let child = Command::new(&berthd)
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log)
+        .spawn()
+        .expect("start the installed berthd");
+    inst.child = Some(child);
+    assert_eq!(recv(&notify), "READY=1");
+    let socket = root.join("run/berth/berth.sock");
+    let ch = common::connect_unix(&socket).await.expect("connect");
+    let mut rt = cri::runtime_service_client::RuntimeServiceClient::new(ch);
+    let v = rt
+        .version(cri::VersionRequest {
+            version: "v1".into(),
+        })
+        .await
+        .expect("Version")
+        .into_inner();
+    assert_eq!(v.runtime_name, "berth");
+    assert_eq!(v.runtime_api_version, "v1");
+    let status = rt
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .expect("Status")
+        .into_inner();
+    let conditions = status.status.expect("status").conditions;
+    let runtime = conditions
+        .iter()
+        .find(|c| c.r#type == "RuntimeReady")
+        .expect("RuntimeReady");
+    assert!(runtime.status, "{runtime:?}");
+    assert!(conditions.iter().any(|c| c.r#type == "NetworkReady"));
+    assert!(root.join("var/lib/berth/berth.redb").exists());
+
+    // Stops as systemd stops it.
+    let pid = inst.child.as_ref().map(Child::id).expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert_eq!(recv(&notify), "STOPPING=1");
+    let exit = inst.child.take().expect("child").wait().expect("wait");
+    assert!(exit.success(), "{exit:?}");
+
+    // Uninstall: binaries and unit go, the operator's configs stay.
+    let out = install(&root, &["--uninstall", "/opt/berth"]);
+    assert!(
+        !berthd.exists() && !root.join("opt/berth/bin/berth-monitor").exists(),
+        "{out}"
+    );
+    assert!(
+        !root.join("etc/systemd/system/berthd.service").exists(),
+        "{out}"
+    );
+    assert!(config.exists() && crictl.exists() && cni_dir.join("10-berth.conflist").exists());
 }
 
 #[tokio::test]
