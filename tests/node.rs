@@ -424,9 +424,14 @@ async fn status_reports_the_node_checks() {
 }
 
 #[tokio::test]
-async fn json_logs_carry_the_pod_of_each_rpc() {
+async fn json_logs_carry_the_pod_and_container_of_each_rpc() {
+    let reg = common::Registry::anonymous();
+    let image = common::ImageBuilder::busybox().build();
+    let image = reg.push("test/json-logs", "1", &image).await.reference;
+    let logs = tempfile::tempdir().expect("log dir");
     let d = Berthd::start(
         BerthdConfig::new()
+            .trust(&reg)
             .arg("--log-format")
             .arg("json")
             .arg("--log")
@@ -443,6 +448,7 @@ async fn json_logs_carry_the_pod_of_each_rpc() {
                     namespace: "logs".into(),
                     attempt: 0,
                 }),
+                log_directory: logs.path().display().to_string(),
                 ..Default::default()
             }),
             runtime_handler: String::new(),
@@ -458,6 +464,23 @@ async fn json_logs_carry_the_pod_of_each_rpc() {
     })
     .await
     .expect("status");
+    let mut ic = d.image_client().await;
+    common::pull_image(&mut ic, &image, None)
+        .await
+        .expect("pull");
+    let ctr = common::create_container(
+        &mut rt,
+        &pod,
+        common::sh_container("logline", &image, "sleep 1000"),
+    )
+    .await
+    .expect("create container");
+    rt.container_status(cri::ContainerStatusRequest {
+        container_id: ctr[..12].to_string(),
+        verbose: false,
+    })
+    .await
+    .expect("container status");
     let missing = rt
         .container_status(cri::ContainerStatusRequest {
             container_id: "feedface".into(),
@@ -508,6 +531,27 @@ async fn json_logs_carry_the_pod_of_each_rpc() {
         for v in events {
             assert_eq!(v["span"]["pod_id"], pod.as_str(), "{v}");
             assert_eq!(v["span"]["pod"], "logs/json", "{v}");
+        }
+    }
+    // Container RPCs name the container and its pod; StopPodSandbox and RemovePodSandbox,
+    // which also stop and remove it, name only the pod in their own span (the container's
+    // work is in a span of its own).
+    for method in ["CreateContainer", "ContainerStatus"] {
+        let events: Vec<_> = rpc(method)
+            .into_iter()
+            .filter(|v| v["span"]["id"] != "feedface")
+            .collect();
+        assert!(!events.is_empty(), "no event of {method}:\n{log}");
+        for v in events {
+            assert_eq!(v["span"]["container_id"], ctr.as_str(), "{v}");
+            assert_eq!(v["span"]["container"], "logline", "{v}");
+            assert_eq!(v["span"]["pod_id"], pod.as_str(), "{v}");
+            assert_eq!(v["span"]["pod"], "logs/json", "{v}");
+        }
+    }
+    for method in ["StopPodSandbox", "RemovePodSandbox"] {
+        for v in rpc(method) {
+            assert!(v["span"].get("container_id").is_none(), "{v}");
         }
     }
     let failed = rpc("ContainerStatus");

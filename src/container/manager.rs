@@ -384,6 +384,7 @@ impl ContainerManager {
         match self.index.lookup(id) {
             Lookup::Found(id) => {
                 if let Some(rec) = self.index.get(&id) {
+                    self.sandboxes.note_in_span(&rec.sandbox_id);
                     rec.note_in_span();
                 }
                 Ok(id)

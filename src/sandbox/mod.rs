@@ -322,6 +322,13 @@ impl SandboxManager {
         }
     }
 
+    /// Notes the pod of a full id (its id and name) in the current RPC's span.
+    pub fn note_in_span(&self, id: &str) {
+        if let Some(rec) = self.index.get(id) {
+            rec.note_in_span();
+        }
+    }
+
     pub fn get(&self, id: &str) -> Result<SandboxRecord, SandboxError> {
         let id = self.resolve_id(id)?;
         self.index.get(&id).ok_or(SandboxError::NotFound(id))
