@@ -56,6 +56,7 @@ pub struct Config {
     pub streaming: StreamingConfig,
     pub metrics: MetricsConfig,
     pub cdi: CdiConfig,
+    pub log: LogConfig,
     /// Per registry host (`docker.io`, `127.0.0.1:5000`, ...).
     pub registries: BTreeMap<String, RegistryConfig>,
     /// Where drop-in files are read from (main file only); empty: `<main file>.d`.
@@ -125,6 +126,25 @@ pub struct CdiConfig {
     pub spec_dirs: Vec<PathBuf>,
 }
 
+/// berthd's own log on stderr.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`; berthd's `--log-format` overrides it.
+    pub format: LogFormat,
+}
+
+/// The format of berthd's log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people: `timestamp level span{fields}: message fields`.
+    #[default]
+    Text,
+    /// For log shippers: one JSON object a line.
+    Json,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
@@ -165,6 +185,7 @@ impl Default for Config {
             streaming: StreamingConfig::default(),
             metrics: MetricsConfig::default(),
             cdi: CdiConfig::default(),
+            log: LogConfig::default(),
             registries: BTreeMap::new(),
             drop_in_dir: None,
         }
@@ -451,6 +472,17 @@ mod tests {
         assert_eq!(c.runtimes.len(), d.runtimes.len());
         assert_eq!(c.cdi.enabled, d.cdi.enabled);
         assert_eq!(c.cdi.spec_dirs, d.cdi.spec_dirs);
+        assert_eq!(c.log.format, d.log.format);
+    }
+
+    #[test]
+    fn log_format() {
+        assert_eq!(Config::default().log.format, LogFormat::Text);
+        let c = Config::parse("[log]\nformat = \"json\"").expect("parses");
+        assert_eq!(c.log.format, LogFormat::Json);
+        let e = Config::parse("[log]\nformat = \"xml\"").expect_err("bad format");
+        let m = e.to_string();
+        assert!(m.contains("format") && m.contains("xml"), "{m}");
     }
 
     #[test]

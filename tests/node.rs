@@ -562,3 +562,30 @@ async fn json_logs_carry_the_pod_and_container_of_each_rpc() {
         "{failed:?}"
     );
 }
+
+#[tokio::test]
+async fn log_format_from_the_config_and_the_flag_over_it() {
+    let json = BerthdConfig::new().table("[log]\nformat = \"json\"");
+    let lines = |d: &Berthd| -> Vec<String> {
+        d.log()
+            .lines()
+            .filter(|l| !l.starts_with("===== berthd start") && !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let d = Berthd::start(json.clone()).await;
+    let logged = lines(&d);
+    assert!(!logged.is_empty());
+    for l in &logged {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string(), "{v}");
+    }
+    drop(d);
+    let d = Berthd::start(json.arg("--log-format").arg("text")).await;
+    let logged = lines(&d);
+    assert!(!logged.is_empty());
+    for l in &logged {
+        assert!(serde_json::from_str::<serde_json::Value>(l).is_err(), "{l}");
+    }
+}
