@@ -58,6 +58,7 @@ pub struct Config {
     pub stats: StatsConfig,
     pub events: EventsConfig,
     pub cdi: CdiConfig,
+    pub log: LogConfig,
     /// Registry host dirs (`config_path`) and settings per registry host.
     pub registries: RegistriesConfig,
     /// Where drop-in files are read from (main file only); empty: `<main file>.d`.
@@ -195,6 +196,25 @@ impl std::ops::Deref for RegistriesConfig {
     }
 }
 
+/// berthd's own log on stderr.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`; berthd's `--log-format` overrides it.
+    pub format: LogFormat,
+}
+
+/// The format of berthd's log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people: `timestamp level span{fields}: message fields`.
+    #[default]
+    Text,
+    /// For log shippers: one JSON object a line.
+    Json,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
@@ -237,6 +257,7 @@ impl Default for Config {
             stats: StatsConfig::default(),
             events: EventsConfig::default(),
             cdi: CdiConfig::default(),
+            log: LogConfig::default(),
             registries: RegistriesConfig::default(),
             drop_in_dir: None,
         }
@@ -537,6 +558,7 @@ mod tests {
         assert_eq!(c.runtimes.len(), d.runtimes.len());
         assert_eq!(c.cdi.enabled, d.cdi.enabled);
         assert_eq!(c.cdi.spec_dirs, d.cdi.spec_dirs);
+        assert_eq!(c.log.format, d.log.format);
         assert_eq!(c.stats.fs_refresh_interval, d.stats.fs_refresh_interval);
         assert_eq!(c.events.subscriber_buffer, d.events.subscriber_buffer);
     }
@@ -556,6 +578,16 @@ mod tests {
         assert_eq!(c.events.subscriber_buffer, 16);
         let e = Config::parse("[events]\nsubscriber_buffer = 0").expect_err("zero");
         assert!(e.to_string().contains("events.subscriber_buffer"), "{e}");
+    }
+
+    #[test]
+    fn log_format() {
+        assert_eq!(Config::default().log.format, LogFormat::Text);
+        let c = Config::parse("[log]\nformat = \"json\"").expect("parses");
+        assert_eq!(c.log.format, LogFormat::Json);
+        let e = Config::parse("[log]\nformat = \"xml\"").expect_err("bad format");
+        let m = e.to_string();
+        assert!(m.contains("format") && m.contains("xml"), "{m}");
     }
 
     #[test]

@@ -10,11 +10,13 @@
 //! - [`image`]: registry pulls, the content store, layer snapshots, image records;
 //! - [`metrics`]: Prometheus `/metrics` over HTTP (RPCs, objects, per-container usage);
 //! - [`network`]: pod networking, native (rtnetlink + nftables) or CNI;
+//! - [`node_check`]: what the node's kernel must have (overlayfs, forwarding), at start and in `Status`;
 //! - [`notify`]: systemd readiness notifications (`READY=1`, `STOPPING=1`);
 //! - [`ns`]: namespace work on dedicated threads, pinned namespaces;
 //! - [`runtime`]: the OCI runtime CLI (runc, crun) per RuntimeClass handler;
 //! - [`sandbox`]: pod sandboxes: namespaces, pod files, sysctls, pod init, records;
 //! - [`server`]: the CRI gRPC services on the unix socket;
+//! - [`span`]: the pod and container ids an RPC's log span carries;
 //! - [`stats`]: container and pod resource usage (cgroups, writable layer, pod network);
 //! - [`stream`]: the Exec/Attach/PortForward streaming server (SPDY/3.1).
 
@@ -29,11 +31,13 @@ pub mod locks;
 pub mod metrics;
 pub mod monitor;
 pub mod network;
+pub mod node_check;
 pub mod notify;
 pub mod ns;
 pub mod runtime;
 pub mod sandbox;
 pub mod server;
+pub mod span;
 pub mod stats;
 pub mod store;
 pub mod stream;

@@ -20,11 +20,22 @@ struct Args {
     /// Log filter, e.g. `info` or `berth=debug` (default: $RUST_LOG or `info`).
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
+    /// Log line format on stderr: `text` (human) or `json` (one object a line, for log
+    /// shippers: timestamp, level, target, fields, and the RPC span with its pod and
+    /// container ids). Default: the config's `[log] format`, else `text`.
+    #[arg(long, value_name = "FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
     /// Print the embedded default configuration and exit (as `berthd config default`).
     #[arg(long)]
     print_default_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -86,15 +97,31 @@ fn main() -> anyhow::Result<()> {
         Some(f) => EnvFilter::try_new(f).with_context(|| format!("bad --log filter {f:?}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // The config first: it may choose the log format (a bad config is an error on stderr).
     let config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    let format = args.log_format.unwrap_or(match config.log.format {
+        berth::config::LogFormat::Text => LogFormat::Text,
+        berth::config::LogFormat::Json => LogFormat::Json,
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Fields at the top level of each object; the current span and the span list
+        // carry the RPC's method, pod and container.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     // reqwest's rustls needs a process-wide crypto provider; berth uses ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use crate::cri::v1 as cri;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use super::cdi::{self, CdiError};
 use super::rootfs::{self, RootfsError};
@@ -156,6 +157,16 @@ pub struct ProcessUser {
 }
 
 impl ContainerRecord {
+    /// Notes this container (id, name, pod id) in the current RPC's span.
+    pub fn note_in_span(&self) {
+        let name = self
+            .config
+            .metadata
+            .as_ref()
+            .map_or("", |m| m.name.as_str());
+        crate::span::note_container(&self.id, name, &self.sandbox_id);
+    }
+
     pub fn exit_file(&self) -> PathBuf {
         self.bundle.join("exit.json")
     }
@@ -381,15 +392,27 @@ impl ContainerManager {
             ));
         }
         match self.index.lookup(id) {
-            Lookup::Found(id) => Ok(id),
+            Lookup::Found(id) => {
+                if let Some(rec) = self.index.get(&id) {
+                    self.sandboxes.note_in_span(&rec.sandbox_id);
+                    rec.note_in_span();
+                }
+                Ok(id)
+            }
             Lookup::Ambiguous => Err(ContainerError::Ambiguous(id.to_string())),
             Lookup::Missing => Err(ContainerError::NotFound(id.to_string())),
         }
     }
 
-    /// The current record (exits noticed).
+    /// The current record (exits noticed); the container is noted in the RPC's span.
     pub fn get(&self, id: &str) -> Result<ContainerRecord, ContainerError> {
         let id = self.resolve_id(id)?;
+        self.get_full(&id)
+    }
+
+    /// [`Self::get`] of a full id, not noted in the RPC's span (for lists).
+    fn get_full(&self, id: &str) -> Result<ContainerRecord, ContainerError> {
+        let id = id.to_string();
         let mut rec = self
             .index
             .get(&id)
@@ -402,7 +425,8 @@ impl ContainerManager {
 
     pub fn list(&self) -> Vec<ContainerRecord> {
         let ids = self.index.ids();
-        let mut v: Vec<ContainerRecord> = ids.iter().filter_map(|id| self.get(id).ok()).collect();
+        let mut v: Vec<ContainerRecord> =
+            ids.iter().filter_map(|id| self.get_full(id).ok()).collect();
         v.sort_by_key(|r| r.created_at);
         v
     }
@@ -412,7 +436,7 @@ impl ContainerManager {
         let mut v: Vec<ContainerRecord> = self
             .in_pod(sandbox_id)
             .iter()
-            .filter_map(|id| self.get(id).ok())
+            .filter_map(|id| self.get_full(id).ok())
             .collect();
         v.sort_by_key(|r| r.created_at);
         v
@@ -479,6 +503,7 @@ impl ContainerManager {
             .unwrap_or_default();
         let key = format!("{}/{}_{}", sandbox.id, meta.name, meta.attempt);
         let id = ids::new_id().map_err(io_err("read /dev/urandom"))?;
+        crate::span::note_container(&id, &meta.name, sandbox_id);
         let cgroups_path = cgroups::cgroups_path(
             self.config.cgroup_driver == crate::config::CgroupDriver::Systemd,
             &parent,
@@ -976,7 +1001,10 @@ impl ContainerManager {
     /// Stops every container of a pod (StopPodSandbox does this first).
     pub async fn stop_pod(&self, sandbox_id: &str) -> Result<(), ContainerError> {
         for id in self.in_pod(sandbox_id) {
-            self.stop(&id, 0).await?;
+            // Each container in a span of its own: the pod RPC's span names the pod only.
+            self.stop(&id, 0)
+                .instrument(tracing::info_span!("container", id = %id))
+                .await?;
         }
         Ok(())
     }
@@ -984,7 +1012,9 @@ impl ContainerManager {
     /// Removes every container of a pod and stops its monitor (RemovePodSandbox).
     pub async fn remove_pod(&self, sandbox_id: &str) -> Result<(), ContainerError> {
         for id in self.in_pod(sandbox_id) {
-            self.remove(&id).await?;
+            self.remove(&id)
+                .instrument(tracing::info_span!("container", id = %id))
+                .await?;
         }
         if let Ok(sandbox) = self.sandboxes.get(sandbox_id)
             && let Ok(mut client) = self.connect_monitor(&sandbox).await

@@ -131,6 +131,16 @@ pub struct SandboxRecord {
 }
 
 impl SandboxRecord {
+    /// Notes this pod (id, `namespace/name`) in the current RPC's span.
+    pub fn note_in_span(&self) {
+        let (namespace, name) = self
+            .config
+            .metadata
+            .as_ref()
+            .map_or(("", ""), |m| (m.namespace.as_str(), m.name.as_str()));
+        crate::span::note_pod(&self.id, namespace, name);
+    }
+
     /// The RuntimeClass handler statuses report: the one the client asked for.
     pub fn reported_runtime_handler(&self) -> &str {
         self.requested_runtime_handler
@@ -306,9 +316,21 @@ impl SandboxManager {
             ));
         }
         match self.index.lookup(id) {
-            Lookup::Found(id) => Ok(id),
+            Lookup::Found(id) => {
+                if let Some(rec) = self.index.get(&id) {
+                    rec.note_in_span();
+                }
+                Ok(id)
+            }
             Lookup::Ambiguous => Err(SandboxError::Ambiguous(id.to_string())),
             Lookup::Missing => Err(SandboxError::NotFound(id.to_string())),
+        }
+    }
+
+    /// Notes the pod of a full id (its id and name) in the current RPC's span.
+    pub fn note_in_span(&self, id: &str) {
+        if let Some(rec) = self.index.get(id) {
+            rec.note_in_span();
         }
     }
 
@@ -372,6 +394,7 @@ impl SandboxManager {
 
         let key = name_key(&meta);
         let id = ids::new_id().map_err(io_err("read /dev/urandom"))?;
+        crate::span::note_pod(&id, &meta.namespace, &meta.name);
         if let Err(holder) = self.index.reserve(&key, &id) {
             return Err(SandboxError::NameReserved {
                 name: key,

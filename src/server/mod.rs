@@ -123,6 +123,9 @@ impl Daemon {
         };
         let events = Arc::new(EventHub::with_capacity(config.events.subscriber_buffer));
         let network = crate::network::from_config(&config, store.clone()).await?;
+        // After the network backend's own setup (native turns forwarding on): logs once
+        // what the node still lacks; `Status` reports it.
+        crate::node_check::check_at_start(config.network.mode);
         let sandboxes = Arc::new(
             SandboxManager::open(store.clone(), network, &config.state, events.clone()).await?,
         );

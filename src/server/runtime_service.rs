@@ -65,23 +65,25 @@ impl RuntimeServiceImpl {
 
     async fn conditions(&self) -> Vec<cri::RuntimeCondition> {
         let network = self.sandboxes.network_ready().await;
+        // What the node's kernel lacks (overlayfs; forwarding in native mode).
+        let node = crate::node_check::check(self.config.network.mode);
+        let runtime = node.runtime_problem();
+        let network = match (network, node.network_problem()) {
+            (Err(m), _) => Some(("NetworkPluginNotReady", m)),
+            (Ok(()), problem) => problem,
+        };
+        let condition = |kind: &str, problem: Option<(&str, String)>| {
+            let (reason, message) = problem.unwrap_or_default();
+            cri::RuntimeCondition {
+                r#type: kind.to_string(),
+                status: reason.is_empty(),
+                reason: reason.to_string(),
+                message,
+            }
+        };
         vec![
-            cri::RuntimeCondition {
-                r#type: "RuntimeReady".to_string(),
-                status: true,
-                reason: String::new(),
-                message: String::new(),
-            },
-            cri::RuntimeCondition {
-                r#type: "NetworkReady".to_string(),
-                status: network.is_ok(),
-                reason: if network.is_ok() {
-                    String::new()
-                } else {
-                    "NetworkPluginNotReady".to_string()
-                },
-                message: network.err().unwrap_or_default(),
-            },
+            condition("RuntimeReady", runtime),
+            condition("NetworkReady", network),
         ]
     }
 }

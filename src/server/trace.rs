@@ -1,4 +1,5 @@
-//! One `tracing` span per RPC: method, the ids it names, duration and resulting status; and
+//! One `tracing` span per RPC: method, the ids it names (and the pod and container it
+//! resolves to, see [`crate::span`]), duration and resulting status; and
 //! the client's deadline (`grpc-timeout`), which ends the RPC with `DeadlineExceeded`; and
 //! its count, error code and latency in [`crate::metrics`].
 
@@ -81,7 +82,17 @@ pub async fn rpc<T, F>(
 where
     F: Future<Output = Result<T, Status>>,
 {
-    let span = tracing::info_span!("rpc", method, id = %id);
+    // The ids and names of the pod and container are filled in by whoever resolves them
+    // (see `crate::span`).
+    let span = tracing::info_span!(
+        "rpc",
+        method,
+        id = %id,
+        pod_id = tracing::field::Empty,
+        pod = tracing::field::Empty,
+        container_id = tracing::field::Empty,
+        container = tracing::field::Empty,
+    );
     async move {
         let _in_flight = InFlight::enter();
         let start = Instant::now();

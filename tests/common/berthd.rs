@@ -40,6 +40,8 @@ pub struct BerthdConfig {
     /// Extra `key = value` lines of the `[network]` table (e.g. `mode = "cni"`).
     network_lines: Vec<String>,
     env: Vec<(String, String)>,
+    /// Extra command-line arguments after `--config FILE` (e.g. `--log-format json`).
+    args: Vec<String>,
 }
 
 /// Quotes a string as a TOML basic string.
@@ -130,6 +132,12 @@ impl BerthdConfig {
     /// An extra environment variable for the daemon process.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// An extra command-line argument for the daemon (after `--config FILE`).
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_string());
         self
     }
 
@@ -384,6 +392,7 @@ impl Berthd {
                 std::env::var("BERTH_TEST_LOG").unwrap_or_else(|_| "info,berth=debug".into()),
             )
             .env("RUST_BACKTRACE", "1");
+        cmd.args(&self.config.args);
         for (k, v) in &self.config.env {
             cmd.env(k, v);
         }
