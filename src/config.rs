@@ -197,11 +197,23 @@ impl std::ops::Deref for RegistriesConfig {
 }
 
 /// berthd's own log on stderr.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `text` or `json`; berthd's `--log-format` overrides it.
     pub format: LogFormat,
+    /// The filter (`info`, `berth=debug`, ... as `RUST_LOG`); `--log` and `RUST_LOG`
+    /// override it. SIGHUP applies a change.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
+    }
 }
 
 /// The format of berthd's log lines.
@@ -373,6 +385,9 @@ impl Config {
             value: value.to_string(),
             reason: reason.to_string(),
         };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level", &self.log.level, &e.to_string()));
+        }
         for (key, path) in [
             ("root", &self.root),
             ("state", &self.state),
@@ -585,6 +600,11 @@ mod tests {
         assert_eq!(Config::default().log.format, LogFormat::Text);
         let c = Config::parse("[log]\nformat = \"json\"").expect("parses");
         assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(Config::default().log.level, "info");
+        let c = Config::parse("[log]\nlevel = \"berth=debug,info\"").expect("parses");
+        assert_eq!(c.log.level, "berth=debug,info");
+        let e = Config::parse("[log]\nlevel = \"berth=loud\"").expect_err("bad level");
+        assert!(e.to_string().contains("log.level"), "{e}");
         let e = Config::parse("[log]\nformat = \"xml\"").expect_err("bad format");
         let m = e.to_string();
         assert!(m.contains("format") && m.contains("xml"), "{m}");

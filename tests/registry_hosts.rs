@@ -1,8 +1,8 @@
 //! Registry settings an operator brings from containerd, with a real berthd and real
 //! `docker-registry`s: a `certs.d/<host>/hosts.toml` whose mirror needs the host dir's CA and
 //! a client certificate (mTLS), read again at every pull; a registry whose self-signed
-//! `openssl req -x509` certificate is the configured CA; a changed mirror applied by SIGHUP
-//! without a restart.
+//! `openssl req -x509` certificate is the configured CA; a changed mirror and log level
+//! applied by SIGHUP without a restart.
 
 mod common;
 
@@ -145,8 +145,8 @@ async fn self_signed_registry_certificate_as_its_ca() {
         .expect("pull from the registry whose self-signed certificate is the CA");
 }
 
-/// A mirror changed in the config file takes effect on SIGHUP, without a restart; a config
-/// that does not load leaves the running one in place.
+/// A mirror and a log level changed in the config file take effect on SIGHUP, without a
+/// restart; a config that does not load leaves the running one in place.
 #[tokio::test]
 async fn sighup_applies_a_changed_mirror() {
     let reg = Registry::anonymous();
@@ -158,7 +158,10 @@ async fn sighup_applies_a_changed_mirror() {
         .reference
         .replace(&reg.host(), "registry.invalid:5000");
     let no_host_dirs = "[registries]\nconfig_path = \"\"";
+    // The log filter from the config (no RUST_LOG), so that SIGHUP may change it.
     let wrong = BerthdConfig::new()
+        .env("RUST_LOG", "")
+        .table("[log]\nlevel = \"info\"")
         .table(no_host_dirs)
         .mirror("registry.invalid:5000", "http://127.0.0.1:1");
     let mut d = Berthd::start(wrong).await;
@@ -168,6 +171,8 @@ async fn sighup_applies_a_changed_mirror() {
         .expect_err("the mirror is wrong");
 
     let right = BerthdConfig::new()
+        .env("RUST_LOG", "")
+        .table("[log]\nlevel = \"info,berth=debug\"")
         .table(no_host_dirs)
         .mirror("registry.invalid:5000", &format!("http://{}", reg.host()));
     d.rewrite_config(right);
@@ -186,7 +191,17 @@ async fn sighup_applies_a_changed_mirror() {
         .await
         .expect("pull through the mirror SIGHUP applied");
     assert!(d.is_running());
-    assert!(d.log().contains("registries"), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains("registries") && log.contains("log.level"),
+        "{log}"
+    );
+    // The new filter is in force: berth's debug lines (one per RPC) appear.
+    let reloaded_at = log.rfind("SIGHUP: config reloaded").unwrap_or(0);
+    assert!(
+        log[reloaded_at..].contains("DEBUG"),
+        "no debug line after the reload: {log}"
+    );
 
     // A broken file: logged, the running config stays, berthd lives.
     std::fs::write(d.config_path(), "root = [\n").expect("break the config");

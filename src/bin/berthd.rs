@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::sync::Arc;
+
+use berth::server::reload::LogFilterSetter;
 use tracing_subscriber::EnvFilter;
 
 use berth::config::Config;
@@ -93,14 +96,29 @@ fn main() -> anyhow::Result<()> {
         }
         None => {}
     }
-    let filter = match &args.log {
-        Some(f) => EnvFilter::try_new(f).with_context(|| format!("bad --log filter {f:?}"))?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    // The config first: it may choose the log format (a bad config is an error on stderr).
+    // The config first: it may choose the log format and filter (a bad config is an error
+    // on stderr).
     let config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
+    };
+    // --log, then RUST_LOG, then [log] level; only the last changes on SIGHUP.
+    let (filter, from_config) = match &args.log {
+        Some(f) => (
+            EnvFilter::try_new(f).with_context(|| format!("bad --log filter {f:?}"))?,
+            false,
+        ),
+        None => match std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()) {
+            Some(f) => (
+                EnvFilter::try_new(&f).with_context(|| format!("bad RUST_LOG {f:?}"))?,
+                false,
+            ),
+            None => (
+                EnvFilter::try_new(&config.log.level)
+                    .with_context(|| format!("bad [log] level {:?}", config.log.level))?,
+                true,
+            ),
+        },
     };
     let format = args.log_format.unwrap_or(match config.log.format {
         berth::config::LogFormat::Text => LogFormat::Text,
@@ -109,19 +127,35 @@ fn main() -> anyhow::Result<()> {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+    let set_filter: LogFilterSetter = match format {
+        LogFormat::Text => {
+            let logs = logs
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            Arc::new(move |f: &str| {
+                let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            })
+        }
         // Fields at the top level of each object; the current span and the span list
         // carry the RPC's method, pod and container.
-        LogFormat::Json => logs
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(true)
-            .init(),
-    }
+        LogFormat::Json => {
+            let logs = logs
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(true)
+                .with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            Arc::new(move |f: &str| {
+                let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            })
+        }
+    };
     // reqwest's rustls needs a process-wide crypto provider; berth uses ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -131,7 +165,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         let mut daemon = Daemon::start(config).await?;
         if let Some(path) = &args.config {
-            daemon.reload_on_sighup(path.clone());
+            daemon.reload_on_sighup(path.clone(), from_config.then_some(set_filter));
         }
         daemon.serve(shutdown_signal()).await?;
         Ok(())

@@ -97,8 +97,8 @@ pub struct Daemon {
     metrics: Option<crate::metrics::MetricsServer>,
     streamer: Arc<Streamer>,
     stream_listener: tokio::net::TcpListener,
-    /// The config file re-read on SIGHUP (see [`reload`]).
-    config_file: Option<std::path::PathBuf>,
+    /// The config file re-read on SIGHUP (see [`reload`]), and how to change the log filter.
+    config_file: Option<(std::path::PathBuf, Option<reload::LogFilterSetter>)>,
 }
 
 impl Daemon {
@@ -194,9 +194,14 @@ impl Daemon {
         })
     }
 
-    /// Re-reads `path` on SIGHUP while serving and applies what can change live.
-    pub fn reload_on_sighup(&mut self, path: std::path::PathBuf) {
-        self.config_file = Some(path);
+    /// Re-reads `path` on SIGHUP while serving and applies what can change live; `log`
+    /// changes the log filter (`None`: `[log] level` changes need a restart).
+    pub fn reload_on_sighup(
+        &mut self,
+        path: std::path::PathBuf,
+        log: Option<reload::LogFilterSetter>,
+    ) {
+        self.config_file = Some((path, log));
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight RPCs finish
@@ -228,11 +233,12 @@ impl Daemon {
             self.streamer.clone(),
         ));
         tracing::info!(address = %self.streamer.addr(), "serving streams");
-        let reload_task = self.config_file.clone().map(|path| {
+        let reload_task = self.config_file.clone().map(|(path, log)| {
             tokio::spawn(reload::on_sighup(
                 path,
                 self.config.clone(),
                 self.images.clone(),
+                log,
             ))
         });
         let image = image_service::ImageServiceImpl::new(

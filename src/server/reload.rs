@@ -1,6 +1,7 @@
 //! SIGHUP: berthd reads its config file (and drop-ins) again and applies what can change
 //! live: `[registries]` (mirrors, TLS, host dirs) and `pull_progress_timeout`, for pulls
-//! that start afterwards. Everything else that differs from the running config is named in
+//! that start afterwards, and `[log] level` (unless `--log` or `RUST_LOG` set the filter).
+//! Everything else that differs from the running config is named in
 //! the log as needing a restart. A file that does not load leaves the running config as it
 //! is (the error is logged).
 
@@ -10,8 +11,12 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::image::ImageManager;
 
-/// The top-level config keys applied live.
+/// The top-level config keys applied live (`log` is looked at key by key).
 const LIVE: &[&str] = &["registries", "pull_progress_timeout"];
+
+/// Sets berthd's log filter (a tracing reload handle); absent when `--log` or `RUST_LOG`
+/// chose the filter, which the config does not override.
+pub type LogFilterSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// What a reload did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -42,13 +47,36 @@ fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
 
 /// Applies what can change live of `new` over `running` (which is updated to match, for
 /// those keys only).
-pub fn apply(running: &mut Config, new: &Config, images: &ImageManager) -> Reloaded {
+pub fn apply(
+    running: &mut Config,
+    new: &Config,
+    images: &ImageManager,
+    log: Option<&LogFilterSetter>,
+) -> Reloaded {
     let mut out = Reloaded::default();
     for key in changed_keys(running, new) {
         if LIVE.contains(&key.as_str()) {
             out.applied.push(key);
-        } else {
+        } else if key != "log" {
             out.need_restart.push(key);
+        }
+    }
+    if running.log.format != new.log.format {
+        out.need_restart.push("log.format".to_string());
+    }
+    if running.log.level != new.log.level {
+        match log.map(|set| set(&new.log.level)) {
+            Some(Ok(())) => {
+                running.log.level = new.log.level.clone();
+                out.applied.push("log.level".to_string());
+            }
+            Some(Err(e)) => {
+                tracing::warn!(level = %new.log.level, error = %e, "SIGHUP: log level not applied");
+                out.need_restart.push("log.level".to_string());
+            }
+            None => out
+                .need_restart
+                .push("log.level (--log or RUST_LOG chose the filter)".to_string()),
         }
     }
     if !out.applied.is_empty() {
@@ -60,7 +88,12 @@ pub fn apply(running: &mut Config, new: &Config, images: &ImageManager) -> Reloa
 }
 
 /// Reloads `path` on every SIGHUP until the task is dropped.
-pub async fn on_sighup(path: PathBuf, mut running: Config, images: Arc<ImageManager>) {
+pub async fn on_sighup(
+    path: PathBuf,
+    mut running: Config,
+    images: Arc<ImageManager>,
+    log: Option<LogFilterSetter>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot watch SIGHUP: config reloads need a restart");
@@ -82,7 +115,7 @@ pub async fn on_sighup(path: PathBuf, mut running: Config, images: Arc<ImageMana
                 continue;
             }
         };
-        let r = apply(&mut running, &new, &images);
+        let r = apply(&mut running, &new, &images, log.as_ref());
         tracing::info!(
             config = %path.display(),
             applied = ?r.applied,
