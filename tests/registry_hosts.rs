@@ -145,6 +145,25 @@ async fn self_signed_registry_certificate_as_its_ca() {
         .expect("pull from the registry whose self-signed certificate is the CA");
 }
 
+/// Sends berthd SIGHUP and waits until its log says `needle`.
+async fn sighup_until_logged(d: &Berthd, needle: &str) {
+    let pid = d.pid().expect("berthd pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not logged: {}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A mirror and a log level changed in the config file take effect on SIGHUP, without a
 /// restart; a config that does not load leaves the running one in place.
 #[tokio::test]
@@ -176,17 +195,7 @@ async fn sighup_applies_a_changed_mirror() {
         .table(no_host_dirs)
         .mirror("registry.invalid:5000", &format!("http://{}", reg.host()));
     d.rewrite_config(right);
-    let pid = d.pid().expect("berthd pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .expect("SIGHUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.log().contains("SIGHUP: config reloaded") {
-        assert!(Instant::now() < deadline, "no reload logged: {}", d.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sighup_until_logged(&d, "SIGHUP: config reloaded").await;
     pull_image(&mut ic, &image, None)
         .await
         .expect("pull through the mirror SIGHUP applied");
@@ -205,16 +214,7 @@ async fn sighup_applies_a_changed_mirror() {
 
     // A broken file: logged, the running config stays, berthd lives.
     std::fs::write(d.config_path(), "root = [\n").expect("break the config");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .expect("SIGHUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.log().contains("the config does not load") {
-        assert!(Instant::now() < deadline, "no error logged: {}", d.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sighup_until_logged(&d, "the config does not load").await;
     assert!(d.is_running());
     pull_image(&mut ic, &image, None)
         .await

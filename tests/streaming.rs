@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 
 use berth::cri::v1 as cri;
 use berth::stream::spdy::frame::{self, FLAG_FIN, Frame, HeaderDecoder, HeaderEncoder};
-use common::stream::{
-    children, exec_req, fds, payload, sha256, spdy_port_forward_echo, stream_env as env,
-};
+use common::stream::{exec_req, fds, payload, sha256, spdy_port_forward_echo, stream_env as env};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -491,35 +489,7 @@ async fn concurrent_execs_and_vanishing_clients_leave_nothing_behind() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(c);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = children(pid);
-        let now = fds(pid);
-        if left.is_empty() && now <= fds_before {
-            println!("berthd fds: {fds_before} before, {now} after");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: children {left:?}, fds {now} (before {fds_before})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // No `sleep 1000` left in the container.
-    let out =
-        e.rt.exec_sync(cri::ExecSyncRequest {
-            container_id: id.clone(),
-            cmd: vec![
-                "sh".into(),
-                "-c".into(),
-                "ps -o args | grep -c '^sleep 1000' || true".into(),
-            ],
-            timeout: 10,
-        })
-        .await
-        .expect("exec sync")
-        .into_inner();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{out:?}");
+    e.assert_nothing_left(pid, fds_before, &id).await;
 }
 
 /// Port-forward over SPDY to a busybox `nc` echo server inside a pod: 10 MB go up and come

@@ -10,9 +10,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use berth::cri::v1 as cri;
 use berth::stream::websocket::tunnel::WsBytes;
-use common::stream::{children, fds, payload, sha256, spdy_port_forward_echo, stream_env};
+use common::stream::{fds, payload, sha256, spdy_port_forward_echo, stream_env};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -422,31 +421,5 @@ async fn garbage_and_vanishing_websocket_clients_leave_nothing_behind() {
         let (i, r) = t.await.expect("task");
         assert_eq!(r.stdout(), format!("n{i}\n"));
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = children(pid);
-        let now = fds(pid);
-        if left.is_empty() && now <= fds_before {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: children {left:?}, fds {now} (before {fds_before})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let out =
-        e.rt.exec_sync(cri::ExecSyncRequest {
-            container_id: id.clone(),
-            cmd: vec![
-                "sh".into(),
-                "-c".into(),
-                "ps -o args | grep -c '^sleep 1000' || true".into(),
-            ],
-            timeout: 10,
-        })
-        .await
-        .expect("exec sync")
-        .into_inner();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{out:?}");
+    e.assert_nothing_left(pid, fds_before, &id).await;
 }

@@ -134,10 +134,7 @@ fn main() -> anyhow::Result<()> {
                 .with_filter_reloading();
             let handle = logs.reload_handle();
             logs.init();
-            Arc::new(move |f: &str| {
-                let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
-                handle.reload(filter).map_err(|e| e.to_string())
-            })
+            filter_setter(handle)
         }
         // Fields at the top level of each object; the current span and the span list
         // carry the RPC's method, pod and container.
@@ -150,10 +147,7 @@ fn main() -> anyhow::Result<()> {
                 .with_filter_reloading();
             let handle = logs.reload_handle();
             logs.init();
-            Arc::new(move |f: &str| {
-                let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
-                handle.reload(filter).map_err(|e| e.to_string())
-            })
+            filter_setter(handle)
         }
     };
     // reqwest's rustls needs a process-wide crypto provider; berth uses ring.
@@ -169,6 +163,19 @@ fn main() -> anyhow::Result<()> {
         }
         daemon.serve(shutdown_signal()).await?;
         Ok(())
+    })
+}
+
+/// A log filter changer over a tracing reload handle (SIGHUP's `[log] level`).
+fn filter_setter<S: 'static>(
+    handle: tracing_subscriber::reload::Handle<EnvFilter, S>,
+) -> LogFilterSetter
+where
+    tracing_subscriber::reload::Handle<EnvFilter, S>: Send + Sync,
+{
+    Arc::new(move |f: &str| {
+        let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
     })
 }
 

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::Streamer;
-use super::spdy::conn::{Connection, IncomingStream};
+use super::spdy::conn::{Connection, IncomingStream, StreamWriter};
 use super::spdy::frame::RST_PROTOCOL_ERROR;
 use crate::cri::v1 as cri;
 
@@ -69,6 +69,64 @@ pub async fn serve_spdy(
     conn.finish().await;
 }
 
+/// The client's side of one forwarded connection, whatever carries it.
+pub(crate) trait ToClient {
+    /// Sends data; `false` once the client is gone.
+    fn send(&self, data: &[u8]) -> impl std::future::Future<Output = bool> + Send;
+    /// The pod's side ended (where the protocol can say so).
+    fn close(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl ToClient for StreamWriter {
+    async fn send(&self, data: &[u8]) -> bool {
+        self.write(data).await.is_ok()
+    }
+    async fn close(&self) {
+        let _ = StreamWriter::close(self).await;
+    }
+}
+
+/// Copies a forwarded connection both ways with half-closes: the client's end shuts the
+/// connection's write side and the pod decides when its side ends; the pod's end is passed
+/// on ([`ToClient::close`]) and the client gets [`OTHER_SIDE_GRACE`] to finish.
+pub(crate) async fn copy_both_ways(
+    tcp: TcpStream,
+    mut from_client: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    to_client: &impl ToClient,
+) {
+    let (mut rd, mut wr) = tcp.into_split();
+    let up = async move {
+        while let Some(chunk) = from_client.recv().await {
+            if wr.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    let down = async {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if !to_client.send(&buf[..n]).await {
+                        return;
+                    }
+                }
+            }
+        }
+        to_client.close().await;
+    };
+    tokio::pin!(up);
+    tokio::pin!(down);
+    tokio::select! {
+        () = &mut up => down.await,
+        () = &mut down => {
+            let _ = tokio::time::timeout(OTHER_SIDE_GRACE, up).await;
+        }
+    }
+}
+
 /// Connects to localhost:`port` in `netns` (the host's namespace when `None`).
 pub(crate) async fn connect(netns: Option<PathBuf>, port: u16) -> std::io::Result<TcpStream> {
     let dial = move || -> std::io::Result<std::net::TcpStream> {
@@ -111,45 +169,11 @@ async fn forward(netns: Option<PathBuf>, pod: String, error: IncomingStream, dat
             return;
         }
     };
-    let (mut rd, mut wr) = tcp.into_split();
     let IncomingStream {
-        data: mut from_client,
+        data: from_client,
         writer: to_client,
         ..
     } = data;
-    let up = async move {
-        while let Some(chunk) = from_client.recv().await {
-            if wr.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-        // The client sent FIN: so does the connection to the pod.
-        let _ = wr.shutdown().await;
-    };
-    let down = async {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to_client.write(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        let _ = to_client.close().await;
-    };
-    tokio::pin!(up);
-    tokio::pin!(down);
-    tokio::select! {
-        () = &mut up => {
-            // Half-closed by the client: the pod decides when its side ends.
-            down.await;
-        }
-        () = &mut down => {
-            let _ = tokio::time::timeout(OTHER_SIDE_GRACE, up).await;
-        }
-    }
+    copy_both_ways(tcp, from_client, &to_client).await;
     let _ = error.writer.close().await;
 }

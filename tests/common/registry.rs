@@ -128,44 +128,9 @@ impl TlsFiles {
     /// Generates a CA and a server certificate for 127.0.0.1/localhost in `dir`.
     pub fn generate(dir: &Path) -> TlsFiles {
         std::fs::create_dir_all(dir).expect("create tls dir");
-        let cnf = write_openssl_cnf(dir);
         let (ca_pem, ca_key) = make_ca(dir, "ca", "berth test CA");
-        let key_pem = dir.join("server.key");
-        let csr = dir.join("server.csr");
-        let cert_pem = dir.join("server.pem");
-        run_cmd(
-            Command::new("openssl")
-                .args(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-sha256"])
-                .args(["-subj", "/CN=127.0.0.1", "-config"])
-                .arg(&cnf)
-                .arg("-keyout")
-                .arg(&key_pem)
-                .arg("-out")
-                .arg(&csr),
-        );
-        let serial = format!("0x{:016x}", rand_u64());
-        run_cmd(
-            Command::new("openssl")
-                .args([
-                    "x509",
-                    "-req",
-                    "-sha256",
-                    "-days",
-                    "3",
-                    "-set_serial",
-                    &serial,
-                ])
-                .arg("-in")
-                .arg(&csr)
-                .arg("-CA")
-                .arg(&ca_pem)
-                .arg("-CAkey")
-                .arg(&ca_key)
-                .arg("-extfile")
-                .arg(&cnf)
-                .args(["-extensions", "v3_srv", "-out"])
-                .arg(&cert_pem),
-        );
+        let (cert_pem, key_pem) =
+            signed_cert(dir, "server", "/CN=127.0.0.1", "v3_srv", &ca_pem, &ca_key);
         let ca_der = pem_to_der(&std::fs::read_to_string(&ca_pem).expect("read ca.pem"));
         TlsFiles {
             ca_pem,
@@ -1163,9 +1128,16 @@ async fn serve_token(
     write_http_response(&mut stream, 200, &[], "application/json", body.as_bytes()).await
 }
 
-/// A client certificate (`clientAuth`) named `<name>.pem`/`<name>.key` in `dir`, signed by
-/// the CA `ca`/`ca_key`.
-pub fn make_client_cert(dir: &Path, name: &str, ca: &Path, ca_key: &Path) -> (PathBuf, PathBuf) {
+/// A certificate named `<name>.pem`/`<name>.key` in `dir` for `subject`, with the
+/// extensions of section `ext` of the test openssl.cnf, signed by the CA `ca`/`ca_key`.
+fn signed_cert(
+    dir: &Path,
+    name: &str,
+    subject: &str,
+    ext: &str,
+    ca: &Path,
+    ca_key: &Path,
+) -> (PathBuf, PathBuf) {
     let cnf = write_openssl_cnf(dir);
     let key = dir.join(format!("{name}.key"));
     let csr = dir.join(format!("{name}.csr"));
@@ -1173,7 +1145,7 @@ pub fn make_client_cert(dir: &Path, name: &str, ca: &Path, ca_key: &Path) -> (Pa
     run_cmd(
         Command::new("openssl")
             .args(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-sha256"])
-            .args(["-subj", "/CN=berth client", "-config"])
+            .args(["-subj", subject, "-config"])
             .arg(&cnf)
             .arg("-keyout")
             .arg(&key)
@@ -1200,10 +1172,16 @@ pub fn make_client_cert(dir: &Path, name: &str, ca: &Path, ca_key: &Path) -> (Pa
             .arg(ca_key)
             .arg("-extfile")
             .arg(&cnf)
-            .args(["-extensions", "v3_client", "-out"])
+            .args(["-extensions", ext, "-out"])
             .arg(&cert),
     );
     (cert, key)
+}
+
+/// A client certificate (`clientAuth`) named `<name>.pem`/`<name>.key` in `dir`, signed by
+/// the CA `ca`/`ca_key`.
+pub fn make_client_cert(dir: &Path, name: &str, ca: &Path, ca_key: &Path) -> (PathBuf, PathBuf) {
+    signed_cert(dir, name, "/CN=berth client", "v3_client", ca, ca_key)
 }
 
 /// What `openssl req -x509` makes with the system's default settings (and Docker's registry

@@ -96,20 +96,9 @@ pub fn exec_req(id: &str, cmd: &[&str], stdin: bool, tty: bool) -> cri::ExecRequ
 }
 
 impl StreamEnv {
+    /// Waits until the CRI log of container `name` holds `needle`.
     pub async fn wait_log(&self, name: &str, needle: &str) {
-        let path = self.logs.path().join(format!("{name}.log"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if text.contains(needle) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{needle:?} never logged: {text:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        super::wait_for_log(&self.logs.path().join(format!("{name}.log")), needle).await;
     }
 }
 
@@ -121,13 +110,7 @@ impl StreamEnv {
         config.stdin = true;
         config.stdin_once = stdin_once;
         config.tty = tty;
-        let id = super::create_container(&mut self.rt, pod, config)
-            .await
-            .expect("create");
-        super::start_container(&mut self.rt, &id)
-            .await
-            .expect("start");
-        id
+        self.run_container(pod, config).await
     }
 
     pub async fn attach_url(&mut self, id: &str, tty: bool) -> String {
@@ -291,6 +274,50 @@ pub fn sha256(b: &[u8]) -> String {
 }
 
 impl StreamEnv {
+    /// Creates and starts a container; panics when either fails.
+    pub async fn run_container(&mut self, pod: &str, config: cri::ContainerConfig) -> String {
+        let id = super::create_container(&mut self.rt, pod, config)
+            .await
+            .expect("create");
+        super::start_container(&mut self.rt, &id)
+            .await
+            .expect("start");
+        id
+    }
+
+    /// Waits until berthd (`pid`) has no children left and no more fds than `fds_before`,
+    /// and no `sleep 1000` runs in container `id`: what vanished clients must leave.
+    pub async fn assert_nothing_left(&mut self, pid: u32, fds_before: usize, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = children(pid);
+            let now = fds(pid);
+            if left.is_empty() && now <= fds_before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind: children {left:?}, fds {now} (before {fds_before})"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let out = self
+            .rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.to_string(),
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "ps -o args | grep -c '^sleep 1000' || true".into(),
+                ],
+                timeout: 10,
+            })
+            .await
+            .expect("exec sync")
+            .into_inner();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{out:?}");
+    }
+
     /// A running busybox `nc` echo server (`cat`) on `port` in `pod`.
     pub async fn echo_server(&mut self, pod: &str, port: u16) -> String {
         let mut config = super::sh_container("echo", &self.image, "");
@@ -298,12 +325,7 @@ impl StreamEnv {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let id = super::create_container(&mut self.rt, pod, config)
-            .await
-            .expect("create");
-        super::start_container(&mut self.rt, &id)
-            .await
-            .expect("start");
+        let id = self.run_container(pod, config).await;
         // nc listens once it runs.
         tokio::time::sleep(Duration::from_millis(300)).await;
         id

@@ -7,17 +7,12 @@
 //! every port has ended (or the client goes away) berth closes the WebSocket.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::{ChannelConn, Codec, Outbound, Socket};
 use crate::stream::Streamer;
-use crate::stream::portforward::connect;
-
-/// After the pod's side ended, how long the client's data may still arrive.
-const OTHER_SIDE_GRACE: Duration = Duration::from_secs(1);
+use crate::stream::portforward::{ToClient, connect, copy_both_ways};
 
 /// Why the ports of a request cannot be forwarded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -126,7 +121,7 @@ async fn forward(
     netns: Option<std::path::PathBuf>,
     pod: String,
     port: u16,
-    mut from_client: mpsc::Receiver<Vec<u8>>,
+    from_client: mpsc::Receiver<Vec<u8>>,
     out: Outbound,
     (data, error): (u8, u8),
 ) {
@@ -139,36 +134,21 @@ async fn forward(
             return;
         }
     };
-    let (mut rd, mut wr) = tcp.into_split();
-    let up = async move {
-        while let Some(chunk) = from_client.recv().await {
-            if wr.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-        let _ = wr.shutdown().await;
-    };
-    let down = async {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if out.send(data, buf[..n].to_vec()).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    };
-    tokio::pin!(up);
-    tokio::pin!(down);
-    tokio::select! {
-        () = &mut up => down.await,
-        () = &mut down => {
-            let _ = tokio::time::timeout(OTHER_SIDE_GRACE, up).await;
-        }
+    let to_client = ChannelOut { out, channel: data };
+    copy_both_ways(tcp, from_client, &to_client).await;
+}
+
+/// A port's data channel; the protocol has no way to say the pod's side ended.
+struct ChannelOut {
+    out: Outbound,
+    channel: u8,
+}
+
+impl ToClient for ChannelOut {
+    async fn send(&self, data: &[u8]) -> bool {
+        self.out.send(self.channel, data.to_vec()).await.is_ok()
     }
+    async fn close(&self) {}
 }
 
 #[cfg(test)]
