@@ -1,5 +1,5 @@
 //! A small CRI benchmark client, driven by `hack/bench-pull.sh`, `hack/bench-pods.sh`,
-//! `hack/bench-containers.sh` and `hack/bench-streaming.sh`.
+//! `hack/bench-containers.sh`, `hack/bench-streaming.sh` and `hack/bench-stats.sh`.
 //!
 //! ```text
 //! cri_bench push-image --registry 127.0.0.1:5000 --repo bench/big --tag v1 --layers 5 --total-mb 100
@@ -14,6 +14,9 @@
 //!     --image registry.k8s.io/e2e-test-images/busybox:1.29-2 --count 100 --command true
 //! cri_bench port-forward --endpoint unix:///run/berth/berth.sock \
 //!     --image registry.k8s.io/e2e-test-images/busybox:1.29-2 --mb 100 --repeat 3
+//! cri_bench stats --endpoint unix:///run/berth/berth.sock \
+//!     --image registry.k8s.io/e2e-test-images/busybox:1.29-2 --pods 20 --containers 200 \
+//!     --metrics-url http://127.0.0.1:9537/metrics --daemon-pid 1234 --helpers-cmdline /run/berth/
 //! cri_bench cleanup --endpoint unix:///run/berth/berth.sock
 //! ```
 //!
@@ -36,6 +39,8 @@
 //! rss <what> <when> <procs> <rss_kib> <pss_kib> <comms>  resident memory of a process group
 //!     (comms: `<n>x<comm>(<mean VmRSS>MiB/each)` joined by `+`, or `-` for none)
 //! tput <up|down|echo> <run> <bytes> <seconds>         one port-forward transfer
+//! cpu <op> <n> <ms_per_call>                          CPU time of daemon + helpers per call
+//! scrape <status> <body_bytes> <samples> <containers>  one /metrics scrape, checked
 //! ```
 //!
 //! Percentiles are nearest-rank. `rss` sums VmRSS (which counts a shared page in every
@@ -218,6 +223,48 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         repeat: usize,
     },
+    /// Stats latency with many running containers: `pods` pods holding `containers` containers
+    /// in all, then `calls` timed ListContainerStats, ListPodSandboxStats and (with
+    /// `--metrics-url`) Prometheus scrapes, `interval` seconds apart.
+    Stats {
+        /// CRI endpoint, `unix:///path.sock` or a plain path.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        image: String,
+        /// Pulled (untimed) before the pods, for runtimes that run a pause image.
+        #[arg(long)]
+        pause_image: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        pods: usize,
+        /// Running containers in all, spread evenly over the pods.
+        #[arg(long, default_value_t = 200)]
+        containers: usize,
+        #[arg(long, default_value = "sleep 3600")]
+        command: String,
+        /// Containers created and started at a time (not timed).
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        #[arg(long, default_value_t = 30)]
+        calls: usize,
+        /// Seconds between two timed calls.
+        #[arg(long, default_value_t = 0.5)]
+        interval: f64,
+        /// `http://host:port/metrics` of the runtime, scraped like the calls.
+        #[arg(long)]
+        metrics_url: Option<String>,
+        /// The runtime daemon, for the CPU time the calls cost.
+        #[arg(long)]
+        daemon_pid: Option<u32>,
+        /// Helper processes whose CPU time counts too (shims): every process whose command line
+        /// contains this string, and all their descendants. Repeatable.
+        #[arg(long)]
+        helpers_cmdline: Vec<String>,
+        /// Each pod's cgroup parent is `<this>/pod<n>` (cgroupfs), as the kubelet gives one
+        /// (`/kubepods/besteffort/pod<uid>`); none if empty.
+        #[arg(long, default_value = "")]
+        cgroup_parent: String,
+    },
     /// Stops and removes every container and pod sandbox of a runtime.
     Cleanup {
         /// CRI endpoint, `unix:///path.sock` or a plain path.
@@ -349,6 +396,37 @@ async fn main() -> Result<()> {
                 repeat,
             };
             port_forward_bench(&endpoint, &opts).await
+        }
+        Cmd::Stats {
+            endpoint,
+            image,
+            pause_image,
+            pods,
+            containers,
+            command,
+            parallel,
+            calls,
+            interval,
+            metrics_url,
+            daemon_pid,
+            helpers_cmdline,
+            cgroup_parent,
+        } => {
+            let opts = StatsOpts {
+                image,
+                pause_image,
+                pods: pods.max(1),
+                containers,
+                command: command.split_whitespace().map(String::from).collect(),
+                parallel: parallel.max(1),
+                calls,
+                interval: Duration::from_secs_f64(interval),
+                metrics_url,
+                daemon_pid,
+                helpers_cmdline,
+                cgroup_parent,
+            };
+            stats_bench(&endpoint, &opts).await
         }
         Cmd::Cleanup { endpoint } => cleanup(&endpoint).await,
     }
@@ -1908,5 +1986,287 @@ async fn port_forward_bench(endpoint: &str, opts: &PortForwardOpts) -> Result<()
         }
     }
     stop_remove_pod(&mut client, pod_id).await?;
+    Ok(())
+}
+
+// ----- stats -----
+
+struct StatsOpts {
+    image: String,
+    pause_image: Option<String>,
+    pods: usize,
+    containers: usize,
+    command: Vec<String>,
+    parallel: usize,
+    calls: usize,
+    interval: Duration,
+    metrics_url: Option<String>,
+    daemon_pid: Option<u32>,
+    helpers_cmdline: Vec<String>,
+    cgroup_parent: String,
+}
+
+/// CPU time (user + system) in milliseconds of the daemon and the helper processes.
+fn cpu_ms(opts: &StatsOpts) -> f64 {
+    let procs = list_procs();
+    let mut pids = helper_tree(&procs, &opts.helpers_cmdline, opts.daemon_pid);
+    pids.extend(opts.daemon_pid);
+    // SAFETY: sysconf has no memory safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut ticks = 0u64;
+    for pid in pids {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        // after "pid (comm)": state ppid … utime is field 14, stime 15 (1-based)
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        for i in [11, 12] {
+            ticks += f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ticks as f64 * 1000.0 / hz
+}
+
+/// One GET of `url` over HTTP/1.1 (`Connection: close`): (status, body without chunking).
+async fn http_get(url: &str) -> Result<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host, path) = split_url(url)?;
+    let mut tcp = tokio::net::TcpStream::connect(host)
+        .await
+        .with_context(|| format!("connect to {host}"))?;
+    tcp.set_nodelay(true)?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: cri_bench\r\nAccept: text/plain\r\n\
+         Connection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await?;
+    let mut resp = Vec::new();
+    tcp.read_to_end(&mut resp).await.context("read response")?;
+    let end = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of the response head")?
+        + 4;
+    let head = String::from_utf8_lossy(&resp[..end]).to_ascii_lowercase();
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status code")?;
+    let mut body = resp.split_off(end);
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::with_capacity(body.len());
+        let mut at = 0;
+        loop {
+            let line_end = body[at..]
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .context("bad chunk")?;
+            let size = std::str::from_utf8(&body[at..at + line_end])?;
+            let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+                .context("bad chunk size")?;
+            at += line_end + 2;
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(body.get(at..at + size).context("short chunk")?);
+            at += size + 2;
+        }
+        body = out;
+    }
+    Ok((code, body))
+}
+
+/// Times `calls` runs of `f`, `interval` apart; prints `lat` and `cpu <op> <n> <ms/call>`.
+async fn time_calls<F, Fut>(op: &str, opts: &StatsOpts, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    // Two untimed first: rates need a previous sample, caches warm up.
+    for _ in 0..2 {
+        f().await?;
+        tokio::time::sleep(opts.interval).await;
+    }
+    let mut secs = Vec::new();
+    let mut cpu = 0.0;
+    for _ in 0..opts.calls {
+        let c0 = cpu_ms(opts);
+        let t0 = Instant::now();
+        f().await?;
+        secs.push(t0.elapsed().as_secs_f64());
+        cpu += cpu_ms(opts) - c0;
+        tokio::time::sleep(opts.interval).await;
+    }
+    print_lat(op, "serial", &secs);
+    println!(
+        "cpu {op} {} {:.2}",
+        secs.len(),
+        cpu / secs.len().max(1) as f64
+    );
+    Ok(())
+}
+
+async fn stats_bench(endpoint: &str, opts: &StatsOpts) -> Result<()> {
+    let channel = channel(endpoint).await?;
+    let mut client = runtime_client(channel.clone());
+    if let Some(image) = &opts.pause_image {
+        ensure_image(&channel, image).await?;
+    }
+    ensure_image(&channel, &opts.image).await?;
+    let start = Instant::now();
+    let mut pods = Vec::new();
+    for p in 0..opts.pods {
+        let mut cfg = pod_config(
+            &format!("bench-stats-{p}"),
+            cri::NamespaceMode::Container,
+            "",
+        );
+        if !opts.cgroup_parent.is_empty()
+            && let Some(linux) = cfg.linux.as_mut()
+        {
+            linux.cgroup_parent = format!("{}/pod{p}", opts.cgroup_parent);
+        }
+        let id = client
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .with_context(|| format!("RunPodSandbox bench-stats-{p}"))?
+            .into_inner()
+            .pod_sandbox_id;
+        pods.push((id, cfg));
+    }
+    let work: Vec<(usize, String, cri::PodSandboxConfig)> = (0..opts.containers)
+        .map(|i| {
+            let (id, cfg) = &pods[i % pods.len()];
+            (i, id.clone(), cfg.clone())
+        })
+        .collect();
+    let (ch, image, command) = (channel.clone(), opts.image.clone(), opts.command.clone());
+    let ids =
+        fan_out(work, opts.parallel, move |(i, pod, cfg)| {
+            let mut client = runtime_client(ch.clone());
+            let (image, command) = (image.clone(), command.clone());
+            async move {
+                create_start(&mut client, &pod, &cfg, &format!("c{i}"), &image, &command).await
+            }
+        })
+        .await?;
+    println!(
+        "wall setup serial {} {:.3}",
+        ids.len(),
+        start.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "{} pods, {} containers running after {:.1}s",
+        pods.len(),
+        ids.len(),
+        start.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let want = ids.len();
+    let list = client.clone();
+    time_calls("list_container_stats", opts, || {
+        let mut client = list.clone();
+        async move {
+            let stats = client
+                .list_container_stats(cri::ListContainerStatsRequest { filter: None })
+                .await
+                .context("ListContainerStats")?
+                .into_inner()
+                .stats;
+            let with_cpu = stats
+                .iter()
+                .filter(|s| {
+                    s.cpu
+                        .as_ref()
+                        .is_some_and(|c| c.usage_core_nano_seconds.is_some())
+                })
+                .count();
+            if stats.len() != want || with_cpu != want {
+                bail!(
+                    "ListContainerStats: {} stats, {with_cpu} with CPU, for {want} containers",
+                    stats.len()
+                );
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let list = client.clone();
+    let want_pods = pods.len();
+    time_calls("list_pod_sandbox_stats", opts, || {
+        let mut client = list.clone();
+        async move {
+            let stats = client
+                .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None })
+                .await
+                .context("ListPodSandboxStats")?
+                .into_inner()
+                .stats;
+            if stats.len() != want_pods {
+                bail!(
+                    "ListPodSandboxStats: {} stats for {want_pods} pods",
+                    stats.len()
+                );
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    if let Some(url) = &opts.metrics_url {
+        let (code, body) = http_get(url).await?;
+        let text = String::from_utf8_lossy(&body);
+        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+        let per_container = text
+            .lines()
+            .filter(|l| l.starts_with("berth_container_memory_working_set_bytes{"))
+            .count();
+        println!("scrape {code} {} {samples} {per_container}", body.len());
+        if code != 200 || per_container < want {
+            bail!("{url}: status {code}, {per_container} containers with a working set");
+        }
+        time_calls("metrics_scrape", opts, || async {
+            let (code, _) = http_get(url).await?;
+            if code != 200 {
+                bail!("{url}: status {code}");
+            }
+            Ok(())
+        })
+        .await?;
+    }
+
+    let start = Instant::now();
+    let ch = channel.clone();
+    fan_out(ids, opts.parallel, move |id| {
+        let mut client = runtime_client(ch.clone());
+        async move {
+            client
+                .stop_container(cri::StopContainerRequest {
+                    container_id: id.clone(),
+                    timeout: 0,
+                })
+                .await
+                .with_context(|| format!("StopContainer {id}"))?;
+            client
+                .remove_container(cri::RemoveContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .with_context(|| format!("RemoveContainer {id}"))?;
+            Ok(())
+        }
+    })
+    .await?;
+    for (id, _) in pods {
+        stop_remove_pod(&mut client, id).await?;
+    }
+    eprintln!("removed in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }
