@@ -1,5 +1,5 @@
-//! A small CRI benchmark client, driven by `hack/bench-pull.sh`, `hack/bench-pods.sh` and
-//! `hack/bench-containers.sh`.
+//! A small CRI benchmark client, driven by `hack/bench-pull.sh`, `hack/bench-pods.sh`,
+//! `hack/bench-containers.sh`, `hack/bench-streaming.sh` and `hack/bench-stats.sh`.
 //!
 //! ```text
 //! cri_bench push-image --registry 127.0.0.1:5000 --repo bench/big --tag v1 --layers 5 --total-mb 100
@@ -10,8 +10,21 @@
 //!     --daemon-pid 1234 --helpers-cmdline /run/berth/
 //! cri_bench containers --endpoint unix:///run/berth/berth.sock --count 100 \
 //!     --image registry.k8s.io/e2e-test-images/busybox:1.29-2 --helper-comm berth-monitor
+//! cri_bench exec --endpoint unix:///run/berth/berth.sock \
+//!     --image registry.k8s.io/e2e-test-images/busybox:1.29-2 --count 100 --command true
+//! cri_bench port-forward --endpoint unix:///run/berth/berth.sock \
+//!     --image registry.k8s.io/e2e-test-images/busybox:1.29-2 --mb 100 --repeat 3
+//! cri_bench stats --endpoint unix:///run/berth/berth.sock \
+//!     --image registry.k8s.io/e2e-test-images/busybox:1.29-2 --pods 20 --containers 200 \
+//!     --metrics-url http://127.0.0.1:9537/metrics --daemon-pid 1234 --helpers-cmdline /run/berth/
 //! cri_bench cleanup --endpoint unix:///run/berth/berth.sock
 //! ```
+//!
+//! `exec` and `port-forward` speak SPDY/3.1 to the runtime's streaming server with one client
+//! for every runtime, built on berth's frame module (`berth::stream::spdy::frame`) and shaped
+//! after client-go: `POST` upgrade with `X-Stream-Protocol-Version`, TCP_NODELAY, streams
+//! created one at a time, each after its SYN_REPLY; a stream ends with FIN or RST_STREAM, all
+//! of them with GOAWAY or the connection's end (servers differ in how they end an exec).
 //!
 //! `push-image` builds an image of random (incompressible) data, gzip layers, an OCI manifest,
 //! and pushes it over plain HTTP; it prints `bytes <layer+config bytes>` and `digest <manifest>`.
@@ -25,6 +38,9 @@
 //! wall <op> <mode> <n> <seconds>                      wall time of a whole phase
 //! rss <what> <when> <procs> <rss_kib> <pss_kib> <comms>  resident memory of a process group
 //!     (comms: `<n>x<comm>(<mean VmRSS>MiB/each)` joined by `+`, or `-` for none)
+//! tput <up|down|echo> <run> <bytes> <seconds>         one port-forward transfer
+//! cpu <op> <n> <ms_per_call>                          CPU time of daemon + helpers per call
+//! scrape <status> <body_bytes> <samples> <containers>  one /metrics scrape, checked
 //! ```
 //!
 //! Percentiles are nearest-rank. `rss` sums VmRSS (which counts a shared page in every
@@ -40,6 +56,7 @@ use berth::cri::v1 as cri;
 use berth::cri::v1::image_service_client::ImageServiceClient;
 use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
 use berth::cri::v1::{ImageSpec, ImageStatusRequest, PullImageRequest, RemoveImageRequest};
+use berth::stream::spdy::frame::{self as spdy, FLAG_FIN, Frame, HeaderDecoder, HeaderEncoder};
 use clap::{Parser, Subcommand};
 use flate2::write::GzEncoder;
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -167,6 +184,87 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         settle: f64,
     },
+    /// Streaming exec round trip: `Exec` RPC → URL → SPDY/3.1 upgrade → streams → exit status
+    /// on the error stream, `count` times one at a time in a running container; `ExecSync` of
+    /// the same command for reference.
+    Exec {
+        /// CRI endpoint, `unix:///path.sock` or a plain path.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        image: String,
+        /// Pulled (untimed) before the pod, for runtimes that run a pause image.
+        #[arg(long)]
+        pause_image: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Untimed round trips first.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// The command exec'd (split on whitespace).
+        #[arg(long, default_value = "true")]
+        command: String,
+    },
+    /// Port-forward throughput over SPDY/3.1 to busybox `nc` servers in a pod: `mb` MB up (to
+    /// a `dd` sink that answers once it has them all), down (`dd` of /dev/zero) and echoed
+    /// (through `cat`, both ways at once), `repeat` times each.
+    PortForward {
+        /// CRI endpoint, `unix:///path.sock` or a plain path.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        image: String,
+        /// Pulled (untimed) before the pod, for runtimes that run a pause image.
+        #[arg(long)]
+        pause_image: Option<String>,
+        /// Megabytes (10^6 bytes) per transfer.
+        #[arg(long, default_value_t = 100)]
+        mb: u64,
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
+    /// Stats latency with many running containers: `pods` pods holding `containers` containers
+    /// in all, then `calls` timed ListContainerStats, ListPodSandboxStats and (with
+    /// `--metrics-url`) Prometheus scrapes, `interval` seconds apart.
+    Stats {
+        /// CRI endpoint, `unix:///path.sock` or a plain path.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        image: String,
+        /// Pulled (untimed) before the pods, for runtimes that run a pause image.
+        #[arg(long)]
+        pause_image: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        pods: usize,
+        /// Running containers in all, spread evenly over the pods.
+        #[arg(long, default_value_t = 200)]
+        containers: usize,
+        #[arg(long, default_value = "sleep 3600")]
+        command: String,
+        /// Containers created and started at a time (not timed).
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        #[arg(long, default_value_t = 30)]
+        calls: usize,
+        /// Seconds between two timed calls.
+        #[arg(long, default_value_t = 0.5)]
+        interval: f64,
+        /// `http://host:port/metrics` of the runtime, scraped like the calls.
+        #[arg(long)]
+        metrics_url: Option<String>,
+        /// The runtime daemon, for the CPU time the calls cost.
+        #[arg(long)]
+        daemon_pid: Option<u32>,
+        /// Helper processes whose CPU time counts too (shims): every process whose command line
+        /// contains this string, and all their descendants. Repeatable.
+        #[arg(long)]
+        helpers_cmdline: Vec<String>,
+        /// Each pod's cgroup parent is `<this>/pod<n>` (cgroupfs), as the kubelet gives one
+        /// (`/kubepods/besteffort/pod<uid>`); none if empty.
+        #[arg(long, default_value = "")]
+        cgroup_parent: String,
+    },
     /// Stops and removes every container and pod sandbox of a runtime.
     Cleanup {
         /// CRI endpoint, `unix:///path.sock` or a plain path.
@@ -266,6 +364,69 @@ async fn main() -> Result<()> {
                 settle: Duration::from_secs_f64(settle),
             };
             containers(&endpoint, &opts).await
+        }
+        Cmd::Exec {
+            endpoint,
+            image,
+            pause_image,
+            count,
+            warmup,
+            command,
+        } => {
+            let opts = ExecOpts {
+                image,
+                pause_image,
+                count,
+                warmup,
+                command: command.split_whitespace().map(String::from).collect(),
+            };
+            exec_bench(&endpoint, &opts).await
+        }
+        Cmd::PortForward {
+            endpoint,
+            image,
+            pause_image,
+            mb,
+            repeat,
+        } => {
+            let opts = PortForwardOpts {
+                image,
+                pause_image,
+                bytes: usize::try_from(mb * 1_000_000).context("--mb")?,
+                repeat,
+            };
+            port_forward_bench(&endpoint, &opts).await
+        }
+        Cmd::Stats {
+            endpoint,
+            image,
+            pause_image,
+            pods,
+            containers,
+            command,
+            parallel,
+            calls,
+            interval,
+            metrics_url,
+            daemon_pid,
+            helpers_cmdline,
+            cgroup_parent,
+        } => {
+            let opts = StatsOpts {
+                image,
+                pause_image,
+                pods: pods.max(1),
+                containers,
+                command: command.split_whitespace().map(String::from).collect(),
+                parallel: parallel.max(1),
+                calls,
+                interval: Duration::from_secs_f64(interval),
+                metrics_url,
+                daemon_pid,
+                helpers_cmdline,
+                cgroup_parent,
+            };
+            stats_bench(&endpoint, &opts).await
         }
         Cmd::Cleanup { endpoint } => cleanup(&endpoint).await,
     }
@@ -1203,5 +1364,909 @@ async fn cleanup(endpoint: &str) -> Result<()> {
     if failed > 0 {
         bail!("{failed} removals failed");
     }
+    Ok(())
+}
+
+// ----- streaming: a SPDY/3.1 client as client-go's -----
+
+/// The read half of a SPDY/3.1 connection: frames out of the socket.
+struct SpdyReader {
+    rd: tokio::net::tcp::OwnedReadHalf,
+    dec: HeaderDecoder,
+    buf: Vec<u8>,
+    /// Where the next undecoded byte of `buf` is.
+    pos: usize,
+}
+
+/// The write half: frames into the socket.
+struct SpdyWriter {
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    enc: HeaderEncoder,
+    out: Vec<u8>,
+    next_id: u32,
+}
+
+impl SpdyReader {
+    /// The next frame; `None` once the server closed the connection.
+    async fn next(&mut self) -> Result<Option<Frame>> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some((f, used)) =
+                spdy::decode(&self.buf[self.pos..], &mut self.dec).context("SPDY frame")?
+            {
+                self.pos += used;
+                return Ok(Some(f));
+            }
+            // Keep only the partial frame, then read more behind it.
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+            let len = self.buf.len();
+            self.buf.resize(len + 256 * 1024, 0);
+            let n = self.rd.read(&mut self.buf[len..]).await;
+            let n = match n {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+                Err(e) => return Err(e).context("read from the streaming server"),
+            };
+            self.buf.truncate(len + n);
+            if n == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+impl SpdyWriter {
+    async fn send(&mut self, f: &Frame) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.out.clear();
+        spdy::encode(f, &mut self.enc, &mut self.out).context("encode SPDY frame")?;
+        self.wr
+            .write_all(&self.out)
+            .await
+            .context("write to the streaming server")
+    }
+
+    /// SYN_STREAM with `headers`; returns the stream id.
+    async fn open(&mut self, headers: &[(&str, String)]) -> Result<u32> {
+        let id = self.next_id;
+        self.next_id += 2;
+        self.send(&Frame::SynStream {
+            stream_id: id,
+            associated_to: 0,
+            priority: 0,
+            flags: 0,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.clone()))
+                .collect(),
+        })
+        .await?;
+        Ok(id)
+    }
+
+    async fn data(&mut self, stream_id: u32, data: &[u8], flags: u8) -> Result<()> {
+        self.send(&Frame::Data {
+            stream_id,
+            flags,
+            data: data.to_vec(),
+        })
+        .await
+    }
+}
+
+/// `http://host:port/path` → `(host:port, /path)`.
+fn split_url(url: &str) -> Result<(&str, &str)> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("streaming URL {url:?} is not http://"))?;
+    let slash = rest
+        .find('/')
+        .with_context(|| format!("streaming URL {url:?} has no path"))?;
+    Ok(rest.split_at(slash))
+}
+
+/// HTTP/1.1 upgrade to SPDY/3.1 with `protocol` (as client-go's SPDY round tripper: POST,
+/// `Connection: Upgrade`, `Upgrade: SPDY/3.1`, `X-Stream-Protocol-Version`), TCP_NODELAY as
+/// Go sets it. Fails unless the server switches protocols and picks `protocol`.
+async fn spdy_connect(url: &str, protocol: &str) -> Result<(SpdyReader, SpdyWriter)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host, path) = split_url(url)?;
+    let mut tcp = tokio::net::TcpStream::connect(host)
+        .await
+        .with_context(|| format!("connect to {host}"))?;
+    tcp.set_nodelay(true)?;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: cri_bench\r\nContent-Length: 0\r\n\
+         Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {protocol}\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes())
+        .await
+        .context("send upgrade")?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 * 1024 {
+            bail!("response head of {url} longer than 64 KiB");
+        }
+        let n = tcp
+            .read(&mut chunk)
+            .await
+            .context("read upgrade response")?;
+        if n == 0 {
+            bail!("{url}: connection closed before the response head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let code = head.split_whitespace().nth(1).unwrap_or("");
+    if code != "101" {
+        bail!("{url}: no upgrade: {}", head.lines().next().unwrap_or(""));
+    }
+    let agreed = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("x-stream-protocol-version")
+            .then(|| value.trim().to_string())
+    });
+    if agreed.as_deref() != Some(protocol) {
+        bail!("{url}: server agreed to protocol {agreed:?}, not {protocol}");
+    }
+    // Bytes after the head are already SPDY frames.
+    buf.drain(..end);
+    let (rd, wr) = tcp.into_split();
+    Ok((
+        SpdyReader {
+            rd,
+            dec: HeaderDecoder::new(),
+            buf,
+            pos: 0,
+        },
+        SpdyWriter {
+            wr,
+            enc: HeaderEncoder::new().context("SPDY header encoder")?,
+            out: Vec::new(),
+            next_id: 1,
+        },
+    ))
+}
+
+/// What happened to the streams of one exchange.
+#[derive(Default)]
+struct Streams {
+    /// Bytes received per stream id.
+    data: std::collections::HashMap<u32, Vec<u8>>,
+    /// Streams the server ended (FIN or RST_STREAM).
+    ended: std::collections::HashSet<u32>,
+    /// Streams the server answered with SYN_REPLY.
+    replied: std::collections::HashSet<u32>,
+    /// GOAWAY received or the connection closed: every stream has ended.
+    gone: bool,
+}
+
+impl Streams {
+    fn done(&self, id: u32) -> bool {
+        self.gone || self.ended.contains(&id)
+    }
+}
+
+/// Reads one frame into `st`, answering PINGs. `Ok(false)` once the connection is closed.
+async fn pump(rd: &mut SpdyReader, wr: &mut SpdyWriter, st: &mut Streams) -> Result<bool> {
+    let Some(f) = rd.next().await? else {
+        st.gone = true;
+        return Ok(false);
+    };
+    match f {
+        Frame::SynReply { stream_id, .. } => {
+            st.replied.insert(stream_id);
+        }
+        Frame::Data {
+            stream_id,
+            flags,
+            data,
+        } => {
+            st.data
+                .entry(stream_id)
+                .or_default()
+                .extend_from_slice(&data);
+            if flags & FLAG_FIN != 0 {
+                st.ended.insert(stream_id);
+            }
+        }
+        Frame::RstStream { stream_id, .. } => {
+            st.ended.insert(stream_id);
+        }
+        Frame::GoAway { .. } => st.gone = true,
+        Frame::Ping { id } => wr.send(&Frame::Ping { id }).await?,
+        _ => {}
+    }
+    Ok(true)
+}
+
+/// Opens a stream and waits for its SYN_REPLY, as client-go's `CreateStream` does.
+async fn create_stream(
+    rd: &mut SpdyReader,
+    wr: &mut SpdyWriter,
+    st: &mut Streams,
+    headers: &[(&str, String)],
+) -> Result<u32> {
+    let id = wr.open(headers).await?;
+    while !st.replied.contains(&id) {
+        if st.gone || st.ended.contains(&id) || !pump(rd, wr, st).await? {
+            bail!("stream {headers:?} refused or connection closed before its reply");
+        }
+    }
+    Ok(id)
+}
+
+struct ExecOpts {
+    image: String,
+    pause_image: Option<String>,
+    count: usize,
+    warmup: usize,
+    command: Vec<String>,
+}
+
+/// One exec of `url` as client-go's v4 SPDY executor without stdin: error, stdout and stderr
+/// streams (each waiting for its reply), then everything to the end of all three. Returns the
+/// exit status as the error stream says it (`metav1.Status` JSON; empty is success).
+async fn spdy_exec(url: &str) -> Result<(Vec<u8>, String)> {
+    let (mut rd, mut wr) = spdy_connect(url, "v4.channel.k8s.io").await?;
+    let mut st = Streams::default();
+    let stream = |t: &str| [("streamType", t.to_string())];
+    let error = create_stream(&mut rd, &mut wr, &mut st, &stream("error")).await?;
+    let stdout = create_stream(&mut rd, &mut wr, &mut st, &stream("stdout")).await?;
+    let stderr = create_stream(&mut rd, &mut wr, &mut st, &stream("stderr")).await?;
+    while ![error, stdout, stderr].iter().all(|s| st.done(*s)) {
+        if !pump(&mut rd, &mut wr, &mut st).await? {
+            break;
+        }
+    }
+    let status = String::from_utf8_lossy(st.data.get(&error).map_or(&[][..], |v| v)).to_string();
+    let out = st.data.remove(&stdout).unwrap_or_default();
+    Ok((out, status))
+}
+
+/// Whether a v4 error-stream status says success (an empty one does too).
+fn exec_succeeded(status: &str) -> bool {
+    if status.trim().is_empty() {
+        return true;
+    }
+    serde_json::from_str::<serde_json::Value>(status)
+        .map(|v| v["status"] == "Success")
+        .unwrap_or(false)
+}
+
+/// A pod with one running container of `image` running `command`; returns (pod, container).
+async fn pod_with_container(
+    client: &mut RuntimeServiceClient<Channel>,
+    pod_name: &str,
+    image: &str,
+    containers: &[(&str, Vec<String>)],
+) -> Result<(String, Vec<String>)> {
+    let pod_cfg = pod_config(pod_name, cri::NamespaceMode::Container, "");
+    let pod_id = client
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_cfg.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .context("RunPodSandbox")?
+        .into_inner()
+        .pod_sandbox_id;
+    let mut ids = Vec::new();
+    for (name, command) in containers {
+        let id = create_start(client, &pod_id, &pod_cfg, name, image, command).await?;
+        ids.push(id);
+    }
+    Ok((pod_id, ids))
+}
+
+async fn create_start(
+    client: &mut RuntimeServiceClient<Channel>,
+    pod_id: &str,
+    pod_cfg: &cri::PodSandboxConfig,
+    name: &str,
+    image: &str,
+    command: &[String],
+) -> Result<String> {
+    let config = cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.to_string(),
+            attempt: 0,
+        }),
+        image: spec(image),
+        command: command.to_vec(),
+        linux: Some(cri::LinuxContainerConfig::default()),
+        ..Default::default()
+    };
+    let id = client
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod_id.to_string(),
+            config: Some(config),
+            sandbox_config: Some(pod_cfg.clone()),
+        })
+        .await
+        .with_context(|| format!("CreateContainer {name}"))?
+        .into_inner()
+        .container_id;
+    client
+        .start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .with_context(|| format!("StartContainer {name} ({id})"))?;
+    Ok(id)
+}
+
+async fn exec_bench(endpoint: &str, opts: &ExecOpts) -> Result<()> {
+    let channel = channel(endpoint).await?;
+    let mut client = runtime_client(channel.clone());
+    if let Some(image) = &opts.pause_image {
+        ensure_image(&channel, image).await?;
+    }
+    ensure_image(&channel, &opts.image).await?;
+    let sleep = vec!["sleep".to_string(), "3600".to_string()];
+    let (pod_id, ids) =
+        pod_with_container(&mut client, "bench-exec", &opts.image, &[("box", sleep)]).await?;
+    let id = ids.first().context("no container")?.clone();
+    let (mut rpc, mut stream, mut total) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..opts.warmup + opts.count {
+        let t0 = Instant::now();
+        let url = client
+            .exec(cri::ExecRequest {
+                container_id: id.clone(),
+                cmd: opts.command.clone(),
+                tty: false,
+                stdin: false,
+                stdout: true,
+                stderr: true,
+            })
+            .await
+            .context("Exec")?
+            .into_inner()
+            .url;
+        let t1 = Instant::now();
+        let (_, status) = spdy_exec(&url)
+            .await
+            .with_context(|| format!("exec {i} through {url}"))?;
+        let t2 = Instant::now();
+        if !exec_succeeded(&status) {
+            bail!("exec {i} of {:?} failed: {status}", opts.command);
+        }
+        if i >= opts.warmup {
+            rpc.push((t1 - t0).as_secs_f64());
+            stream.push((t2 - t1).as_secs_f64());
+            total.push((t2 - t0).as_secs_f64());
+        }
+    }
+    print_lat("exec_rpc", "serial", &rpc);
+    print_lat("exec_stream", "serial", &stream);
+    print_lat("exec_total", "serial", &total);
+    let mut sync = Vec::new();
+    for i in 0..opts.warmup + opts.count {
+        let t0 = Instant::now();
+        let r = client
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: opts.command.clone(),
+                timeout: 10,
+            })
+            .await
+            .context("ExecSync")?
+            .into_inner();
+        if r.exit_code != 0 {
+            bail!(
+                "ExecSync {i} of {:?}: exit code {}",
+                opts.command,
+                r.exit_code
+            );
+        }
+        if i >= opts.warmup {
+            sync.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    print_lat("exec_sync", "serial", &sync);
+    stop_remove_pod(&mut client, pod_id).await?;
+    Ok(())
+}
+
+struct PortForwardOpts {
+    image: String,
+    pause_image: Option<String>,
+    bytes: usize,
+    repeat: usize,
+}
+
+const PF_ECHO: u16 = 7000;
+const PF_SINK: u16 = 7001;
+const PF_SOURCE: u16 = 7002;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client → pod: `bytes` to a sink (`dd`) that answers `ok` once it has read them all.
+    Up,
+    /// Pod → client: `bytes` of zeros (`dd` of /dev/zero).
+    Down,
+    /// Both at once: `bytes` through `cat` and back, checked.
+    Echo,
+}
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Up => "up",
+            Direction::Down => "down",
+            Direction::Echo => "echo",
+        }
+    }
+    fn port(self) -> u16 {
+        match self {
+            Direction::Up => PF_SINK,
+            Direction::Down => PF_SOURCE,
+            Direction::Echo => PF_ECHO,
+        }
+    }
+}
+
+/// One transfer through the port-forward behind `url`, as client-go's port forwarder opens
+/// it (error stream, closed for writing at once, then the data stream, each after its reply).
+/// Seconds from the data stream's reply to the last expected byte; `Ok(None)` when the error
+/// stream reported a failure before any data moved (the server in the pod not listening yet).
+async fn pf_transfer(url: &str, dir: Direction, payload: &Arc<Vec<u8>>) -> Result<Option<f64>> {
+    let (mut rd, mut wr) = spdy_connect(url, "portforward.k8s.io").await?;
+    let mut st = Streams::default();
+    let headers = |t: &str| {
+        [
+            ("streamType", t.to_string()),
+            ("port", dir.port().to_string()),
+            ("requestID", "0".to_string()),
+        ]
+    };
+    let error = create_stream(&mut rd, &mut wr, &mut st, &headers("error")).await?;
+    wr.data(error, &[], FLAG_FIN).await?;
+    let data = create_stream(&mut rd, &mut wr, &mut st, &headers("data")).await?;
+    let start = Instant::now();
+    // The writer half goes to its own task (up and echo send while receiving); PINGs are not
+    // answered meanwhile (neither server sends any).
+    let writer = if dir == Direction::Down {
+        None
+    } else {
+        let payload = payload.clone();
+        Some(tokio::spawn(async move {
+            for chunk in payload.chunks(32 * 1024) {
+                wr.data(data, chunk, 0).await?;
+            }
+            Ok::<_, anyhow::Error>(wr)
+        }))
+    };
+    let want = match dir {
+        Direction::Up => 3, // "ok\n"
+        Direction::Down | Direction::Echo => payload.len(),
+    };
+    let mut got = 0usize;
+    let result = loop {
+        let Some(f) = rd.next().await? else {
+            break Err(anyhow::anyhow!(
+                "connection closed after {got} of {want} bytes"
+            ));
+        };
+        match f {
+            Frame::Data {
+                stream_id,
+                data: d,
+                flags,
+            } if stream_id == data => {
+                let check = match dir {
+                    Direction::Echo => payload.get(got..got + d.len()) == Some(&d[..]),
+                    Direction::Down => d.iter().all(|b| *b == 0),
+                    Direction::Up => true,
+                };
+                if !check {
+                    break Err(anyhow::anyhow!("bytes {got}.. came back changed"));
+                }
+                got += d.len();
+                if dir == Direction::Up && got >= want {
+                    let answer = &d[d.len().saturating_sub(3)..];
+                    if answer != b"ok\n" {
+                        break Err(anyhow::anyhow!("the sink answered {answer:?}"));
+                    }
+                }
+                if got >= want {
+                    break Ok(Some(start.elapsed().as_secs_f64()));
+                }
+                if flags & FLAG_FIN != 0 {
+                    break Err(anyhow::anyhow!("data stream ended after {got} of {want}"));
+                }
+            }
+            Frame::Data {
+                stream_id, data: d, ..
+            } if stream_id == error && !d.is_empty() => {
+                let msg = String::from_utf8_lossy(&d).to_string();
+                if got == 0 {
+                    eprintln!("port {}: {msg}", dir.port());
+                    break Ok(None);
+                }
+                break Err(anyhow::anyhow!("error stream: {msg}"));
+            }
+            Frame::RstStream { stream_id, status } if stream_id == data => {
+                break Err(anyhow::anyhow!(
+                    "data stream reset ({status}) after {got} of {want} bytes"
+                ));
+            }
+            Frame::GoAway { .. } => {
+                break Err(anyhow::anyhow!("GOAWAY after {got} of {want} bytes"));
+            }
+            _ => {}
+        }
+    };
+    if let Some(w) = writer {
+        if result.as_ref().is_ok_and(|r| r.is_some()) {
+            w.await.context("writer task")??;
+        } else {
+            w.abort();
+        }
+    }
+    result
+}
+
+async fn port_forward_bench(endpoint: &str, opts: &PortForwardOpts) -> Result<()> {
+    let channel = channel(endpoint).await?;
+    let mut client = runtime_client(channel.clone());
+    if let Some(image) = &opts.pause_image {
+        ensure_image(&channel, image).await?;
+    }
+    ensure_image(&channel, &opts.image).await?;
+    let nc = |port: u16, prog: &[&str]| -> Vec<String> {
+        let port = port.to_string();
+        ["nc", "-ll", "-p", &port, "-e"]
+            .iter()
+            .chain(prog)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let n = opts.bytes;
+    // dd moves 1 MiB per system call; `count_bytes` + `fullblock`: exactly n bytes.
+    let sink = format!(
+        "dd of=/dev/null bs=1048576 count={n} iflag=count_bytes,fullblock status=none; echo ok"
+    );
+    let count = format!("count={n}");
+    let source = [
+        "dd",
+        "if=/dev/zero",
+        "bs=1048576",
+        &count,
+        "iflag=count_bytes",
+        "status=none",
+    ];
+    let servers = [
+        ("echo", nc(PF_ECHO, &["cat"])),
+        ("sink", nc(PF_SINK, &["sh", "-c", &sink])),
+        ("source", nc(PF_SOURCE, &source)),
+    ];
+    let (pod_id, _) =
+        pod_with_container(&mut client, "bench-portforward", &opts.image, &servers).await?;
+    // Incompressible-looking bytes, the same every run.
+    let payload: Arc<Vec<u8>> = Arc::new(
+        (0..n as u64)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect(),
+    );
+    for dir in [Direction::Up, Direction::Down, Direction::Echo] {
+        let mut run = 0;
+        let mut tries = 0;
+        while run < opts.repeat {
+            let url = client
+                .port_forward(cri::PortForwardRequest {
+                    pod_sandbox_id: pod_id.clone(),
+                    port: vec![i32::from(dir.port())],
+                })
+                .await
+                .context("PortForward")?
+                .into_inner()
+                .url;
+            match pf_transfer(&url, dir, &payload)
+                .await
+                .with_context(|| format!("port-forward {} run {run}", dir.name()))?
+            {
+                Some(secs) => {
+                    run += 1;
+                    println!("tput {} {run} {n} {secs:.4}", dir.name());
+                    eprintln!("{} {run}: {:.1} MB/s", dir.name(), n as f64 / 1e6 / secs);
+                }
+                None if tries < 20 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                None => bail!("port {} never accepted a connection", dir.port()),
+            }
+        }
+    }
+    stop_remove_pod(&mut client, pod_id).await?;
+    Ok(())
+}
+
+// ----- stats -----
+
+struct StatsOpts {
+    image: String,
+    pause_image: Option<String>,
+    pods: usize,
+    containers: usize,
+    command: Vec<String>,
+    parallel: usize,
+    calls: usize,
+    interval: Duration,
+    metrics_url: Option<String>,
+    daemon_pid: Option<u32>,
+    helpers_cmdline: Vec<String>,
+    cgroup_parent: String,
+}
+
+/// CPU time (user + system) in milliseconds of the daemon and the helper processes.
+fn cpu_ms(opts: &StatsOpts) -> f64 {
+    let procs = list_procs();
+    let mut pids = helper_tree(&procs, &opts.helpers_cmdline, opts.daemon_pid);
+    pids.extend(opts.daemon_pid);
+    // SAFETY: sysconf has no memory safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut ticks = 0u64;
+    for pid in pids {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        // after "pid (comm)": state ppid … utime is field 14, stime 15 (1-based)
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        for i in [11, 12] {
+            ticks += f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ticks as f64 * 1000.0 / hz
+}
+
+/// One GET of `url` over HTTP/1.1 (`Connection: close`): (status, body without chunking).
+async fn http_get(url: &str) -> Result<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (host, path) = split_url(url)?;
+    let mut tcp = tokio::net::TcpStream::connect(host)
+        .await
+        .with_context(|| format!("connect to {host}"))?;
+    tcp.set_nodelay(true)?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: cri_bench\r\nAccept: text/plain\r\n\
+         Connection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await?;
+    let mut resp = Vec::new();
+    tcp.read_to_end(&mut resp).await.context("read response")?;
+    let end = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of the response head")?
+        + 4;
+    let head = String::from_utf8_lossy(&resp[..end]).to_ascii_lowercase();
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status code")?;
+    let mut body = resp.split_off(end);
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::with_capacity(body.len());
+        let mut at = 0;
+        loop {
+            let line_end = body[at..]
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .context("bad chunk")?;
+            let size = std::str::from_utf8(&body[at..at + line_end])?;
+            let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+                .context("bad chunk size")?;
+            at += line_end + 2;
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(body.get(at..at + size).context("short chunk")?);
+            at += size + 2;
+        }
+        body = out;
+    }
+    Ok((code, body))
+}
+
+/// Times `calls` runs of `f`, `interval` apart; prints `lat` and `cpu <op> <n> <ms/call>`.
+async fn time_calls<F, Fut>(op: &str, opts: &StatsOpts, mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    // Two untimed first: rates need a previous sample, caches warm up.
+    for _ in 0..2 {
+        f().await?;
+        tokio::time::sleep(opts.interval).await;
+    }
+    let mut secs = Vec::new();
+    let mut cpu = 0.0;
+    for _ in 0..opts.calls {
+        let c0 = cpu_ms(opts);
+        let t0 = Instant::now();
+        f().await?;
+        secs.push(t0.elapsed().as_secs_f64());
+        cpu += cpu_ms(opts) - c0;
+        tokio::time::sleep(opts.interval).await;
+    }
+    print_lat(op, "serial", &secs);
+    println!(
+        "cpu {op} {} {:.2}",
+        secs.len(),
+        cpu / secs.len().max(1) as f64
+    );
+    Ok(())
+}
+
+async fn stats_bench(endpoint: &str, opts: &StatsOpts) -> Result<()> {
+    let channel = channel(endpoint).await?;
+    let mut client = runtime_client(channel.clone());
+    if let Some(image) = &opts.pause_image {
+        ensure_image(&channel, image).await?;
+    }
+    ensure_image(&channel, &opts.image).await?;
+    let start = Instant::now();
+    let mut pods = Vec::new();
+    for p in 0..opts.pods {
+        let mut cfg = pod_config(
+            &format!("bench-stats-{p}"),
+            cri::NamespaceMode::Container,
+            "",
+        );
+        if !opts.cgroup_parent.is_empty()
+            && let Some(linux) = cfg.linux.as_mut()
+        {
+            linux.cgroup_parent = format!("{}/pod{p}", opts.cgroup_parent);
+        }
+        let id = client
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .with_context(|| format!("RunPodSandbox bench-stats-{p}"))?
+            .into_inner()
+            .pod_sandbox_id;
+        pods.push((id, cfg));
+    }
+    let work: Vec<(usize, String, cri::PodSandboxConfig)> = (0..opts.containers)
+        .map(|i| {
+            let (id, cfg) = &pods[i % pods.len()];
+            (i, id.clone(), cfg.clone())
+        })
+        .collect();
+    let (ch, image, command) = (channel.clone(), opts.image.clone(), opts.command.clone());
+    let ids =
+        fan_out(work, opts.parallel, move |(i, pod, cfg)| {
+            let mut client = runtime_client(ch.clone());
+            let (image, command) = (image.clone(), command.clone());
+            async move {
+                create_start(&mut client, &pod, &cfg, &format!("c{i}"), &image, &command).await
+            }
+        })
+        .await?;
+    println!(
+        "wall setup serial {} {:.3}",
+        ids.len(),
+        start.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "{} pods, {} containers running after {:.1}s",
+        pods.len(),
+        ids.len(),
+        start.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let want = ids.len();
+    let list = client.clone();
+    time_calls("list_container_stats", opts, || {
+        let mut client = list.clone();
+        async move {
+            let stats = client
+                .list_container_stats(cri::ListContainerStatsRequest { filter: None })
+                .await
+                .context("ListContainerStats")?
+                .into_inner()
+                .stats;
+            let with_cpu = stats
+                .iter()
+                .filter(|s| {
+                    s.cpu
+                        .as_ref()
+                        .is_some_and(|c| c.usage_core_nano_seconds.is_some())
+                })
+                .count();
+            if stats.len() != want || with_cpu != want {
+                bail!(
+                    "ListContainerStats: {} stats, {with_cpu} with CPU, for {want} containers",
+                    stats.len()
+                );
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let list = client.clone();
+    let want_pods = pods.len();
+    time_calls("list_pod_sandbox_stats", opts, || {
+        let mut client = list.clone();
+        async move {
+            let stats = client
+                .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None })
+                .await
+                .context("ListPodSandboxStats")?
+                .into_inner()
+                .stats;
+            if stats.len() != want_pods {
+                bail!(
+                    "ListPodSandboxStats: {} stats for {want_pods} pods",
+                    stats.len()
+                );
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    if let Some(url) = &opts.metrics_url {
+        let (code, body) = http_get(url).await?;
+        let text = String::from_utf8_lossy(&body);
+        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+        let per_container = text
+            .lines()
+            .filter(|l| l.starts_with("berth_container_memory_working_set_bytes{"))
+            .count();
+        println!("scrape {code} {} {samples} {per_container}", body.len());
+        if code != 200 || per_container < want {
+            bail!("{url}: status {code}, {per_container} containers with a working set");
+        }
+        time_calls("metrics_scrape", opts, || async {
+            let (code, _) = http_get(url).await?;
+            if code != 200 {
+                bail!("{url}: status {code}");
+            }
+            Ok(())
+        })
+        .await?;
+    }
+
+    let start = Instant::now();
+    let ch = channel.clone();
+    fan_out(ids, opts.parallel, move |id| {
+        let mut client = runtime_client(ch.clone());
+        async move {
+            client
+                .stop_container(cri::StopContainerRequest {
+                    container_id: id.clone(),
+                    timeout: 0,
+                })
+                .await
+                .with_context(|| format!("StopContainer {id}"))?;
+            client
+                .remove_container(cri::RemoveContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .with_context(|| format!("RemoveContainer {id}"))?;
+            Ok(())
+        }
+    })
+    .await?;
+    for (id, _) in pods {
+        stop_remove_pod(&mut client, id).await?;
+    }
+    eprintln!("removed in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }

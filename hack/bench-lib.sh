@@ -5,7 +5,8 @@
 # bench_registry        docker-registry on 127.0.0.1:<free port> with its own storage → $REG
 # bench_critest_images  ../shared/critest-images/build-and-push.sh $REG (pause, busybox, …)
 # bench_berthd          berthd on $T/berth (bridge bbench0, 10.99.0.0/16, mirrors → $REG)
-#                       → $BERTH_SOCK $BERTHD_PID
+#                       → $BERTH_SOCK $BERTHD_PID; with BENCH_BERTH_METRICS=1 its /metrics
+#                       listens on 127.0.0.1:<free port> → $BERTH_METRICS_URL
 # bench_containerd      ../shared/baseline/containerd-up.sh $T/containerd $REG
 #                       → $CTRD_SOCK $CTRD_PID
 #
@@ -13,9 +14,11 @@
 # is stopped, berth-monitors and containerd shims still alive are killed (by pid; only ours),
 # containerd-down.sh runs, the registry is killed, mounts under $T are undone, berth's bridge
 # (bbench0) and nftables table (inet berth_bbench0) are deleted, the default cgroup parents
-# (/k8s.io, /berth) are removed if this run made them and they are empty, and $T is removed.
+# (/k8s.io, /berth) are removed if this run made them and they are empty, so are the cgroup
+# trees named with bench_cgroup_tree, and $T is removed.
 #
 # Knobs (environment): BENCH_TMPDIR=/tmp (must support overlayfs), CONTAINERD=containerd,
+#                      CARGO_TARGET_DIR (where the release build goes; default ./target),
 #                      BENCH_KEEP_LOGS=DIR (copy the registry and daemon logs there on exit)
 
 BENCH_BRIDGE=bbench0
@@ -30,8 +33,10 @@ bench_init() {
   CRITEST_IMAGES=${CRITEST_IMAGES:-$REPO_ROOT/../shared/critest-images}
   [ "$(id -u)" = 0 ] || { echo "$BENCH_NAME: run as root" >&2; exit 1; }
 
-  local pkgs=(containerd runc containernetworking-plugins iptables nftables iproute2
+  local pkgs=(runc containernetworking-plugins iptables nftables iproute2
     docker-registry protobuf-compiler busybox-static umoci skopeo gcc python3)
+  # Debian's containerd, unless another build is given
+  [ -n "${CONTAINERD:-}" ] || pkgs+=(containerd)
   local missing=() p
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -52,8 +57,9 @@ bench_init() {
   fi
 
   cargo build --release --bin berthd --bin berth-monitor --example cri_bench
-  BERTHD=$REPO_ROOT/target/release/berthd
-  BENCH=$REPO_ROOT/target/release/examples/cri_bench
+  local target=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
+  BERTHD=$target/release/berthd
+  BENCH=$target/release/examples/cri_bench
 
   T=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/berth-bench.XXXXXX")
   # the runtimes' default cgroup parents (containerd: /k8s.io, berth: /berth): those that do not
@@ -65,6 +71,7 @@ bench_init() {
       [ -e "${h%/}/$n" ] || BENCH_NEW_CGROUPS+=("${h%/}/$n")
     done
   done
+  BENCH_CGROUP_TREES=()
   REG_PID="" BERTHD_PID="" BERTH_SOCK="" CTRD_UP="" CTRD_SOCK="" CTRD_PID=""
   trap bench_cleanup EXIT
   trap 'exit 130' INT
@@ -117,10 +124,22 @@ bench_cleanup() {
   fi
   grep " $T/" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null
   for f in "${BENCH_NEW_CGROUPS[@]}"; do [ -d "$f" ] && rmdir "$f" 2>/dev/null; done
+  for f in "${BENCH_CGROUP_TREES[@]}"; do
+    [ -d "$f" ] && find "$f" -depth -type d -exec rmdir {} + 2>/dev/null
+  done
   ip link del "$BENCH_BRIDGE" 2>/dev/null
   nft delete table inet "$BENCH_NFT_TABLE" 2>/dev/null
   rm -rf "$T"
   exit "$rc"
+}
+
+# bench_cgroup_tree NAME: /NAME in every cgroup hierarchy (a cgroup parent the benchmark
+# gives its pods) is removed on exit with everything under it, once empty of processes.
+bench_cgroup_tree() {
+  local h
+  for h in /sys/fs/cgroup /sys/fs/cgroup/*/; do
+    [ -e "${h%/}/cgroup.procs" ] && BENCH_CGROUP_TREES+=("${h%/}/$1")
+  done
 }
 
 bench_fail() {
@@ -132,9 +151,13 @@ bench_fail() {
   exit 1
 }
 
+bench_free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 bench_registry() {
   local port
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  port=$(bench_free_port)
   REG=127.0.0.1:$port
   mkdir -p "$T/registry"
   cat >"$T/registry.yml" <<EOF
@@ -172,12 +195,19 @@ bench_critest_images() {
 bench_berthd() {
   mkdir -p "$T/berth"
   BERTH_SOCK=$T/berth/berth.sock
+  local metrics=""
+  BERTH_METRICS_URL=""
+  if [ -n "${BENCH_BERTH_METRICS:-}" ]; then
+    metrics=127.0.0.1:$(bench_free_port)
+    # shellcheck disable=SC2034  # for the benchmark scripts
+    BERTH_METRICS_URL=http://$metrics/metrics
+  fi
   cat >"$T/berth.toml" <<EOF
 root = "$T/berth/root"
 state = "$T/berth/state"
 socket = "$BERTH_SOCK"
 [metrics]
-address = ""
+address = "$metrics"
 [network]
 bridge = "$BENCH_BRIDGE"
 pod_cidr = "$BENCH_POD_CIDR"
