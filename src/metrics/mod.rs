@@ -8,6 +8,7 @@
 //! A scrape reads each container's cgroup counters once (no tree walks) on a blocking
 //! thread, so it never holds up CRI RPCs. Any path other than `/metrics` gets 404.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -178,9 +179,68 @@ pub struct Sources {
     pub sandboxes: Arc<SandboxManager>,
     pub containers: Arc<ContainerManager>,
     pub layout: Layout,
+    /// Per-container usage (CPU ns, working set) and when it was read (see
+    /// [`SAMPLE_MAX_AGE`]).
+    usage: std::sync::Mutex<HashMap<String, (std::time::Instant, Usage)>>,
 }
 
-/// The families of pods, containers and per-container usage, read now.
+/// A container's usage as a scrape reports it.
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu_ns: Option<u64>,
+    working_set: Option<u64>,
+}
+
+/// How long a container's usage sample serves later scrapes: however many scrapers there
+/// are, a container's cgroup is read at most once in this time. States and counts are
+/// always read fresh.
+pub const SAMPLE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Sources {
+    pub fn new(
+        sandboxes: Arc<SandboxManager>,
+        containers: Arc<ContainerManager>,
+        layout: Layout,
+    ) -> Sources {
+        Sources {
+            sandboxes,
+            containers,
+            layout,
+            usage: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The usage of each of `running` (id, cgroups path): cached samples younger than
+    /// [`SAMPLE_MAX_AGE`], the cgroups read for the others; containers gone are forgotten.
+    fn usage(&self, running: &[(&str, &str)]) -> HashMap<String, Usage> {
+        let mut cache = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|id, _| running.iter().any(|(r, _)| r == id));
+        let mut out = HashMap::with_capacity(running.len());
+        for (id, cgroups_path) in running {
+            let fresh = cache
+                .get(*id)
+                .filter(|(at, _)| at.elapsed() < SAMPLE_MAX_AGE)
+                .map(|(_, u)| *u);
+            let u = match fresh {
+                Some(u) => u,
+                None => {
+                    let s = cgroups::stats::read(self.layout, &cgroups::relative_dir(cgroups_path));
+                    let u = Usage {
+                        cpu_ns: s.cpu_usage_ns,
+                        working_set: s.memory.map(|m| m.working_set),
+                    };
+                    cache.insert((*id).to_string(), (std::time::Instant::now(), u));
+                    u
+                }
+            };
+            out.insert((*id).to_string(), u);
+        }
+        out
+    }
+}
+
+/// The families of pods, containers (states read now) and per-container usage (see
+/// [`Sources::usage`]).
 fn object_families(src: &Sources) -> Result<Vec<prometheus::proto::MetricFamily>, MetricsError> {
     let registry = Registry::new();
     let pods = GaugeVec::new(
@@ -232,7 +292,14 @@ fn object_families(src: &Sources) -> Result<Vec<prometheus::proto::MetricFamily>
     for state in ["created", "running", "exited"] {
         containers.with_label_values(&[state]).set(0.0);
     }
-    for c in src.containers.list() {
+    let all_containers = src.containers.list();
+    let running: Vec<(&str, &str)> = all_containers
+        .iter()
+        .filter(|c| c.phase == Phase::Running && !c.cgroups_path.is_empty())
+        .map(|c| (c.id.as_str(), c.cgroups_path.as_str()))
+        .collect();
+    let usage = src.usage(&running);
+    for c in &all_containers {
         let state = match c.phase {
             Phase::Creating | Phase::Created => "created",
             Phase::Running => "running",
@@ -257,15 +324,14 @@ fn object_families(src: &Sources) -> Result<Vec<prometheus::proto::MetricFamily>
             c.id.as_str(),
         ];
         restarts.with_label_values(&l).set(f64::from(attempt));
-        if c.phase != Phase::Running || c.cgroups_path.is_empty() {
+        let Some(u) = usage.get(&c.id) else {
             continue;
-        }
-        let s = cgroups::stats::read(src.layout, &cgroups::relative_dir(&c.cgroups_path));
-        if let Some(ns) = s.cpu_usage_ns {
+        };
+        if let Some(ns) = u.cpu_ns {
             cpu.with_label_values(&l).inc_by(ns as f64 / 1e9);
         }
-        if let Some(m) = s.memory {
-            memory.with_label_values(&l).set(m.working_set as f64);
+        if let Some(ws) = u.working_set {
+            memory.with_label_values(&l).set(ws as f64);
         }
     }
     Ok(registry.gather())

@@ -213,11 +213,11 @@ impl Daemon {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let socket = self.config.socket.clone();
         let metrics_task = self.metrics.map(|m| {
-            let sources = Arc::new(crate::metrics::Sources {
-                sandboxes: self.sandboxes.clone(),
-                containers: self.containers.clone(),
-                layout: crate::cgroups::detect(),
-            });
+            let sources = Arc::new(crate::metrics::Sources::new(
+                self.sandboxes.clone(),
+                self.containers.clone(),
+                crate::cgroups::detect(),
+            ));
             tokio::spawn(m.serve(sources))
         });
         let runtime = runtime_service::RuntimeServiceImpl::new(
