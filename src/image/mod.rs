@@ -436,7 +436,9 @@ impl ImageManager {
         if self.snapshots.exists(chain_id) {
             return Ok(());
         }
+        let t0 = std::time::Instant::now();
         self.fetch_blob_once(remote, layer).await?;
+        let fetched = t0.elapsed();
         let blob = self.content.path(&layer.digest)?;
         let snapshots = self.snapshots.clone();
         let (layer_digest, diff_id, chain_id) = (
@@ -445,7 +447,10 @@ impl ImageManager {
             chain_id.to_string(),
         );
         tokio::task::spawn_blocking(move || {
+            let t1 = std::time::Instant::now();
             let (tmp, fs) = snapshots.prepare()?;
+            let mut unpacked = std::time::Duration::ZERO;
+            let mut synced = std::time::Duration::ZERO;
             let result = unpack::unpack_layer(&blob, &fs)
                 .map_err(|source| ImageError::Unpack {
                     layer: layer_digest.clone(),
@@ -459,14 +464,25 @@ impl ImageManager {
                             actual: u.diff_id,
                         });
                     }
+                    unpacked = t1.elapsed();
                     // Durable before it is published: the image record that follows
                     // must never point at files a power loss could tear.
                     snapshots.sync(&tmp)?;
+                    synced = t1.elapsed() - unpacked;
                     snapshots.commit(&tmp, &chain_id)
                 });
             if result.is_err() {
                 snapshots.discard(&tmp);
             }
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+            tracing::debug!(
+                layer = %layer_digest,
+                fetch_ms = ms(fetched),
+                unpack_ms = ms(unpacked),
+                sync_ms = ms(synced),
+                commit_ms = ms(t1.elapsed() - unpacked - synced),
+                "layer pull steps"
+            );
             result
         })
         .await

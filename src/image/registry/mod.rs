@@ -309,7 +309,9 @@ impl Remote {
             reference: self.display.clone(),
             reason: format!("blob {digest}: no byte received for {t:?}"),
         };
+        let t0 = std::time::Instant::now();
         let resp = self.session.get(&format!("blobs/{digest}"), None).await?;
+        let first_byte = t0.elapsed();
         let mut stream = resp.bytes_stream();
         let mut w = content.writer(digest, size).await?;
         loop {
@@ -325,7 +327,17 @@ impl Remote {
             }
         }
         let n = w.written();
+        let downloaded = t0.elapsed();
         w.commit().await?;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::debug!(
+            blob = %digest,
+            bytes = n,
+            headers_ms = ms(first_byte),
+            download_ms = ms(downloaded),
+            verify_and_store_ms = ms(t0.elapsed() - downloaded),
+            "blob fetch steps"
+        );
         Ok(n)
     }
 }
