@@ -10,7 +10,9 @@
 # RSS (VmHWM: peak over its whole life, startup included; containerd pulls without its shim).
 # Everything it starts or creates is stopped and removed on exit.
 #
-# Knobs (environment): PULLS=3 LAYERS=5 TOTAL_MB=100 FILES_PER_LAYER=4
+# The page cache is dropped before every pull (DROP_CACHES=0 keeps it). Ends with the ratio of
+# the medians.
+# Knobs (environment): PULLS=3 LAYERS=5 TOTAL_MB=100 FILES_PER_LAYER=4 DROP_CACHES=1
 #                      BENCH_TMPDIR=/tmp (where the temp dirs go; must support overlayfs)
 #                      CONTAINERD=containerd (another build, see containerd-up.sh)
 #                      BENCH_KEEP_LOGS=DIR (copy the registry and daemon logs there on exit)
@@ -38,9 +40,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "cargo (Rust toolchain) is required" >&2; exit 1; }
 
-cargo build --release --bin berthd --example cri_bench
-BERTHD=$REPO_ROOT/target/release/berthd
-BENCH=$REPO_ROOT/target/release/examples/cri_bench
+cargo build --release --bin berthd --bin berth-monitor --example cri_bench
+target=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
+BERTHD=$target/release/berthd
+BENCH=$target/release/examples/cri_bench
 
 # ----- temp dirs and cleanup -----
 T=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/berth-bench.XXXXXX")
@@ -169,6 +172,8 @@ for i in $(seq "$PULLS"); do
   for rt in "${RUNTIMES[@]}"; do
     wait_args=()
     for d in ${WAIT[$rt]}; do wait_args+=(--wait-empty "$d"); done
+    # Cold: neither the registry's files nor anything of the last pull in the page cache.
+    if [ "${DROP_CACHES:-1}" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi
     "$BENCH" pull --endpoint "${EP[$rt]}" --image "$IMAGE" --repeat 1 --remove-between \
       "${wait_args[@]}" >"$T/pull.out" 2>"$T/pull.err" ||
       { cat "$T/pull.err" >&2; fail "$rt: pull $i failed"; }
@@ -194,6 +199,9 @@ for rt in "${RUNTIMES[@]}"; do
         bytes / 1e6 / med, hwm / 1024, idle / 1024, disk / 1e6
     }'
 done
+median() { sort -g "$1" | awk '{ t[NR] = $1 } END { print (NR % 2) ? t[(NR + 1) / 2] : (t[NR / 2] + t[NR / 2 + 1]) / 2 }'; }
+awk -v b="$(median "$T/times.berth")" -v c="$(median "$T/times.containerd")" \
+  'BEGIN { printf "berth median / containerd median = %.2f\n", b / c }'
 echo "(image: $LAYERS gzip layers, $TOTAL_MB MB random data, $BYTES bytes compressed; MB/s = compressed MB / median s;"
 echo " peak RSS = VmHWM of the daemon over its life, idle RSS = VmRSS before the first pull;
  disk = bytes of blobs + unpacked snapshots right after a pull, all gone before the next;"
