@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use berth::cri::v1 as cri;
 use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
-use common::{Berthd, BerthdConfig, ImageBuilder, Registry, toml_str};
+use common::{Berthd, BerthdConfig, Registry, toml_str};
 use tonic::transport::Channel;
 
 /// The test spec (YAML, as device plugins usually write them). `gone` names a host node
@@ -57,11 +57,6 @@ struct Env {
 /// A daemon whose CDI spec dirs are a missing dir then the test's; `enabled` is
 /// `[cdi] enabled`.
 async fn env_with(enabled: bool) -> Env {
-    let reg = Registry::anonymous();
-    let image = reg
-        .push("test/cdi", "1", &ImageBuilder::busybox().build())
-        .await
-        .reference;
     let spec_dir = tempfile::tempdir().expect("spec dir");
     let host_dir = tempfile::tempdir().expect("host dir");
     std::fs::write(host_dir.path().join("file"), "from-the-host\n").expect("host file");
@@ -78,18 +73,13 @@ async fn env_with(enabled: bool) -> Env {
         toml_str(&missing.to_string_lossy()),
         toml_str(&spec_dir.path().to_string_lossy())
     );
-    let d = Berthd::start(BerthdConfig::new().trust(&reg).table(&cdi)).await;
-    let mut ic = d.image_client().await;
-    common::pull_image(&mut ic, &image, None)
-        .await
-        .expect("pull");
-    let rt = d.runtime_client().await;
+    let b = common::busybox_daemon("test/cdi", BerthdConfig::new().table(&cdi)).await;
     Env {
-        _reg: reg,
-        d,
-        rt,
-        image,
-        logs: tempfile::tempdir().expect("log dir"),
+        _reg: b.reg,
+        d: b.d,
+        rt: b.rt,
+        image: b.image,
+        logs: b.logs,
         spec_dir,
         _host_dir: host_dir,
     }

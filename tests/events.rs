@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use berth::cri::v1 as cri;
 use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
-use common::{Berthd, BerthdConfig, ImageBuilder, Registry};
+use common::{Berthd, BerthdConfig, Registry};
 use tonic::transport::Channel;
 
 type Rt = RuntimeServiceClient<Channel>;
@@ -32,21 +32,13 @@ async fn env() -> Env {
 }
 
 async fn env_with(config: BerthdConfig) -> Env {
-    let reg = Registry::anonymous();
-    let image = ImageBuilder::busybox().build();
-    let image = reg.push("test/events", "1", &image).await.reference;
-    let d = Berthd::start(config.trust(&reg)).await;
-    let mut ic = d.image_client().await;
-    common::pull_image(&mut ic, &image, None)
-        .await
-        .expect("pull");
-    let rt = d.runtime_client().await;
+    let b = common::busybox_daemon("test/events", config).await;
     Env {
-        _reg: reg,
-        d,
-        rt,
-        image,
-        logs: tempfile::tempdir().expect("log dir"),
+        _reg: b.reg,
+        d: b.d,
+        rt: b.rt,
+        image: b.image,
+        logs: b.logs,
     }
 }
 
@@ -129,16 +121,7 @@ async fn two_subscribers_see_the_lifecycle_in_order() {
     })
     .await
     .expect("remove");
-    e.rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .expect("stop pod");
-    e.rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .expect("remove pod");
+    common::remove_pod(&mut e.rt, &pod).await;
     let want = [
         (&pod, T::ContainerCreatedEvent),
         (&pod, T::ContainerStartedEvent),
@@ -238,16 +221,7 @@ async fn exits_are_pushed_and_an_exit_while_down_is_reported_after_restart() {
     let none = tokio::time::timeout(Duration::from_secs(1), s.message()).await;
     assert!(none.is_err(), "nothing to report: {none:?}");
 
-    e.rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .expect("stop pod");
-    e.rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .expect("remove pod");
+    common::remove_pod(&mut e.rt, &pod).await;
 }
 
 /// A subscriber on a connection with the smallest HTTP/2 windows, so that what it does not

@@ -489,16 +489,7 @@ async fn json_logs_carry_the_pod_and_container_of_each_rpc() {
         .await
         .expect_err("no such container");
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .expect("stop pod");
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .expect("remove pod");
+    common::remove_pod(&mut rt, &pod).await;
 
     // Every line the daemon wrote is a JSON object (the harness's own start marker aside).
     let log = d.log();

@@ -68,19 +68,6 @@ async fn status(rt: &mut Rt, id: &str) -> (cri::PodSandboxStatus, serde_json::Va
     (r.status.expect("status"), info)
 }
 
-async fn stop_remove(rt: &mut Rt, id: &str) {
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: id.to_string(),
-    })
-    .await
-    .expect("stop");
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: id.to_string(),
-    })
-    .await
-    .expect("remove");
-}
-
 fn netns_of(info: &serde_json::Value) -> PathBuf {
     PathBuf::from(info["netns"].as_str().expect("netns path in verbose info"))
 }
@@ -314,8 +301,8 @@ async fn lifecycle_names_filters_and_idempotence(mode: Mode) {
     let again = run(&mut rt, pod_config("web"))
         .await
         .expect("name free again");
-    stop_remove(&mut rt, &again).await;
-    stop_remove(&mut rt, &other).await;
+    common::remove_pod(&mut rt, &again).await;
+    common::remove_pod(&mut rt, &other).await;
     assert!(
         mounts_under(d.dir()).is_empty(),
         "{:?}",
@@ -429,8 +416,8 @@ async fn pods_get_addresses_routes_and_reach_each_other_and_the_host(mode: Mode)
     );
 
     assert_eq!(bridge_ports(&d).len(), 2);
-    stop_remove(&mut rt, &a).await;
-    stop_remove(&mut rt, &b).await;
+    common::remove_pod(&mut rt, &a).await;
+    common::remove_pod(&mut rt, &b).await;
     assert!(bridge_ports(&d).is_empty(), "both veths are gone");
     assert!(fetch(hp).is_err(), "the hostPort is gone with the pod");
     assert!(mounts_under(d.dir()).is_empty());
@@ -517,7 +504,7 @@ async fn host_network_pid_init_and_sysctls(mode: Mode) {
         .clear();
     let ok = run(&mut rt, bad).await.expect("name free after failures");
 
-    stop_remove(&mut rt, &p).await;
+    common::remove_pod(&mut rt, &p).await;
     assert!(
         std::fs::metadata(format!("/proc/{pid}")).is_err() || {
             // A zombie awaiting its reaper is gone as far as the pod is concerned.
@@ -527,7 +514,7 @@ async fn host_network_pid_init_and_sysctls(mode: Mode) {
         }
     );
     for id in [h, s, ok] {
-        stop_remove(&mut rt, &id).await;
+        common::remove_pod(&mut rt, &id).await;
     }
     assert!(mounts_under(d.dir()).is_empty());
 }
@@ -557,7 +544,9 @@ async fn fifty_pods_in_parallel_get_distinct_addresses_and_leave_nothing(mode: M
     let mut tasks = Vec::new();
     for (id, _) in pods {
         let mut rt = rt.clone();
-        tasks.push(tokio::spawn(async move { stop_remove(&mut rt, &id).await }));
+        tasks.push(tokio::spawn(async move {
+            common::remove_pod(&mut rt, &id).await
+        }));
     }
     for t in tasks {
         t.await.expect("task");
@@ -595,11 +584,11 @@ async fn pods_survive_kill9_and_names_stay_reserved(mode: Mode) {
         .await
         .expect_err("name still reserved");
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
-    stop_remove(&mut rt, &id).await;
+    common::remove_pod(&mut rt, &id).await;
     let again = run(&mut rt, pod_config("durable"))
         .await
         .expect("name freed by remove after a restart");
-    stop_remove(&mut rt, &again).await;
+    common::remove_pod(&mut rt, &again).await;
 }
 
 /// kill -9 while pods are being made: after the restart every listed pod is whole and
@@ -646,7 +635,7 @@ async fn kill9_during_creation_leaves_only_whole_pods(mode: Mode) {
     );
     assert_eq!(dir_names(&d.state().join("pods")).len(), pods.len());
     for p in &pods {
-        stop_remove(&mut rt, &p.id).await;
+        common::remove_pod(&mut rt, &p.id).await;
     }
     assert!(bridge_ports(&d).is_empty());
     assert!(
@@ -670,7 +659,7 @@ async fn kill9_during_creation_leaves_only_whole_pods(mode: Mode) {
         let id = run(&mut rt, pod_config(&format!("crash{i}")))
             .await
             .expect("name free");
-        stop_remove(&mut rt, &id).await;
+        common::remove_pod(&mut rt, &id).await;
     }
 }
 

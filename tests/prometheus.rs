@@ -247,14 +247,5 @@ async fn scrape_counts_rpcs_and_labels_containers() {
         }
     }
 
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .expect("stop pod");
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .expect("remove pod");
+    common::remove_pod(&mut rt, &pod).await;
 }

@@ -25,21 +25,13 @@ struct Env {
 }
 
 async fn env() -> Env {
-    let reg = Registry::anonymous();
-    let image = ImageBuilder::busybox().build();
-    let image = reg.push("test/stats", "1", &image).await.reference;
-    let d = Berthd::start(BerthdConfig::new().trust(&reg)).await;
-    let mut ic = d.image_client().await;
-    common::pull_image(&mut ic, &image, None)
-        .await
-        .expect("pull");
-    let rt = d.runtime_client().await;
+    let b = common::busybox_daemon("test/stats", BerthdConfig::new()).await;
     Env {
-        _reg: reg,
-        _d: d,
-        rt,
-        image,
-        logs: tempfile::tempdir().expect("log dir"),
+        _reg: b.reg,
+        _d: b.d,
+        rt: b.rt,
+        image: b.image,
+        logs: b.logs,
     }
 }
 

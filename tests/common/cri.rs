@@ -245,3 +245,34 @@ pub async fn collect_stream<T>(
     }
     Ok(out)
 }
+
+/// What most CRI tests start from: a berthd (with `config`, trusting the registry) whose
+/// registry holds a busybox image as `<repo>:1`, pulled already; a runtime client; a log
+/// directory for pods.
+pub struct BusyboxDaemon {
+    pub reg: super::Registry,
+    pub d: super::Berthd,
+    pub rt: RuntimeClient,
+    pub image: String,
+    pub logs: tempfile::TempDir,
+}
+
+/// Starts a [`BusyboxDaemon`].
+pub async fn busybox_daemon(repo: &str, config: super::BerthdConfig) -> BusyboxDaemon {
+    let reg = super::Registry::anonymous();
+    let image = reg
+        .push(repo, "1", &super::ImageBuilder::busybox().build())
+        .await
+        .reference;
+    let d = super::Berthd::start(config.trust(&reg)).await;
+    let mut ic = d.image_client().await;
+    pull_image(&mut ic, &image, None).await.expect("pull");
+    let rt = d.runtime_client().await;
+    BusyboxDaemon {
+        reg,
+        d,
+        rt,
+        image,
+        logs: tempfile::tempdir().expect("log dir"),
+    }
+}

@@ -10,7 +10,7 @@ use berth::stream::spdy::frame::{self, FLAG_FIN, Frame, HeaderDecoder, HeaderEnc
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tonic::transport::Channel;
 
-use super::{Berthd, BerthdConfig, ImageBuilder, Registry};
+use super::{Berthd, BerthdConfig, Registry};
 
 pub type Rt = RuntimeServiceClient<Channel>;
 
@@ -24,23 +24,13 @@ pub struct StreamEnv {
 
 /// A berthd that trusts a registry holding a busybox image, pulled already.
 pub async fn stream_env() -> StreamEnv {
-    let reg = Registry::anonymous();
-    let image = reg
-        .push("test/stream", "1", &ImageBuilder::busybox().build())
-        .await
-        .reference;
-    let d = Berthd::start(BerthdConfig::new().trust(&reg)).await;
-    let mut ic = d.image_client().await;
-    super::pull_image(&mut ic, &image, None)
-        .await
-        .expect("pull");
-    let rt = d.runtime_client().await;
+    let b = super::busybox_daemon("test/stream", BerthdConfig::new()).await;
     StreamEnv {
-        _reg: reg,
-        d,
-        rt,
-        image,
-        logs: tempfile::tempdir().expect("log dir"),
+        _reg: b.reg,
+        d: b.d,
+        rt: b.rt,
+        image: b.image,
+        logs: b.logs,
     }
 }
 
