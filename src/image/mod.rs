@@ -247,21 +247,6 @@ impl ImageManager {
             reference: reference.to_string(),
             reason,
         };
-        let top_digest = {
-            let computed = sha256_digest(&top_bytes);
-            if let Some(want) = &reference.digest
-                && *want != computed
-            {
-                return Err(ImageError::BlobMismatch {
-                    digest: want.clone(),
-                    reason: format!("the registry's manifest hashes to {computed}"),
-                });
-            }
-            if !top_digest.is_empty() && top_digest != computed {
-                tracing::debug!(header = %top_digest, %computed, "registry digest header differs from content");
-            }
-            computed
-        };
         let top = ManifestOrIndex::parse(&top_bytes).map_err(bad)?;
         let mut extra_blobs = Vec::new();
         let (manifest_bytes, manifest_digest) = if top.is_index() {
@@ -276,13 +261,6 @@ impl ImageManager {
                     })?;
             let bytes = remote.fetch_manifest_by_digest(&desc.digest).await?;
             crate::metrics::add_pulled_bytes(bytes.len() as u64);
-            let computed = sha256_digest(&bytes);
-            if computed != desc.digest {
-                return Err(ImageError::BlobMismatch {
-                    digest: desc.digest.clone(),
-                    reason: format!("manifest hashes to {computed}"),
-                });
-            }
             self.content.write_all(&top_digest, &top_bytes).await?;
             extra_blobs.push(top_digest.clone());
             (bytes, desc.digest.clone())

@@ -13,11 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use sha2::Digest;
 
-use super::ImageError;
 use super::content::ContentStore;
 use super::reference::Reference;
+use super::{ImageError, sha256_digest};
 use crate::config::{RegistriesConfig, mirror_host};
 use client::Session;
 use tls::TlsSettings;
@@ -201,7 +200,8 @@ impl Registries {
     }
 
     /// Resolves `reference` to its manifest (or index) on the first endpoint that has it.
-    /// Returns the endpoint session, the raw manifest and its digest.
+    /// Returns the endpoint session, the raw manifest and its digest (its SHA-256, checked
+    /// against the reference's digest if it has one).
     pub async fn resolve(
         &self,
         reference: &Reference,
@@ -265,12 +265,9 @@ impl Registries {
     }
 }
 
-fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
-}
-
 impl Remote {
-    /// The manifest at `tag_or_digest` and its digest (checked when it was asked by digest).
+    /// The manifest at `tag_or_digest` and its digest: the SHA-256 of its bytes, which must
+    /// be the digest asked for, if one was.
     async fn fetch_manifest(&self, tag_or_digest: &str) -> Result<(Vec<u8>, String), ImageError> {
         let what = format!("manifest {tag_or_digest}");
         let resp = self
@@ -283,9 +280,9 @@ impl Remote {
         let bytes = self.session.body(resp, &what).await?;
         let digest = sha256_digest(&bytes);
         if tag_or_digest.contains(':') && tag_or_digest != digest {
-            return Err(ImageError::BadManifest {
-                reference: self.display.clone(),
-                reason: format!("{what} hashes to {digest}"),
+            return Err(ImageError::BlobMismatch {
+                digest: tag_or_digest.to_string(),
+                reason: format!("the registry's manifest hashes to {digest}"),
             });
         }
         Ok((bytes, digest))
