@@ -48,42 +48,19 @@ impl Rates {
     /// (a new cgroup under the same key).
     pub fn observe(&self, key: &str, at: i64, usage: u64) -> Option<u64> {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(prev) = last.get(key).copied() else {
-            last.insert(
-                key.to_string(),
-                RateEntry {
-                    at,
-                    usage,
-                    rate: None,
-                },
-            );
-            return None;
+        let rate = match last.get(key).copied() {
+            Some(prev) if usage >= prev.usage => {
+                let dt = at - prev.at;
+                if dt < MIN_WINDOW_NS {
+                    return prev.rate;
+                }
+                Some(((u128::from(usage - prev.usage) * 1_000_000_000) / dt as u128) as u64)
+            }
+            // The first sample, or a counter that went backwards: a new baseline.
+            _ => None,
         };
-        let dt = at - prev.at;
-        if usage < prev.usage {
-            last.insert(
-                key.to_string(),
-                RateEntry {
-                    at,
-                    usage,
-                    rate: None,
-                },
-            );
-            return None;
-        }
-        if dt < MIN_WINDOW_NS {
-            return prev.rate;
-        }
-        let rate = ((u128::from(usage - prev.usage) * 1_000_000_000) / dt as u128) as u64;
-        last.insert(
-            key.to_string(),
-            RateEntry {
-                at,
-                usage,
-                rate: Some(rate),
-            },
-        );
-        Some(rate)
+        last.insert(key.to_string(), RateEntry { at, usage, rate });
+        rate
     }
 
     /// Forgets every key for which `keep` says no (objects that are gone).
