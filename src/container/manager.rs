@@ -1054,14 +1054,7 @@ impl ContainerManager {
         cmd: Vec<String>,
         tty: bool,
     ) -> Result<ExecPlan, ContainerError> {
-        let rec = self.get(id)?;
-        if rec.phase != Phase::Running {
-            return Err(ContainerError::WrongState {
-                id: rec.id.clone(),
-                state: rec.state_name(),
-                what: "exec needs a running container",
-            });
-        }
+        let rec = self.get_running(id, "exec needs a running container")?;
         if cmd.is_empty() {
             return Err(ContainerError::Invalid("exec needs a command".to_string()));
         }
@@ -1105,18 +1098,28 @@ impl ContainerManager {
         ),
         ContainerError,
     > {
+        let rec = self.get_running(id, "attach needs a running container")?;
+        let sandbox = self.sandboxes.get(&rec.sandbox_id)?;
+        let client = self.connect_monitor(&sandbox).await?;
+        let stream = client.attach(&rec.id).await?;
+        Ok((rec, stream))
+    }
+
+    /// The record of `id` if the container runs; else `WrongState` saying `what` needs that.
+    pub fn get_running(
+        &self,
+        id: &str,
+        what: &'static str,
+    ) -> Result<ContainerRecord, ContainerError> {
         let rec = self.get(id)?;
         if rec.phase != Phase::Running {
             return Err(ContainerError::WrongState {
                 id: rec.id.clone(),
                 state: rec.state_name(),
-                what: "attach needs a running container",
+                what,
             });
         }
-        let sandbox = self.sandboxes.get(&rec.sandbox_id)?;
-        let client = self.connect_monitor(&sandbox).await?;
-        let stream = client.attach(&rec.id).await?;
-        Ok((rec, stream))
+        Ok(rec)
     }
 
     /// UpdateContainerResources: applies new limits to a live container.
@@ -1156,14 +1159,7 @@ impl ContainerManager {
 
     /// ReopenContainerLog.
     pub async fn reopen_log(&self, id: &str) -> Result<(), ContainerError> {
-        let rec = self.get(id)?;
-        if rec.phase != Phase::Running {
-            return Err(ContainerError::WrongState {
-                id: rec.id.clone(),
-                state: rec.state_name(),
-                what: "only a running container's log can be reopened",
-            });
-        }
+        let rec = self.get_running(id, "only a running container's log can be reopened")?;
         let sandbox = self.sandboxes.get(&rec.sandbox_id)?;
         let mut client = self.connect_monitor(&sandbox).await?;
         client.reopen(&rec.id).await?;

@@ -158,9 +158,7 @@ impl From<StreamError> for Status {
                 Status::new(code, msg)
             }
             StreamError::Invalid(_) => Status::invalid_argument(msg),
-            StreamError::NotRunning { .. } | StreamError::PodNotReady(_) => {
-                Status::failed_precondition(msg)
-            }
+            StreamError::PodNotReady(_) => Status::failed_precondition(msg),
             StreamError::Token(TokenError::TooMany) => Status::resource_exhausted(msg),
             StreamError::Token(TokenError::Random(_))
             | StreamError::Runtime(_)

@@ -19,7 +19,7 @@ pub mod websocket;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::container::manager::{ContainerError, ContainerManager, Phase};
+use crate::container::manager::{ContainerError, ContainerManager};
 use crate::cri::v1 as cri;
 use crate::runtime::RuntimeError;
 use crate::sandbox::{Phase as PodPhase, SandboxError, SandboxManager};
@@ -36,12 +36,6 @@ pub enum StreamError {
     Runtime(#[from] RuntimeError),
     #[error("{0}")]
     Invalid(String),
-    #[error("container {id} is {state}: {what} needs a running container")]
-    NotRunning {
-        id: String,
-        state: &'static str,
-        what: &'static str,
-    },
     #[error("pod sandbox {0} is not ready")]
     PodNotReady(String),
     #[error(transparent)]
@@ -102,21 +96,12 @@ impl Streamer {
         Ok(format!("http://{}/{kind}/{token}", self.addr))
     }
 
-    fn running_container(&self, id: &str, what: &'static str) -> Result<String, StreamError> {
-        let rec = self.containers.get(id)?;
-        if rec.phase != Phase::Running {
-            return Err(StreamError::NotRunning {
-                state: rec.state_name(),
-                id: rec.id,
-                what,
-            });
-        }
-        Ok(rec.id)
-    }
-
     /// Exec: validates the request and answers the URL of its stream.
     pub fn exec_url(&self, mut req: cri::ExecRequest) -> Result<String, StreamError> {
-        req.container_id = self.running_container(&req.container_id, "exec")?;
+        req.container_id = self
+            .containers
+            .get_running(&req.container_id, "exec needs a running container")?
+            .id;
         if req.cmd.is_empty() {
             return Err(StreamError::Invalid("exec needs a command".to_string()));
         }
@@ -126,7 +111,10 @@ impl Streamer {
 
     /// Attach: validates the request and answers the URL of its stream.
     pub fn attach_url(&self, mut req: cri::AttachRequest) -> Result<String, StreamError> {
-        req.container_id = self.running_container(&req.container_id, "attach")?;
+        req.container_id = self
+            .containers
+            .get_running(&req.container_id, "attach needs a running container")?
+            .id;
         check_stdio(req.stdin, req.stdout, req.stderr, req.tty)?;
         self.url(Pending::Attach(req))
     }
