@@ -214,28 +214,23 @@ impl Sources {
     /// [`SAMPLE_MAX_AGE`], the cgroups read for the others; containers gone are forgotten.
     fn usage(&self, running: &[(&str, &str)]) -> HashMap<String, Usage> {
         let mut cache = self.usage.lock().unwrap_or_else(|p| p.into_inner());
-        cache.retain(|id, _| running.iter().any(|(r, _)| r == id));
-        let mut out = HashMap::with_capacity(running.len());
+        let old = std::mem::take(&mut *cache);
         for (id, cgroups_path) in running {
-            let fresh = cache
+            let sample = old
                 .get(*id)
                 .filter(|(at, _)| at.elapsed() < SAMPLE_MAX_AGE)
-                .map(|(_, u)| *u);
-            let u = match fresh {
-                Some(u) => u,
-                None => {
+                .copied()
+                .unwrap_or_else(|| {
                     let s = cgroups::stats::read(self.layout, &cgroups::relative_dir(cgroups_path));
                     let u = Usage {
                         cpu_ns: s.cpu_usage_ns,
                         working_set: s.memory.map(|m| m.working_set),
                     };
-                    cache.insert((*id).to_string(), (std::time::Instant::now(), u));
-                    u
-                }
-            };
-            out.insert((*id).to_string(), u);
+                    (std::time::Instant::now(), u)
+                });
+            cache.insert((*id).to_string(), sample);
         }
-        out
+        cache.iter().map(|(id, (_, u))| (id.clone(), *u)).collect()
     }
 }
 
