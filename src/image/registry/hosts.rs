@@ -99,7 +99,7 @@ struct HostsFile {
     server: Option<String>,
     #[serde(flatten)]
     fields: HostFields,
-    /// In file order (toml keeps it with `preserve_order`; BTreeMap otherwise: see below).
+    /// In file order (toml's `preserve_order`).
     #[serde(default)]
     host: toml::Table,
 }
@@ -153,7 +153,7 @@ pub fn endpoints(
         source,
     })?;
     let mut out = Vec::new();
-    for (url, value) in host_entries(&text, &parsed.host) {
+    for (url, value) in &parsed.host {
         let fields: HostFields = value
             .clone()
             .try_into()
@@ -161,7 +161,7 @@ pub fn endpoints(
                 path: file.clone(),
                 source,
             })?;
-        out.push(endpoint(&dir, &file, &url, fields)?);
+        out.push(endpoint(&dir, &file, url, fields)?);
     }
     let server = parsed
         .server
@@ -169,24 +169,6 @@ pub fn endpoints(
         .unwrap_or_else(|| default_server(registry));
     out.push(endpoint(&dir, &file, &server, parsed.fields)?);
     Ok(Some(out))
-}
-
-/// The `[host."…"]` tables in the order the file gives them.
-fn host_entries(text: &str, hosts: &toml::Table) -> Vec<(String, toml::Value)> {
-    let mut entries: Vec<(usize, String, toml::Value)> = hosts
-        .iter()
-        .map(|(url, v)| {
-            let pos = [format!("[host.\"{url}\"]"), format!("[host.'{url}']")]
-                .iter()
-                .filter_map(|h| text.find(h.as_str()))
-                .min()
-                .or_else(|| text.find(url.as_str()))
-                .unwrap_or(usize::MAX);
-            (pos, url.clone(), v.clone())
-        })
-        .collect();
-    entries.sort_by_key(|e| e.0);
-    entries.into_iter().map(|(_, u, v)| (u, v)).collect()
 }
 
 fn resolve_file(dir: &Path, name: &str) -> PathBuf {
@@ -378,6 +360,23 @@ ca = "server-ca.pem"
         assert_eq!(server.tls.ca_files, vec![dir.join("server-ca.pem")]);
         assert!(server.resolve && server.pull);
         assert!(endpoints(&config_path, "other.io").expect("ok").is_none());
+    }
+
+    #[test]
+    fn hosts_keep_the_file_order() {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = root.path().join("r.io");
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(
+            dir.join("hosts.toml"),
+            "[host.\"https://z.local\"]\n[host.\"https://m.local\"]\n[host.\"https://a.local\"]\n",
+        )
+        .expect("write");
+        let eps = endpoints(&root.path().display().to_string(), "r.io")
+            .expect("parse")
+            .expect("found");
+        let hosts: Vec<&str> = eps.iter().map(|e| e.host.as_str()).collect();
+        assert_eq!(hosts, ["z.local", "m.local", "a.local", "r.io"]);
     }
 
     #[test]
