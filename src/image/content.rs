@@ -1,14 +1,19 @@
 //! The content store: blobs (manifests, configs, layers) kept by digest under
 //! `root/content/blobs/sha256/<hex>`. A blob is written to `root/content/ingest/` while its
-//! digest is computed, and only a verified, fsynced blob is renamed into place, so a blob that
-//! exists is always whole and correct. Whatever is left in `ingest/` after a crash is removed at
-//! start ([`ContentStore::repair`]).
+//! digest is computed, and only a verified blob is renamed into place, so a blob that exists is
+//! whole and correct. Whatever is left in `ingest/` after a crash is removed at start
+//! ([`ContentStore::repair`]).
+//!
+//! Durability is the pull's, not the blob's: a blob is not fsynced on its own. A pull flushes
+//! the filesystem once ([`super::ImageManager`] `sync_before_register`) before the image record
+//! that names its blobs is committed; a blob no durable record names is collected at the next
+//! start, so a power loss cannot leave a torn blob that anything uses.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use std::io::Write;
 
 use super::ImageError;
 use super::reference::is_digest;
@@ -73,18 +78,20 @@ impl ContentStore {
         std::fs::read(&p).map_err(|e| ImageError::io(&p, e))
     }
 
-    /// Stores bytes already in memory, verifying their digest.
-    pub async fn write_all(&self, digest: &str, data: &[u8]) -> Result<(), ImageError> {
+    /// Stores bytes already in memory, verifying their digest. Returns whether it wrote them
+    /// (false: the blob was stored already).
+    pub fn write_all(&self, digest: &str, data: &[u8]) -> Result<bool, ImageError> {
         if self.exists(digest) {
-            return Ok(());
+            return Ok(false);
         }
-        let mut w = self.writer(digest, Some(data.len() as u64)).await?;
-        w.write(data).await?;
-        w.commit().await
+        let mut w = self.writer(digest, Some(data.len() as u64))?;
+        w.write(data)?;
+        w.commit()?;
+        Ok(true)
     }
 
     /// Starts writing a blob; [`BlobWriter::commit`] verifies and publishes it.
-    pub async fn writer(&self, digest: &str, size: Option<u64>) -> Result<BlobWriter, ImageError> {
+    pub fn writer(&self, digest: &str, size: Option<u64>) -> Result<BlobWriter, ImageError> {
         let final_path = self.path(digest)?;
         let seq = INGEST_SEQ.fetch_add(1, Ordering::Relaxed);
         let tmp = self.ingest.join(format!(
@@ -92,9 +99,7 @@ impl ContentStore {
             &digest["sha256:".len()..],
             std::process::id()
         ));
-        let file = tokio::fs::File::create(&tmp)
-            .await
-            .map_err(|e| ImageError::io(&tmp, e))?;
+        let file = std::fs::File::create(&tmp).map_err(|e| ImageError::io(&tmp, e))?;
         Ok(BlobWriter {
             file: Some(file),
             tmp,
@@ -132,7 +137,7 @@ impl ContentStore {
 /// A blob being written: hashed as it goes, published only if the digest matches.
 /// Dropped without commit, its partial file is removed.
 pub struct BlobWriter {
-    file: Option<tokio::fs::File>,
+    file: Option<std::fs::File>,
     tmp: PathBuf,
     final_path: PathBuf,
     digest: String,
@@ -142,7 +147,7 @@ pub struct BlobWriter {
 }
 
 impl BlobWriter {
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ImageError> {
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), ImageError> {
         self.written += chunk.len() as u64;
         if let Some(max) = self.expected_size
             && self.written > max
@@ -160,7 +165,6 @@ impl BlobWriter {
             ));
         };
         file.write_all(chunk)
-            .await
             .map_err(|e| ImageError::io(&self.tmp, e))
     }
 
@@ -168,8 +172,9 @@ impl BlobWriter {
         self.written
     }
 
-    /// Verifies size and digest, fsyncs and renames the blob into place.
-    pub async fn commit(mut self) -> Result<(), ImageError> {
+    /// Verifies size and digest and renames the blob into place (not fsynced: see the
+    /// module's doc).
+    pub fn commit(mut self) -> Result<(), ImageError> {
         if let Some(size) = self.expected_size
             && size != self.written
         {
@@ -185,29 +190,94 @@ impl BlobWriter {
                 reason: format!("digest mismatch: the content hashes to {actual}"),
             });
         }
-        if let Some(mut file) = self.file.take() {
-            file.flush()
-                .await
-                .map_err(|e| ImageError::io(&self.tmp, e))?;
-            file.sync_all()
-                .await
-                .map_err(|e| ImageError::io(&self.tmp, e))?;
+        self.file = None;
+        std::fs::rename(&self.tmp, &self.final_path)
+            .map_err(|e| ImageError::io(&self.final_path, e))
+    }
+}
+
+/// A blocking reader over a blob's chunks as a download sends them through a channel, which
+/// spools every chunk into the content store on its way: a layer is fetched, stored, verified
+/// and unpacked in one pass, on the unpacking thread. The end of the channel (its sender
+/// dropped) is the end of the blob; a download that fails drops its sender and reports its
+/// error itself.
+pub struct SpoolingReader {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    current: bytes::Bytes,
+    spool: BlobWriter,
+    /// Why spooling failed (the reader then fails every read).
+    failed: Option<ImageError>,
+}
+
+impl SpoolingReader {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>, spool: BlobWriter) -> Self {
+        SpoolingReader {
+            rx,
+            current: bytes::Bytes::new(),
+            spool,
+            failed: None,
         }
-        tokio::fs::rename(&self.tmp, &self.final_path)
-            .await
-            .map_err(|e| ImageError::io(&self.final_path, e))?;
-        // The rename is durable once the directory is.
-        if let Some(dir) = self.final_path.parent() {
-            let dir = dir.to_path_buf();
-            tokio::task::spawn_blocking(move || {
-                std::fs::File::open(&dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| ImageError::io(&dir, e))
-            })
-            .await
-            .map_err(|e| ImageError::Internal(e.to_string()))??;
+    }
+
+    /// Reads (and spools) what is left of the blob, then verifies and publishes it.
+    pub fn finish(mut self) -> Result<u64, ImageError> {
+        use std::io::BufRead;
+        loop {
+            match self.fill_buf() {
+                Ok([]) => break,
+                Ok(buf) => {
+                    let n = buf.len();
+                    self.consume(n);
+                }
+                Err(e) => {
+                    return Err(self
+                        .failed
+                        .take()
+                        .unwrap_or_else(|| ImageError::io(&self.spool.tmp, e)));
+                }
+            }
         }
-        Ok(())
+        let n = self.spool.written();
+        self.spool.commit()?;
+        Ok(n)
+    }
+}
+
+impl std::io::BufRead for SpoolingReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if let Some(e) = &self.failed {
+            return Err(std::io::Error::other(e.to_string()));
+        }
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => {
+                    if let Err(e) = self.spool.write(&chunk) {
+                        let io = std::io::Error::other(e.to_string());
+                        self.failed = Some(e);
+                        return Err(io);
+                    }
+                    self.current = chunk;
+                }
+                None => break,
+            }
+        }
+        Ok(&self.current)
+    }
+
+    fn consume(&mut self, amt: usize) {
+        let amt = amt.min(self.current.len());
+        bytes::Buf::advance(&mut self.current, amt);
+    }
+}
+
+impl std::io::Read for SpoolingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::BufRead;
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
     }
 }
 
@@ -226,21 +296,18 @@ mod tests {
         format!("sha256:{}", hex::encode(Sha256::digest(data)))
     }
 
-    #[tokio::test]
-    async fn verified_blobs_are_kept_and_bad_ones_are_not() {
+    #[test]
+    fn verified_blobs_are_kept_and_bad_ones_are_not() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cs = ContentStore::open(dir.path()).expect("open");
         let good = b"hello world";
         let d = digest_of(good);
-        cs.write_all(&d, good).await.expect("good blob");
+        cs.write_all(&d, good).expect("good blob");
         assert_eq!(cs.read(&d).expect("read"), good);
         assert_eq!(cs.list().expect("list"), vec![d.clone()]);
 
         let other = digest_of(b"other");
-        let e = cs
-            .write_all(&other, b"not other")
-            .await
-            .expect_err("mismatch");
+        let e = cs.write_all(&other, b"not other").expect_err("mismatch");
         assert!(e.to_string().contains(&other), "{e}");
         assert!(!cs.exists(&other));
         assert_eq!(
@@ -250,11 +317,8 @@ mod tests {
             0
         );
 
-        let mut w = cs
-            .writer(&digest_of(b"abc"), Some(2))
-            .await
-            .expect("writer");
-        assert!(w.write(b"abc").await.is_err(), "oversized blob refused");
+        let mut w = cs.writer(&digest_of(b"abc"), Some(2)).expect("writer");
+        assert!(w.write(b"abc").is_err(), "oversized blob refused");
         drop(w);
         assert_eq!(cs.repair().expect("repair"), 0);
         cs.delete(&d).expect("delete");

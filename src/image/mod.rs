@@ -20,6 +20,7 @@ pub mod unpack;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock};
 
 use serde::{Deserialize, Serialize};
@@ -162,6 +163,14 @@ pub struct ImageManager {
     holders: StdMutex<HashMap<String, BTreeSet<String>>>,
     /// Told when garbage collection removed content (the filesystem usage cache listens).
     on_collect: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
+    /// Blobs and snapshots written so far, and how many of them a `syncfs` has covered
+    /// ([`ImageManager::sync_before_register`]).
+    unsynced: AtomicU64,
+    synced: AtomicU64,
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 fn sha256_digest(bytes: &[u8]) -> String {
@@ -202,6 +211,8 @@ impl ImageManager {
             root: config.root.clone(),
             holders: StdMutex::new(HashMap::new()),
             on_collect: std::sync::OnceLock::new(),
+            unsynced: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
         };
         let (blobs, snaps) = mgr.collect_garbage_now()?;
         if blobs + snaps > 0 {
@@ -259,9 +270,15 @@ impl ImageManager {
                             manifest::host_arch()
                         ),
                     })?;
-            let bytes = remote.fetch_manifest_by_digest(&desc.digest).await?;
-            crate::metrics::add_pulled_bytes(bytes.len() as u64);
-            self.content.write_all(&top_digest, &top_bytes).await?;
+            // A platform manifest stored already (verified when it was) is not fetched again.
+            let bytes = if self.content.exists(&desc.digest) {
+                self.content.read(&desc.digest)?
+            } else {
+                let bytes = remote.fetch_manifest_by_digest(&desc.digest).await?;
+                crate::metrics::add_pulled_bytes(bytes.len() as u64);
+                bytes
+            };
+            self.note_written(self.content.write_all(&top_digest, &top_bytes)?);
             extra_blobs.push(top_digest.clone());
             (bytes, desc.digest.clone())
         } else {
@@ -270,9 +287,7 @@ impl ImageManager {
         let manifest = ManifestOrIndex::parse(&manifest_bytes)
             .and_then(ManifestOrIndex::into_manifest)
             .map_err(bad)?;
-        self.content
-            .write_all(&manifest_digest, &manifest_bytes)
-            .await?;
+        self.note_written(self.content.write_all(&manifest_digest, &manifest_bytes)?);
 
         // The config: small, fetched into the content store, then parsed.
         let config_digest = manifest.config.digest.clone();
@@ -318,6 +333,9 @@ impl ImageManager {
             .and_then(|c| c.user.clone())
             .filter(|u| !u.is_empty());
         let repo_digest = reference.with_digest(&top_digest);
+        let t_sync = std::time::Instant::now();
+        self.sync_before_register().await?;
+        tracing::debug!(image = %reference, sync_ms = ms(t_sync.elapsed()), "pull flushed");
         self.register(ImageRecord {
             id: id.clone(),
             repo_tags: reference.tagged().into_iter().collect(),
@@ -378,6 +396,9 @@ impl ImageManager {
                 None => new,
             }
         };
+        if updated.is_empty() && self.read_images().get(&merged.id) == Some(&merged) {
+            return Ok(()); // a pull of an image that is here already, under the same names
+        }
         batch.put(Table::Images, &merged.id, &merged)?;
         updated.push(merged);
         let store = self.store.clone();
@@ -400,9 +421,23 @@ impl ImageManager {
         let size = (desc.size > 0).then_some(desc.size as u64);
         let n = remote.fetch_blob(&self.content, &desc.digest, size).await?;
         crate::metrics::add_pulled_bytes(n);
+        self.note_written(true);
         Ok(())
     }
 
+    /// Counts a blob or snapshot written (not yet flushed to disk).
+    fn note_written(&self, written: bool) {
+        if written {
+            self.unsynced.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Makes the snapshot of one layer unless it exists. A layer not in the content store is
+    /// downloaded, stored, verified and unpacked in one pass: the download hands its chunks to
+    /// an unpacking thread that spools them into the content store as it unpacks them. The
+    /// snapshot is published (renamed into place) only when both the blob's digest and the
+    /// unpacked stream's diff id match; it is flushed to disk with the pull's one
+    /// [`ImageManager::sync_before_register`].
     async fn fetch_and_unpack(
         &self,
         remote: &Remote,
@@ -415,56 +450,121 @@ impl ImageManager {
             return Ok(());
         }
         let t0 = std::time::Instant::now();
-        self.fetch_blob_once(remote, layer).await?;
-        let fetched = t0.elapsed();
-        let blob = self.content.path(&layer.digest)?;
+        let blob_lock = self.blob_locks.lock(&layer.digest).await;
+        let layer_digest = layer.digest.clone();
+        let unpack_err = |source| ImageError::Unpack {
+            layer: layer_digest.clone(),
+            source,
+        };
         let snapshots = self.snapshots.clone();
-        let (layer_digest, diff_id, chain_id) = (
-            layer.digest.clone(),
-            diff_id.to_string(),
-            chain_id.to_string(),
-        );
-        tokio::task::spawn_blocking(move || {
-            let t1 = std::time::Instant::now();
-            let (tmp, fs) = snapshots.prepare()?;
-            let mut unpacked = std::time::Duration::ZERO;
-            let mut synced = std::time::Duration::ZERO;
-            let result = unpack::unpack_layer(&blob, &fs)
-                .map_err(|source| ImageError::Unpack {
-                    layer: layer_digest.clone(),
-                    source,
-                })
-                .and_then(|u| {
-                    if u.diff_id != diff_id {
-                        return Err(ImageError::DiffIdMismatch {
-                            layer: layer_digest.clone(),
-                            expected: diff_id.clone(),
-                            actual: u.diff_id,
-                        });
-                    }
-                    unpacked = t1.elapsed();
-                    // Durable before it is published: the image record that follows
-                    // must never point at files a power loss could tear.
-                    snapshots.sync(&tmp)?;
-                    synced = t1.elapsed() - unpacked;
-                    snapshots.commit(&tmp, &chain_id)
+        let (tmp, fs) = snapshots.prepare()?;
+        let outcome = if self.content.exists(&layer.digest) {
+            // Stored already (a blob shared with another chain): unpack the file.
+            drop(blob_lock);
+            let blob = self.content.path(&layer.digest)?;
+            let fs = fs.clone();
+            tokio::task::spawn_blocking(move || unpack::unpack_layer(&blob, &fs))
+                .await
+                .map_err(|e| ImageError::Internal(e.to_string()))?
+                .map_err(unpack_err)
+        } else {
+            let size = (layer.size > 0).then_some(layer.size as u64);
+            let spool = self.content.writer(&layer.digest, size)?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
+            let fs = fs.clone();
+            let unpacking = tokio::task::spawn_blocking(move || {
+                let mut reader = content::SpoolingReader::new(rx, spool);
+                let unpacked = unpack::unpack_stream(&mut reader, &fs);
+                // The rest of the blob is read and checked even if unpacking failed: a
+                // corrupt blob is reported as one.
+                (unpacked, reader.finish())
+            });
+            let downloaded = self.download(remote, &layer.digest, tx).await;
+            let (unpacked, stored) = unpacking
+                .await
+                .map_err(|e| ImageError::Internal(e.to_string()))?;
+            drop(blob_lock);
+            let fetched = t0.elapsed();
+            // The first cause wins: the download, then the blob, then the layer's contents.
+            let outcome = downloaded.and(stored).and_then(|n| {
+                crate::metrics::add_pulled_bytes(n);
+                unpacked.map_err(unpack_err)
+            });
+            tracing::debug!(layer = %layer.digest, fetch_and_unpack_ms = ms(fetched), "layer streamed");
+            outcome
+        };
+        let result = outcome.and_then(|u| {
+            if u.diff_id != diff_id {
+                return Err(ImageError::DiffIdMismatch {
+                    layer: layer.digest.clone(),
+                    expected: diff_id.to_string(),
+                    actual: u.diff_id,
                 });
-            if result.is_err() {
-                snapshots.discard(&tmp);
             }
-            let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-            tracing::debug!(
-                layer = %layer_digest,
-                fetch_ms = ms(fetched),
-                unpack_ms = ms(unpacked),
-                sync_ms = ms(synced),
-                commit_ms = ms(t1.elapsed() - unpacked - synced),
-                "layer pull steps"
-            );
-            result
+            snapshots.commit(&tmp, chain_id)?;
+            self.note_written(true);
+            Ok(())
+        });
+        if result.is_err() {
+            snapshots.discard(&tmp);
+        }
+        tracing::debug!(layer = %layer.digest, total_ms = ms(t0.elapsed()), "layer pull steps");
+        result
+    }
+
+    /// Downloads a blob into `tx` (the unpacking thread). Fails with the download's error; a
+    /// receiver that went away (its spooling failed) ends the download quietly, the receiver
+    /// reports why.
+    async fn download(
+        &self,
+        remote: &Remote,
+        digest: &str,
+        tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<(), ImageError> {
+        let t0 = std::time::Instant::now();
+        let mut blob = remote.open_blob(digest).await?;
+        let first_byte = t0.elapsed();
+        while let Some(chunk) = blob.next_chunk().await? {
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+        tracing::debug!(
+            blob = %digest,
+            headers_ms = ms(first_byte),
+            download_ms = ms(t0.elapsed()),
+            "blob download steps"
+        );
+        Ok(())
+    }
+
+    /// Flushes what pulls wrote (blobs and snapshots, none fsynced on its own) to disk before
+    /// an image record naming them is committed: one `syncfs` per filesystem, skipped when
+    /// nothing was written since the last one finished.
+    async fn sync_before_register(&self) -> Result<(), ImageError> {
+        let written = self.unsynced.load(Ordering::SeqCst);
+        if self.synced.load(Ordering::SeqCst) >= written {
+            return Ok(());
+        }
+        let dirs = [self.content.base(), self.snapshots.base().to_path_buf()];
+        tokio::task::spawn_blocking(move || {
+            let mut devices = Vec::new();
+            for dir in dirs {
+                let f = std::fs::File::open(&dir).map_err(|e| ImageError::io(&dir, e))?;
+                let dev = std::os::unix::fs::MetadataExt::dev(
+                    &f.metadata().map_err(|e| ImageError::io(&dir, e))?,
+                );
+                if !devices.contains(&dev) {
+                    nix::unistd::syncfs(&f).map_err(|e| ImageError::io(&dir, e.into()))?;
+                    devices.push(dev);
+                }
+            }
+            Ok::<(), ImageError>(())
         })
         .await
-        .map_err(|e| ImageError::Internal(e.to_string()))?
+        .map_err(|e| ImageError::Internal(e.to_string()))??;
+        self.synced.fetch_max(written, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Resolves what a CRI client names an image by: an id (`sha256:<hex>`, bare hex, or a

@@ -75,21 +75,12 @@ impl SnapshotStore {
         Ok((tmp, fs))
     }
 
-    /// Flushes the filesystem holding a prepared snapshot (`syncfs`), so its files are on
-    /// disk before it is published.
-    pub fn sync(&self, tmp: &Path) -> Result<(), ImageError> {
-        let dir = std::fs::File::open(tmp).map_err(|e| ImageError::io(tmp, e))?;
-        nix::unistd::syncfs(&dir).map_err(|e| ImageError::io(tmp, e.into()))
-    }
-
-    /// Publishes a prepared snapshot under its chain id.
+    /// Publishes a prepared snapshot under its chain id. Not flushed to disk here: the pull
+    /// that made it syncs the filesystem once before the image record naming it is committed,
+    /// and a snapshot no durable record names is collected at the next start.
     pub fn commit(&self, tmp: &Path, chain_id: &str) -> Result<(), ImageError> {
         let dest = self.dir_of(chain_id)?;
-        std::fs::rename(tmp, &dest).map_err(|e| ImageError::io(&dest, e))?;
-        // The rename itself is durable once the parent directory is.
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| ImageError::io(&self.dir, e))
+        std::fs::rename(tmp, &dest).map_err(|e| ImageError::io(&dest, e))
     }
 
     /// Removes a temporary snapshot (after a failed unpack).

@@ -11,7 +11,7 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -64,11 +64,25 @@ pub struct Unpacked {
 /// Unpacks the layer blob at `blob` into the existing empty directory `dest`.
 pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<Unpacked, UnpackError> {
     let file = File::open(blob).map_err(UnpackError::Read)?;
-    let mut reader = BufReader::with_capacity(256 * 1024, file);
-    let magic = {
-        use std::io::BufRead;
-        reader.fill_buf().map_err(UnpackError::Read)?.to_vec()
-    };
+    unpack_stream(BufReader::with_capacity(256 * 1024, file), dest)
+}
+
+/// Unpacks a layer (tar, gzip or zstd, told apart by their magic bytes) read from `reader`
+/// into the existing empty directory `dest`: the one pass that a pull streams each layer
+/// through while it downloads (see [`super::content::SpoolingReader`]), or a stored blob's file.
+pub fn unpack_stream<R: BufRead>(mut reader: R, dest: &Path) -> Result<Unpacked, UnpackError> {
+    // The first bytes may arrive in pieces: gather the 4 the magic needs (or all there are).
+    let mut magic = Vec::with_capacity(4);
+    while magic.len() < 4 {
+        let buf = reader.fill_buf().map_err(UnpackError::Read)?;
+        if buf.is_empty() {
+            break;
+        }
+        let n = buf.len().min(4 - magic.len());
+        magic.extend_from_slice(&buf[..n]);
+        reader.consume(n);
+    }
+    let reader = io::Cursor::new(magic.clone()).chain(reader);
     let decompressed: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(reader))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
@@ -517,5 +531,56 @@ mod tests {
             assert_eq!(u.size, tar.len() as u64);
             assert_eq!(std::fs::read(dest.join("f")).expect("f"), b"data");
         }
+    }
+
+    #[test]
+    fn streamed_layer_is_spooled_verified_and_unpacked_in_one_pass() {
+        let tar = tar_of(&[("f", EntryType::Regular, b"streamed", None)]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &tar).expect("gzip");
+        let gz = gz.finish().expect("gzip");
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&gz)));
+        let root = tempfile::tempdir().expect("tempdir");
+        let cs = super::super::content::ContentStore::open(root.path()).expect("content");
+        // Run the one-pass path: chunks of 1, 2 and 3 bytes first (the magic split up), then
+        // the rest; once with the right digest, once with a wrong one.
+        let run = |want: &str| {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let spool = cs.writer(want, Some(gz.len() as u64)).expect("writer");
+            let dest = tempfile::tempdir().expect("dest");
+            let gz = gz.clone();
+            let feeder = std::thread::spawn(move || {
+                let mut at = 0;
+                for n in [1, 2, 3, gz.len() - 6] {
+                    let chunk = bytes::Bytes::copy_from_slice(&gz[at..at + n]);
+                    at += n;
+                    if tx.blocking_send(chunk).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut reader = super::super::content::SpoolingReader::new(rx, spool);
+            let unpacked = unpack_stream(&mut reader, dest.path());
+            let stored = reader.finish();
+            feeder.join().expect("feeder");
+            let file = std::fs::read(dest.path().join("f")).ok();
+            (unpacked, stored, file)
+        };
+        let (u, stored, file) = run(&digest);
+        let u = u.expect("unpacks");
+        assert_eq!(
+            u.diff_id,
+            format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
+        );
+        assert_eq!(stored.expect("stored"), gz.len() as u64);
+        assert_eq!(file.as_deref(), Some(&b"streamed"[..]));
+        assert_eq!(cs.read(&digest).expect("blob kept"), gz);
+
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        let (_, stored, _) = run(&wrong);
+        let e = stored.expect_err("a blob that does not hash to its digest is refused");
+        assert!(e.to_string().contains("digest mismatch"), "{e}");
+        assert!(!cs.exists(&wrong));
+        assert_eq!(cs.repair().expect("repair"), 0, "no partial blob left");
     }
 }

@@ -301,31 +301,16 @@ impl Remote {
         digest: &str,
         size: Option<u64>,
     ) -> Result<u64, ImageError> {
-        let t = self.progress_timeout;
-        let stalled = || ImageError::Stalled {
-            reference: self.display.clone(),
-            reason: format!("blob {digest}: no byte received for {t:?}"),
-        };
         let t0 = std::time::Instant::now();
-        let resp = self.session.get(&format!("blobs/{digest}"), None).await?;
+        let mut blob = self.open_blob(digest).await?;
         let first_byte = t0.elapsed();
-        let mut stream = resp.bytes_stream();
-        let mut w = content.writer(digest, size).await?;
-        loop {
-            let next = tokio::time::timeout(t, stream.next())
-                .await
-                .map_err(|_| stalled())?;
-            match next {
-                None => break,
-                Some(Ok(chunk)) => w.write(&chunk).await?,
-                Some(Err(e)) => {
-                    return Err(self.session.request_error(&e, &format!("blob {digest}")));
-                }
-            }
+        let mut w = content.writer(digest, size)?;
+        while let Some(chunk) = blob.next_chunk().await? {
+            w.write(&chunk)?;
         }
         let n = w.written();
         let downloaded = t0.elapsed();
-        w.commit().await?;
+        w.commit()?;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         tracing::debug!(
             blob = %digest,
@@ -336,5 +321,43 @@ impl Remote {
             "blob fetch steps"
         );
         Ok(n)
+    }
+
+    /// Starts downloading a blob: its chunks come from [`BlobStream::next_chunk`].
+    pub async fn open_blob(&self, digest: &str) -> Result<BlobStream<'_>, ImageError> {
+        let resp = self.session.get(&format!("blobs/{digest}"), None).await?;
+        Ok(BlobStream {
+            remote: self,
+            digest: digest.to_string(),
+            body: Box::pin(resp.bytes_stream()),
+        })
+    }
+}
+
+/// A blob's body as it arrives from the registry.
+pub struct BlobStream<'r> {
+    remote: &'r Remote,
+    digest: String,
+    body: std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'r>,
+    >,
+}
+
+impl BlobStream<'_> {
+    /// The next chunk, `None` at the end. Fails if none arrives for the progress timeout.
+    pub async fn next_chunk(&mut self) -> Result<Option<bytes::Bytes>, ImageError> {
+        let t = self.remote.progress_timeout;
+        match tokio::time::timeout(t, self.body.next()).await {
+            Err(_) => Err(ImageError::Stalled {
+                reference: self.remote.display.clone(),
+                reason: format!("blob {}: no byte received for {t:?}", self.digest),
+            }),
+            Ok(None) => Ok(None),
+            Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+            Ok(Some(Err(e))) => Err(self
+                .remote
+                .session
+                .request_error(&e, &format!("blob {}", self.digest))),
+        }
     }
 }
