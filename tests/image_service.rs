@@ -1093,6 +1093,20 @@ async fn concurrent_pulls_fetch_each_blob_once() {
     );
     assert_eq!(d.snapshots().len(), 3);
     assert!(d.verify_content_store().is_empty());
+
+    // A pull of the image that is here now asks the registry one thing: the manifest.
+    let before = proxy.requests().len();
+    pull_image(&mut c, &reference, None)
+        .await
+        .expect("warm pull");
+    let warm: Vec<String> = proxy.requests()[before..]
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(
+        warm.len() == 1 && warm[0].contains("/manifests/"),
+        "a warm pull's requests (want one manifest request): {warm:#?}"
+    );
 }
 
 #[tokio::test]
