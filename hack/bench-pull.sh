@@ -16,6 +16,10 @@
 #                      BENCH_TMPDIR=/tmp (where the temp dirs go; must support overlayfs)
 #                      CONTAINERD=containerd (another build, see containerd-up.sh)
 #                      BENCH_KEEP_LOGS=DIR (copy the registry and daemon logs there on exit)
+#                      PROFILE_DIR=DIR (record berthd with `perf record -g` during each of its
+#                        pulls: DIR/berthd.N.perf.data, and DIR/berthd.N.perf.txt, its report
+#                        by symbol; needs Debian's linux-perf)
+#                      RUST_LOG=berth=debug (berthd's per-layer step timings, in its log)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO_ROOT=$(pwd)
@@ -29,6 +33,7 @@ BASELINE=${BASELINE:-$REPO_ROOT/../shared/baseline}
 
 # ----- dependencies -----
 pkgs=(containerd runc containernetworking-plugins iptables docker-registry protobuf-compiler)
+[ -z "${PROFILE_DIR:-}" ] || pkgs+=(linux-perf)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -174,9 +179,24 @@ for i in $(seq "$PULLS"); do
     for d in ${WAIT[$rt]}; do wait_args+=(--wait-empty "$d"); done
     # Cold: neither the registry's files nor anything of the last pull in the page cache.
     if [ "${DROP_CACHES:-1}" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi
+    PERF_PID=
+    if [ -n "${PROFILE_DIR:-}" ] && [ "$rt" = berth ]; then
+      mkdir -p "$PROFILE_DIR"
+      perf record -q -F 1999 -g -p "$BERTHD_PID" -o "$PROFILE_DIR/berthd.$i.perf.data" \
+        >/dev/null 2>&1 &
+      PERF_PID=$!
+      sleep 0.3
+    fi
     "$BENCH" pull --endpoint "${EP[$rt]}" --image "$IMAGE" --repeat 1 --remove-between \
       "${wait_args[@]}" >"$T/pull.out" 2>"$T/pull.err" ||
       { cat "$T/pull.err" >&2; fail "$rt: pull $i failed"; }
+    if [ -n "$PERF_PID" ]; then
+      kill -INT "$PERF_PID"
+      wait "$PERF_PID" || true
+      { perf report -i "$PROFILE_DIR/berthd.$i.perf.data" --stdio --no-children -g none \
+        --percent-limit 0.5 --sort dso,symbol 2>/dev/null || true; } \
+        >"$PROFILE_DIR/berthd.$i.perf.txt"
+    fi
     read -r secs disk < <(awk '$1 == "pull" {print $3, $4}' "$T/pull.out")
     echo "$secs" >>"$T/times.$rt"
     echo "$disk" >"$T/disk.$rt"

@@ -20,6 +20,9 @@ use super::reference::is_digest;
 
 static INGEST_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Bytes of a blob written between two writeback hints.
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
 /// Blobs by digest under one directory.
 #[derive(Debug, Clone)]
 pub struct ContentStore {
@@ -165,7 +168,12 @@ impl BlobWriter {
             ));
         };
         file.write_all(chunk)
-            .map_err(|e| ImageError::io(&self.tmp, e))
+            .map_err(|e| ImageError::io(&self.tmp, e))?;
+        // Big blobs go to disk as they arrive (see `start_writeback`), every few MiB.
+        if self.written / WRITEBACK_EVERY != (self.written - chunk.len() as u64) / WRITEBACK_EVERY {
+            super::unpack::start_writeback(file);
+        }
+        Ok(())
     }
 
     pub fn written(&self) -> u64 {
@@ -190,7 +198,9 @@ impl BlobWriter {
                 reason: format!("digest mismatch: the content hashes to {actual}"),
             });
         }
-        self.file = None;
+        if let Some(file) = self.file.take() {
+            super::unpack::start_writeback(&file);
+        }
         std::fs::rename(&self.tmp, &self.final_path)
             .map_err(|e| ImageError::io(&self.final_path, e))
     }

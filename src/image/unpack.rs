@@ -104,6 +104,17 @@ pub fn unpack_stream<R: BufRead>(mut reader: R, dest: &Path) -> Result<Unpacked,
     })
 }
 
+/// Asks the kernel to start writing a file's dirty pages to disk now, without waiting: the
+/// pull's one `syncfs` before its image record then finds most of the layer on disk already
+/// instead of flushing it all at the end. Only a hint; durability comes from that `syncfs`.
+pub fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range on an open fd with a valid flag; it touches no memory of ours.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
@@ -198,6 +209,7 @@ pub fn unpack_tar<R: Read>(reader: R, dest: &Path) -> Result<(), UnpackError> {
                         }
                     }
                 })?;
+                start_writeback(&out);
             }
             EntryType::Symlink => {
                 let link = entry
