@@ -470,9 +470,9 @@ impl ImageManager {
         } else {
             let size = (layer.size > 0).then_some(layer.size as u64);
             let spool = self.content.writer(&layer.digest, size)?;
-            // A few chunks in flight (hyper's are up to a few hundred KiB): a layer that
+            // Two chunks in flight (hyper's are up to a few hundred KiB): a layer that
             // unpacks slower than it downloads holds the download back, not memory.
-            let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+            let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(2);
             let fs = fs.clone();
             let unpacking = tokio::task::spawn_blocking(move || {
                 let mut reader = content::SpoolingReader::new(rx, spool);
