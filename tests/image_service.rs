@@ -1268,3 +1268,49 @@ async fn stalled_pull_fails_after_progress_timeout() {
     proxy.resume();
     pull_ok(&mut c, &reference, None, &img.id()).await;
 }
+
+#[tokio::test]
+async fn broken_connection_mid_layer_resumes_or_fails_naming_the_layer() {
+    let reg = Registry::anonymous();
+    let img = ImageBuilder::random(1, 4 << 20, 43).build();
+    let p = reg.push("test/cut", "1", &img).await;
+    let proxy = Proxy::start(reg.addr());
+    let d = Berthd::start(BerthdConfig::new().insecure_registry(&proxy.host())).await;
+    let mut c = d.image_client().await;
+    let layer = img.layers[0].digest.clone();
+
+    // Two connections break mid-layer: the download resumes where each broke (a Range
+    // request; docker-registry honours it) and the image is whole.
+    proxy.cut_connections_after(1 << 20, 2);
+    pull_ok(&mut c, &p.reference_via(&proxy.host()), None, &img.id()).await;
+    assert_eq!(proxy.blob_gets(&layer), 3, "one GET and two resumes");
+    assert!(
+        d.verify_content_store().is_empty(),
+        "{:?}",
+        d.verify_content_store()
+    );
+
+    // A connection that breaks every time: the pull fails, naming the layer, and keeps
+    // nothing of it.
+    let img2 = ImageBuilder::random(1, 4 << 20, 44).build();
+    let p2 = reg.push("test/cut2", "1", &img2).await;
+    let layer2 = img2.layers[0].digest.clone();
+    proxy.cut_connections_after(256 << 10, 100);
+    let reference2 = p2.reference_via(&proxy.host());
+    let e = pull_image(&mut c, &reference2, None)
+        .await
+        .expect_err("a pull whose layer never arrives whole");
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(
+        e.message().contains(&layer2),
+        "the error names the layer: {}",
+        e.message()
+    );
+    assert!(image_status(&mut c, &reference2).await.is_none());
+    assert!(d.ingest_entries().is_empty(), "{:?}", d.ingest_entries());
+    assert!(!d.content_blob_path(&layer2).exists());
+
+    // With the connection healthy again the same pull works.
+    proxy.cut_connections_after(u64::MAX, 0);
+    pull_ok(&mut c, &reference2, None, &img2.id()).await;
+}

@@ -31,6 +31,12 @@ struct ProxyState {
     forwarded: AtomicU64,
     /// Refuse (close) new connections.
     refuse: AtomicBool,
+    /// Cut a connection once it has forwarded this many upstream->client bytes…
+    cut_after: AtomicU64,
+    /// …this many more times (bytes counted since the last `cut_connections_after`).
+    cuts_left: AtomicU64,
+    /// Bumped by each `cut_connections_after`: connections count their bytes afresh.
+    cut_generation: AtomicU64,
     connections: AtomicU64,
     requests: Mutex<Vec<ProxiedRequest>>,
     /// Token-bucket clock of the rate limiter: when the next byte may go.
@@ -56,6 +62,9 @@ impl Proxy {
             stall_after: AtomicU64::new(u64::MAX),
             forwarded: AtomicU64::new(0),
             refuse: AtomicBool::new(false),
+            cut_after: AtomicU64::new(u64::MAX),
+            cuts_left: AtomicU64::new(0),
+            cut_generation: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             requests: Mutex::new(Vec::new()),
             next_free: Mutex::new(Instant::now()),
@@ -137,6 +146,15 @@ impl Proxy {
     /// Whether forwarding is currently held back by a stall.
     pub fn is_stalled(&self) -> bool {
         self.bytes_forwarded() >= self.state.stall_after.load(Ordering::SeqCst)
+    }
+
+    /// The next `times` connections that forward more than `bytes` upstream->client bytes
+    /// from now on are cut there (closed mid-response, as a registry or a network failing
+    /// mid-layer).
+    pub fn cut_connections_after(&self, bytes: u64, times: u64) {
+        self.state.cut_after.store(bytes, Ordering::SeqCst);
+        self.state.cuts_left.store(times, Ordering::SeqCst);
+        self.state.cut_generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// New connections are accepted and closed immediately while `true`.
@@ -299,6 +317,7 @@ async fn upstream_to_client(
     client_gone: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
+    let (mut generation, mut on_this_connection) = (0u64, 0u64);
     loop {
         let rate = st.rate.load(Ordering::SeqCst);
         // Small reads when throttled so that the limiter is smooth.
@@ -324,11 +343,29 @@ async fn upstream_to_client(
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
-            let k = ((limit - fwd).min((n - off) as u64)) as usize;
+            let mut k = ((limit - fwd).min((n - off) as u64)) as usize;
+            let now_generation = st.cut_generation.load(Ordering::SeqCst);
+            if now_generation != generation {
+                (generation, on_this_connection) = (now_generation, 0);
+            }
+            let cut_at = st.cut_after.load(Ordering::SeqCst);
+            let cut = on_this_connection + k as u64 > cut_at
+                && st
+                    .cuts_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+                    .is_ok();
+            if cut {
+                k = cut_at.saturating_sub(on_this_connection) as usize;
+            }
+            on_this_connection += k as u64;
             throttle(&st, k as u64).await;
             cw.write_all(&buf[off..off + k]).await?;
             st.forwarded.fetch_add(k as u64, Ordering::SeqCst);
             off += k;
+            if cut {
+                // Dropping the write half ends the response mid-body.
+                return Ok(());
+            }
         }
     }
 }

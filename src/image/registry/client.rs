@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use reqwest::StatusCode;
-use reqwest::header::{
-    ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, WWW_AUTHENTICATE,
-};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, WWW_AUTHENTICATE};
 use serde::Deserialize;
 
 use super::Credentials;
@@ -197,12 +195,12 @@ impl Session {
     async fn send(
         &self,
         url: &str,
-        accept: Option<&str>,
+        header: Option<(HeaderName, &str)>,
         authorization: Option<HeaderValue>,
     ) -> Result<reqwest::Response, ImageError> {
         let mut req = self.http.get(url).headers(self.headers.clone());
-        if let Some(a) = accept {
-            req = req.header(ACCEPT, a);
+        if let Some((name, value)) = header {
+            req = req.header(name, value);
         }
         if let Some(a) = authorization {
             req = req.header(AUTHORIZATION, a);
@@ -272,7 +270,7 @@ impl Session {
     pub async fn get(
         &self,
         path: &str,
-        accept: Option<&str>,
+        header: Option<(HeaderName, &str)>,
     ) -> Result<reqwest::Response, ImageError> {
         let url = format!("{}/{}/{path}", self.api, self.repository);
         let known = self
@@ -281,7 +279,7 @@ impl Session {
             .map(|a| a.clone())
             .unwrap_or_default();
         let had_auth = known.is_some();
-        let mut resp = self.send(&url, accept, known).await?;
+        let mut resp = self.send(&url, header.clone(), known).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             let challenge = resp
                 .headers()
@@ -294,7 +292,7 @@ impl Session {
                     if let Ok(mut slot) = self.authorization.lock() {
                         *slot = Some(auth.clone());
                     }
-                    resp = self.send(&url, accept, Some(auth)).await?;
+                    resp = self.send(&url, header, Some(auth)).await?;
                 }
                 _ => {}
             }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
+use reqwest::header::{ACCEPT, CONTENT_RANGE, RANGE};
 
 use super::content::ContentStore;
 use super::reference::Reference;
@@ -274,7 +275,7 @@ impl Remote {
             .session
             .get(
                 &format!("manifests/{tag_or_digest}"),
-                Some(&MANIFEST_TYPES.join(", ")),
+                Some((ACCEPT, &MANIFEST_TYPES.join(", "))),
             )
             .await?;
         let bytes = self.session.body(resp, &what).await?;
@@ -330,34 +331,112 @@ impl Remote {
             remote: self,
             digest: digest.to_string(),
             body: Box::pin(resp.bytes_stream()),
+            received: 0,
+            skip: 0,
+            resumes_left: BLOB_RESUMES,
         })
     }
 }
 
-/// A blob's body as it arrives from the registry.
+/// How many times one blob's download is resumed after its connection broke.
+const BLOB_RESUMES: u32 = 3;
+
+type Body<'r> =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'r>>;
+
+/// A blob's body as it arrives from the registry. A connection that breaks mid-blob is
+/// resumed where it broke, with a `Range` request (a registry that ignores it sends the whole
+/// blob again and what arrived already is skipped), up to [`BLOB_RESUMES`] times.
 pub struct BlobStream<'r> {
     remote: &'r Remote,
     digest: String,
-    body: std::pin::Pin<
-        Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'r>,
-    >,
+    body: Body<'r>,
+    /// Bytes handed out so far.
+    received: u64,
+    /// Bytes of the current body to drop: a resumed download the registry sent from the start.
+    skip: u64,
+    resumes_left: u32,
 }
 
 impl BlobStream<'_> {
-    /// The next chunk, `None` at the end. Fails if none arrives for the progress timeout.
+    /// The next chunk, `None` at the end. Fails if none arrives for the progress timeout, or
+    /// if the connection broke and could not be resumed.
     pub async fn next_chunk(&mut self) -> Result<Option<bytes::Bytes>, ImageError> {
         let t = self.remote.progress_timeout;
-        match tokio::time::timeout(t, self.body.next()).await {
-            Err(_) => Err(ImageError::Stalled {
-                reference: self.remote.display.clone(),
-                reason: format!("blob {}: no byte received for {t:?}", self.digest),
-            }),
-            Ok(None) => Ok(None),
-            Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
-            Ok(Some(Err(e))) => Err(self
-                .remote
-                .session
-                .request_error(&e, &format!("blob {}", self.digest))),
+        loop {
+            match tokio::time::timeout(t, self.body.next()).await {
+                Err(_) => {
+                    return Err(ImageError::Stalled {
+                        reference: self.remote.display.clone(),
+                        reason: format!("blob {}: no byte received for {t:?}", self.digest),
+                    });
+                }
+                Ok(None) => return Ok(None),
+                Ok(Some(Ok(mut chunk))) => {
+                    if self.skip > 0 {
+                        let n = self.skip.min(chunk.len() as u64);
+                        self.skip -= n;
+                        bytes::Buf::advance(&mut chunk, n as usize);
+                        if chunk.is_empty() {
+                            continue;
+                        }
+                    }
+                    self.received += chunk.len() as u64;
+                    return Ok(Some(chunk));
+                }
+                Ok(Some(Err(e))) => {
+                    let err = self
+                        .remote
+                        .session
+                        .request_error(&e, &format!("blob {}", self.digest));
+                    if self.resumes_left == 0 || e.is_timeout() {
+                        return Err(err);
+                    }
+                    self.resumes_left -= 1;
+                    tracing::warn!(
+                        blob = %self.digest,
+                        at = self.received,
+                        error = %err,
+                        "blob download broke; resuming it"
+                    );
+                    self.resume().await?;
+                }
+            }
         }
+    }
+
+    /// Asks for the rest of the blob after a broken connection.
+    async fn resume(&mut self) -> Result<(), ImageError> {
+        let range = format!("bytes={}-", self.received);
+        let resp = self
+            .remote
+            .session
+            .get(&format!("blobs/{}", self.digest), Some((RANGE, &range)))
+            .await?;
+        self.skip = if resp.status() == reqwest::StatusCode::PARTIAL_CONTENT {
+            let start = resp
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.parse::<u64>().ok());
+            if start != Some(self.received) {
+                return Err(ImageError::Registry {
+                    reference: self.remote.display.clone(),
+                    reason: format!(
+                        "blob {}: asked to resume at byte {}, the registry answered {:?}",
+                        self.digest,
+                        self.received,
+                        resp.headers().get(CONTENT_RANGE)
+                    ),
+                });
+            }
+            0
+        } else {
+            self.received
+        };
+        self.body = Box::pin(resp.bytes_stream());
+        Ok(())
     }
 }
