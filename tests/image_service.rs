@@ -1314,3 +1314,44 @@ async fn broken_connection_mid_layer_resumes_or_fails_naming_the_layer() {
     proxy.cut_connections_after(u64::MAX, 0);
     pull_ok(&mut c, &reference2, None, &img2.id()).await;
 }
+
+#[tokio::test]
+async fn pull_onto_a_full_disk_fails_cleanly_and_a_pull_that_fits_works() {
+    let reg = Registry::anonymous();
+    // Incompressible: 24 MB of blob plus 24 MB unpacked do not fit in 32 MB.
+    let big = ImageBuilder::random(1, 24 << 20, 45).build();
+    let small = ImageBuilder::random(1, 2 << 20, 46).build();
+    let p_big = reg.push("test/big", "1", &big).await;
+    let p_small = reg.push("test/small", "1", &small).await;
+    let d = Berthd::start(
+        BerthdConfig::new()
+            .root_on_tmpfs("32m")
+            .insecure_registry(&reg.host()),
+    )
+    .await;
+    let mut c = d.image_client().await;
+
+    let e = pull_image(&mut c, &p_big.reference, None)
+        .await
+        .expect_err("a pull that does not fit");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(
+        e.message().contains("No space left on device"),
+        "{}",
+        e.message()
+    );
+    // Nothing partial stays: no image, no blob, no temporary blob or snapshot.
+    assert!(image_status(&mut c, &p_big.reference).await.is_none());
+    assert!(!d.content_blob_path(&big.layers[0].digest).exists());
+    assert!(d.ingest_entries().is_empty(), "{:?}", d.ingest_entries());
+    assert!(
+        d.snapshot_tmp_entries().is_empty(),
+        "{:?}",
+        d.snapshot_tmp_entries()
+    );
+    assert!(d.snapshots().is_empty(), "{:?}", d.snapshots());
+
+    // The space it took is free again: a pull that fits works.
+    pull_ok(&mut c, &p_small.reference, None, &small.id()).await;
+    assert!(d.verify_content_store().is_empty());
+}

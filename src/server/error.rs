@@ -15,9 +15,25 @@ use crate::sandbox::SandboxError;
 use crate::stream::StreamError;
 use crate::stream::token::TokenError;
 
+/// Whether an image error is the disk (or a quota) being full.
+fn out_of_space(e: &ImageError) -> bool {
+    let os = match e {
+        ImageError::Io { source, .. } => source.raw_os_error(),
+        ImageError::Unpack {
+            source: UnpackError::Write { source, .. },
+            ..
+        } => source.raw_os_error(),
+        _ => None,
+    };
+    matches!(os, Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
 impl From<ImageError> for Status {
     fn from(e: ImageError) -> Status {
         let msg = e.to_string();
+        if out_of_space(&e) {
+            return Status::resource_exhausted(msg);
+        }
         match e {
             ImageError::InvalidReference { .. } => Status::invalid_argument(msg),
             ImageError::NotFound { .. } => Status::not_found(msg),

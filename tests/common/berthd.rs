@@ -42,6 +42,8 @@ pub struct BerthdConfig {
     env: Vec<(String, String)>,
     /// Extra command-line arguments after `--config FILE` (e.g. `--log-format json`).
     args: Vec<String>,
+    /// `root` is a tmpfs of this size (e.g. `"32m"`), to fill up.
+    root_tmpfs_size: Option<String>,
 }
 
 /// Quotes a string as a TOML basic string.
@@ -52,6 +54,12 @@ pub fn toml_str(s: &str) -> String {
 impl BerthdConfig {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Puts `root` on a tmpfs of `size` (`mount -o size=`), unmounted when the daemon goes.
+    pub fn root_on_tmpfs(mut self, size: &str) -> Self {
+        self.root_tmpfs_size = Some(size.to_string());
+        self
     }
 
     /// `pull_progress_timeout = "<humantime>"`.
@@ -292,6 +300,16 @@ impl Berthd {
             starts: 0,
             net,
         };
+        if let Some(size) = &d.config.root_tmpfs_size {
+            std::fs::create_dir_all(d.root()).expect("create root");
+            let ok = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(d.root())
+                .status()
+                .expect("run mount")
+                .success();
+            assert!(ok, "mount a tmpfs of {size} at {}", d.root().display());
+        }
         d.write_config();
         d.spawn();
         d.wait_ready().await;
