@@ -1355,3 +1355,24 @@ async fn pull_onto_a_full_disk_fails_cleanly_and_a_pull_that_fits_works() {
     pull_ok(&mut c, &p_small.reference, None, &small.id()).await;
     assert!(d.verify_content_store().is_empty());
 }
+
+#[tokio::test]
+async fn image_with_too_many_layers_is_refused_before_anything_is_fetched() {
+    let reg = Registry::anonymous();
+    let img = ImageBuilder::random(128, 64, 47).build();
+    let p = reg.push("test/deep", "1", &img).await;
+    let d = Berthd::start(BerthdConfig::new().insecure_registry(&reg.host())).await;
+    let mut c = d.image_client().await;
+    let e = pull_image(&mut c, &p.reference, None)
+        .await
+        .expect_err("128 layers");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(
+        e.message().contains("128 layers, more than the 127"),
+        "{}",
+        e.message()
+    );
+    assert!(image_status(&mut c, &p.reference).await.is_none());
+    assert!(d.content_blobs().is_empty(), "{:?}", d.content_blobs());
+    assert!(d.snapshots().is_empty(), "{:?}", d.snapshots());
+}

@@ -169,6 +169,13 @@ pub struct ImageManager {
     synced: AtomicU64,
 }
 
+/// The most layers an image may have (Docker's limit: an overlay mount of more lower dirs
+/// outgrows the mount options' page).
+pub const MAX_LAYERS: usize = 127;
+
+/// The largest image config berth fetches (it is read whole and parsed in memory).
+pub const MAX_CONFIG_BYTES: usize = 8 << 20;
+
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -278,7 +285,6 @@ impl ImageManager {
                 crate::metrics::add_pulled_bytes(bytes.len() as u64);
                 bytes
             };
-            self.note_written(self.content.write_all(&top_digest, &top_bytes)?);
             extra_blobs.push(top_digest.clone());
             (bytes, desc.digest.clone())
         } else {
@@ -287,6 +293,21 @@ impl ImageManager {
         let manifest = ManifestOrIndex::parse(&manifest_bytes)
             .and_then(ManifestOrIndex::into_manifest)
             .map_err(bad)?;
+        if manifest.layers.len() > MAX_LAYERS {
+            return Err(bad(format!(
+                "{} layers, more than the {MAX_LAYERS} an overlay mount can stack",
+                manifest.layers.len()
+            )));
+        }
+        if manifest.config.size > MAX_CONFIG_BYTES as i64 {
+            return Err(bad(format!(
+                "image config of {} bytes, over the limit of {MAX_CONFIG_BYTES}",
+                manifest.config.size
+            )));
+        }
+        if top.is_index() {
+            self.note_written(self.content.write_all(&top_digest, &top_bytes)?);
+        }
         self.note_written(self.content.write_all(&manifest_digest, &manifest_bytes)?);
 
         // The config: small, fetched into the content store, then parsed.

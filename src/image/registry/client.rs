@@ -351,12 +351,38 @@ impl Session {
     }
 
     /// Reads a whole (small) body, such as a manifest.
-    pub async fn body(&self, resp: reqwest::Response, what: &str) -> Result<Vec<u8>, ImageError> {
-        tokio::time::timeout(self.timeout, resp.bytes())
+    /// Reads a whole (small) body such as a manifest, refusing one over `max` bytes without
+    /// reading past the limit.
+    pub async fn body(
+        &self,
+        resp: reqwest::Response,
+        what: &str,
+        max: usize,
+    ) -> Result<Vec<u8>, ImageError> {
+        let too_big = |n: u64| ImageError::BadManifest {
+            reference: self.display.clone(),
+            reason: format!("{what}: {n} bytes or more, over the limit of {max}"),
+        };
+        if let Some(n) = resp.content_length()
+            && n > max as u64
+        {
+            return Err(too_big(n));
+        }
+        let read = async {
+            let mut out = Vec::new();
+            let mut stream = resp.bytes_stream();
+            while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+                let chunk = chunk.map_err(|e| self.request_error(&e, what))?;
+                if out.len() + chunk.len() > max {
+                    return Err(too_big((out.len() + chunk.len()) as u64));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(out)
+        };
+        tokio::time::timeout(self.timeout, read)
             .await
             .map_err(|_| self.stalled(what))?
-            .map(|b| b.to_vec())
-            .map_err(|e| self.request_error(&e, what))
     }
 }
 
@@ -376,6 +402,50 @@ pub fn header_map(headers: &[(String, String)]) -> Result<HeaderMap, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_refused() {
+        let rustls = super::super::tls::client_config(&Default::default()).expect("tls");
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(rustls)
+            .build()
+            .expect("client");
+        let session = Session::new(
+            http,
+            "http://127.0.0.1:9/v2".to_string(),
+            "127.0.0.1:9".to_string(),
+            "r".to_string(),
+            HeaderMap::new(),
+            Credentials::default(),
+            "127.0.0.1:9/r:1".to_string(),
+            Duration::from_secs(5),
+        );
+        let chunked = |n: usize| {
+            let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = (0..n)
+                .map(|_| Ok(bytes::Bytes::from(vec![b'x'; 1000])))
+                .collect();
+            reqwest::Response::from(http::Response::new(reqwest::Body::wrap_stream(
+                futures_util::stream::iter(chunks),
+            )))
+        };
+        let ok = session
+            .body(chunked(4), "m", 4000)
+            .await
+            .expect("at the limit");
+        assert_eq!(ok.len(), 4000);
+        let e = session
+            .body(chunked(5), "manifest v1", 4000)
+            .await
+            .expect_err("over the limit");
+        assert!(e.to_string().contains("over the limit of 4000"), "{e}");
+        let declared =
+            reqwest::Response::from(http::Response::new(reqwest::Body::from(vec![b'x'; 5000])));
+        let e = session
+            .body(declared, "manifest v1", 4000)
+            .await
+            .expect_err("declared over the limit");
+        assert!(e.to_string().contains("5000 bytes"), "{e}");
+    }
 
     #[test]
     fn challenges() {

@@ -22,6 +22,10 @@ use crate::config::{RegistriesConfig, mirror_host};
 use client::Session;
 use tls::TlsSettings;
 
+/// The largest manifest or index berth reads (containerd's limit too): a registry cannot make
+/// a pull hold more than this in memory.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
 /// Media types of manifests and indexes berth accepts.
 pub const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.oci.image.index.v1+json",
@@ -278,7 +282,7 @@ impl Remote {
                 Some((ACCEPT, &MANIFEST_TYPES.join(", "))),
             )
             .await?;
-        let bytes = self.session.body(resp, &what).await?;
+        let bytes = self.session.body(resp, &what, MAX_MANIFEST_BYTES).await?;
         let digest = sha256_digest(&bytes);
         if tag_or_digest.contains(':') && tag_or_digest != digest {
             return Err(ImageError::BlobMismatch {
