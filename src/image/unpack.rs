@@ -595,4 +595,54 @@ mod tests {
         assert!(!cs.exists(&wrong));
         assert_eq!(cs.repair().expect("repair"), 0, "no partial blob left");
     }
+
+    #[test]
+    fn devices_fifos_and_setuid_files_stay_inside_the_snapshot_as_data() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, kind: EntryType, mode: u32, dev: Option<(u32, u32)>, uid| {
+            let mut h = header(path, kind, 0, mode);
+            h.set_uid(uid);
+            if let Some((major, minor)) = dev {
+                h.set_device_major(major).expect("major");
+                h.set_device_minor(minor).expect("minor");
+            }
+            h.set_cksum();
+            b.append(&h, &b""[..]).expect("append");
+        };
+        add("dev/", EntryType::Directory, 0o755, None, 0);
+        add("dev/mem-like", EntryType::Char, 0o666, Some((1, 1)), 0);
+        add("dev/disk-like", EntryType::Block, 0o660, Some((8, 0)), 0);
+        add("run/fifo", EntryType::Fifo, 0o600, None, 0);
+        add("bin/su", EntryType::Regular, 0o4755, None, 0);
+        add("bin/wall", EntryType::Regular, 0o2755, None, 0);
+        let tar = b.into_inner().expect("tar");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = dir.path().join("fs");
+        std::fs::create_dir(&fs).expect("fs");
+        unpack_tar(&tar[..], &fs).expect("unpacks");
+
+        use std::os::unix::fs::FileTypeExt;
+        let meta = |p: &str| std::fs::symlink_metadata(fs.join(p)).expect(p);
+        let c = meta("dev/mem-like");
+        assert!(c.file_type().is_char_device());
+        assert_eq!(c.rdev(), makedev(1, 1));
+        let blk = meta("dev/disk-like");
+        assert!(blk.file_type().is_block_device());
+        assert_eq!(blk.rdev(), makedev(8, 0));
+        assert!(meta("run/fifo").file_type().is_fifo());
+        assert_eq!(meta("bin/su").mode() & 0o7777, 0o4755, "setuid kept");
+        assert_eq!(meta("bin/wall").mode() & 0o7777, 0o2755, "setgid kept");
+        assert_eq!(meta("bin/su").uid(), 0);
+
+        // A device node named outside the snapshot is refused, and nothing is made there.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header("../escape-dev", EntryType::Char, 0, 0o666);
+        h.set_device_major(1).expect("major");
+        h.set_device_minor(3).expect("minor");
+        h.set_cksum();
+        b.append(&h, &b""[..]).expect("append");
+        let e = unpack_tar(&b.into_inner().expect("tar")[..], &fs).expect_err("escape");
+        assert!(matches!(e, UnpackError::Unsafe { .. }), "{e}");
+        assert!(!dir.path().join("escape-dev").exists());
+    }
 }
