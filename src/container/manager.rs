@@ -517,7 +517,9 @@ impl ContainerManager {
         }
         let _lock = self.locks.lock(&id).await;
         let log_path = match (&sandbox.config.log_directory, &config.log_path) {
-            (d, p) if !d.is_empty() && !p.is_empty() => Some(Path::new(d).join(p)),
+            (d, p) if !d.is_empty() && !p.is_empty() => {
+                Some(Path::new(d).join(relative_log_path(p)?))
+            }
             _ => None,
         };
         let mut rec = ContainerRecord {
@@ -1164,5 +1166,47 @@ impl ContainerManager {
         let mut client = self.connect_monitor(&sandbox).await?;
         client.reopen(&rec.id).await?;
         Ok(())
+    }
+}
+
+/// A container's `log_path`: relative to its pod's log directory and inside it (the kubelet
+/// sends `<name>/<attempt>.log`). An absolute path, a `..`, or a NUL byte is refused: it
+/// would make the monitor write container output over any file of the host.
+fn relative_log_path(p: &str) -> Result<&Path, ContainerError> {
+    let path = Path::new(p);
+    let inside = path.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    });
+    if p.contains('\0') || !inside || path.file_name().is_none() {
+        return Err(ContainerError::Invalid(format!(
+            "log_path {p:?} must name a file inside the pod's log directory"
+        )));
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_paths_stay_inside_the_log_directory() {
+        for good in ["c.log", "c/0.log", "./c/1.log"] {
+            assert!(relative_log_path(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "/etc/passwd",
+            "/",
+            "..",
+            "../x.log",
+            "c/../../x",
+            "a\0b",
+            ".",
+        ] {
+            assert!(relative_log_path(bad).is_err(), "{bad:?}");
+        }
     }
 }

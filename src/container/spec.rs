@@ -592,9 +592,11 @@ fn resources(
         cpu.set_shares(Some(non_negative(r.cpu_shares, "cpu_shares")?));
     }
     if !r.cpuset_cpus.is_empty() {
+        check_cpuset(&r.cpuset_cpus, "cpuset_cpus")?;
         cpu.set_cpus(Some(r.cpuset_cpus.clone()));
     }
     if !r.cpuset_mems.is_empty() {
+        check_cpuset(&r.cpuset_mems, "cpuset_mems")?;
         cpu.set_mems(Some(r.cpuset_mems.clone()));
     }
     if cpu != LinuxCpu::default() {
@@ -631,9 +633,34 @@ fn resources(
         }
     }
     if !r.unified.is_empty() {
+        if !cgroups.unified {
+            return Err(SpecError::Invalid(
+                "unified cgroup settings need cgroup v2; this node has cgroup v1".to_string(),
+            ));
+        }
         out.set_unified(Some(r.unified.clone()));
     }
     Ok(out)
+}
+
+/// A cpuset list as the kernel takes it: `N` or `N-M` (N ≤ M), comma separated.
+fn check_cpuset(list: &str, what: &str) -> Result<(), SpecError> {
+    let number = |s: &str| {
+        (!s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    let ok = list.split(',').all(|item| match item.split_once('-') {
+        Some((a, b)) => matches!((number(a), number(b)), (Some(a), Some(b)) if a <= b),
+        None => number(item).is_some(),
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::Invalid(format!(
+            "{what} {list:?} is not a cpu list (like \"0-3,6\")"
+        )))
+    }
 }
 
 /// The config's annotations plus containerd's CRI ones.

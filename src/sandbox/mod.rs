@@ -373,6 +373,12 @@ impl SandboxManager {
             .and_then(|l| l.security_context.clone())
             .unwrap_or_default();
         check_security_context(&sc)?;
+        let log_dir = &config.log_directory;
+        if !log_dir.is_empty() && (!log_dir.starts_with('/') || log_dir.contains('\0')) {
+            return Err(SandboxError::Invalid(format!(
+                "log_directory {log_dir:?} must be an absolute path"
+            )));
+        }
         let own_net = mode(ns_opts.network) != cri::NamespaceMode::Node;
         let own_ipc = mode(ns_opts.ipc) != cri::NamespaceMode::Node;
         let pid_mode = mode(ns_opts.pid);

@@ -1066,8 +1066,8 @@ fn seccomp_profiles() {
 fn resources_and_oom_score() {
     let f = fixture();
     let mut config = base_config();
-    let mut unified = std::collections::HashMap::new();
-    unified.insert("memory.high".to_string(), "1000000".to_string());
+    // (unified settings need cgroup v2: see cpu_lists_are_checked_and_unified_needs_cgroup_v2)
+    let unified = std::collections::HashMap::new();
     config.linux.get_or_insert_with(Default::default).resources =
         Some(cri::LinuxContainerResources {
             cpu_period: 100_000,
@@ -1102,13 +1102,7 @@ fn resources_and_oom_score() {
         (huge[0].page_size().as_str(), huge[0].limit()),
         ("2MB", 4 << 20)
     );
-    assert_eq!(
-        r.unified()
-            .as_ref()
-            .and_then(|u| u.get("memory.high"))
-            .map(String::as_str),
-        Some("1000000")
-    );
+    assert!(r.unified().is_none());
     // -1000 is raised to berthd's own -999.
     assert_eq!(process(&s).oom_score_adj(), Some(-999));
 
@@ -1277,4 +1271,48 @@ fn annotations_and_json() {
     // It reads back as the same spec.
     let back: Spec = serde_json::from_value(v).expect("parse back");
     assert_eq!(back, s);
+}
+
+#[test]
+fn cpu_lists_are_checked_and_unified_needs_cgroup_v2() {
+    for good in ["0", "0-3", "0-3,6", "1,2,3", "0-0"] {
+        assert!(check_cpuset(good, "cpuset_cpus").is_ok(), "{good}");
+    }
+    for bad in [
+        "",
+        "/",
+        "..",
+        "3-1",
+        "0-",
+        "-1",
+        "a",
+        "0,,1",
+        "0 -1",
+        "99999999999",
+    ] {
+        assert!(check_cpuset(bad, "cpuset_cpus").is_err(), "{bad:?}");
+    }
+    let r = cri::LinuxContainerResources {
+        unified: [("memory.high".to_string(), "1000000".to_string())].into(),
+        ..Default::default()
+    };
+    let v1 = CgroupFeatures {
+        unified: false,
+        swap: true,
+        hugetlb: true,
+    };
+    let e = resources(Some(&r), vec![], v1).expect_err("unified on v1");
+    assert!(e.to_string().contains("cgroup v2"), "{e}");
+    let v2 = CgroupFeatures {
+        unified: true,
+        ..v1
+    };
+    let out = resources(Some(&r), vec![], v2).expect("unified on v2");
+    assert_eq!(
+        out.unified()
+            .as_ref()
+            .and_then(|u| u.get("memory.high"))
+            .map(String::as_str),
+        Some("1000000")
+    );
 }
