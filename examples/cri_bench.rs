@@ -183,6 +183,14 @@ enum Cmd {
         /// Seconds to let things settle before each memory reading.
         #[arg(long, default_value_t = 1.0)]
         settle: f64,
+        /// berth's state dir: with the containers running, the OCI spec berth wrote for the
+        /// first one (`<dir>/containers/<id>/config.json`) is run `count` times by the bare
+        /// OCI runtime (`--runc`): create, start, kill+wait, delete, timed as `runc_*`.
+        #[arg(long)]
+        runc_floor: Option<PathBuf>,
+        /// The OCI runtime binary of `--runc-floor`.
+        #[arg(long, default_value = "runc")]
+        runc: String,
     },
     /// Streaming exec round trip: `Exec` RPC → URL → SPDY/3.1 upgrade → streams → exit status
     /// on the error stream, `count` times one at a time in a running container; `ExecSync` of
@@ -350,8 +358,12 @@ async fn main() -> Result<()> {
             helper_at,
             daemon_pid,
             settle,
+            runc_floor,
+            runc,
         } => {
             let opts = ContainersOpts {
+                runc_floor,
+                runc,
                 count,
                 image,
                 pause_image,
@@ -1177,6 +1189,8 @@ struct ContainersOpts {
     helper_at: Vec<usize>,
     daemon_pid: Option<u32>,
     settle: Duration,
+    runc_floor: Option<PathBuf>,
+    runc: String,
 }
 
 /// The per-pod helper of `pod_id`: comm or argv[0] starts with `name`, command line holds
@@ -1282,6 +1296,10 @@ async fn containers(endpoint: &str, opts: &ContainersOpts) -> Result<()> {
     tokio::time::sleep(opts.settle).await;
     print_daemon_rss(opts.daemon_pid, &format!("{}ctr", ids.len()));
     read_helper(ids.len());
+    if let (Some(state), Some(first)) = (&opts.runc_floor, ids.first()) {
+        let spec = state.join("containers").join(first).join("config.json");
+        runc_floor(&opts.runc, &spec, opts.count).context("bare runc floor")?;
+    }
 
     let (mut stop, mut remove, mut both) = (Vec::new(), Vec::new(), Vec::new());
     let wall = Instant::now();
@@ -1314,6 +1332,125 @@ async fn containers(endpoint: &str, opts: &ContainersOpts) -> Result<()> {
     stop_remove_pod(&mut client, pod_id.clone()).await?;
     eprintln!("containers and pod removed");
     Ok(())
+}
+
+/// Runs `<runc> args…` with stdin and stdout on /dev/null and stderr into `err` (a file, not
+/// a pipe: the init that `create` leaves waiting would hold a pipe open); fails with it.
+fn run_runc(runc: &str, args: &[&str], err: &Path) -> Result<()> {
+    let status = std::process::Command::new(runc)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(err)?)
+        .status()
+        .with_context(|| format!("running {runc}"))?;
+    if !status.success() {
+        bail!(
+            "{runc} {}: {}",
+            args.join(" "),
+            std::fs::read_to_string(err).unwrap_or_default().trim()
+        );
+    }
+    Ok(())
+}
+
+/// The floor under a runtime's container lifecycle: the OCI spec at `spec` (written by the
+/// runtime for a running container of the pod, so with the pod's namespaces, mounts and
+/// rootfs) run `count` times, one at a time, by the bare OCI runtime: `create` + `start`,
+/// then `kill 9` + waiting for the exit (this process is made the subreaper, so the
+/// container's init is its child) + `delete`. Each copy gets its own bundle, cgroup
+/// (`/berth-bench-runc/<name>`) and runtime root; everything is deleted as it goes.
+fn runc_floor(runc: &str, spec: &Path, count: usize) -> Result<()> {
+    let text = std::fs::read(spec).with_context(|| format!("reading {}", spec.display()))?;
+    let mut config: serde_json::Value = serde_json::from_slice(&text)?;
+    let bundle = spec.parent().unwrap_or(Path::new("/"));
+    // The same rootfs (shared read-write by the copies, which only sleep).
+    if let Some(root) = config.pointer_mut("/root/path") {
+        let p = PathBuf::from(root.as_str().unwrap_or("rootfs"));
+        *root = serde_json::json!(bundle.join(p).display().to_string());
+    }
+    // Staged mounts berth let go after its create may be gone: those are left out.
+    if let Some(mounts) = config.get_mut("mounts").and_then(|m| m.as_array_mut()) {
+        mounts.retain(|m| {
+            let bind = m
+                .get("options")
+                .and_then(|o| o.as_array())
+                .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
+            !bind
+                || m.get("source")
+                    .and_then(|s| s.as_str())
+                    .is_some_and(|s| Path::new(s).exists())
+        });
+    }
+    if let Some(p) = config.pointer_mut("/process/terminal") {
+        *p = serde_json::json!(false);
+    }
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("runc-root").display().to_string();
+    // The container inits become our children: `kill` is then followed by a real wait.
+    nix::sys::prctl::set_child_subreaper(true)?;
+    let (mut create, mut start, mut both, mut stop, mut remove, mut down) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..count {
+        let name = format!("berth-bench-runc-{}-{i}", std::process::id());
+        let b = dir.path().join(&name);
+        std::fs::create_dir_all(&b)?;
+        config["linux"]["cgroupsPath"] = serde_json::json!(format!("/berth-bench-runc/{name}"));
+        std::fs::write(b.join("config.json"), serde_json::to_vec(&config)?)?;
+        let err = b.join("runc.err");
+        let [t0, t1, t2, t3, t4, t5] = match floor_once(runc, &root, &b, &name, &err) {
+            Ok(t) => t,
+            Err(e) => {
+                // Whatever of it exists goes (its init may wait in `create`'s state).
+                let _ = run_runc(runc, &["--root", &root, "delete", "--force", &name], &err);
+                return Err(e);
+            }
+        };
+        create.push((t1 - t0).as_secs_f64());
+        start.push((t2 - t1).as_secs_f64());
+        both.push((t2 - t0).as_secs_f64());
+        stop.push((t4 - t3).as_secs_f64());
+        remove.push((t5 - t4).as_secs_f64());
+        down.push((t5 - t3).as_secs_f64());
+        std::fs::remove_dir_all(&b)?;
+    }
+    nix::sys::prctl::set_child_subreaper(false)?;
+    print_lat("runc_create", "serial", &create);
+    print_lat("runc_start", "serial", &start);
+    print_lat("runc_create_start", "serial", &both);
+    print_lat("runc_stop", "serial", &stop);
+    print_lat("runc_remove", "serial", &remove);
+    print_lat("runc_stop_remove", "serial", &down);
+    Ok(())
+}
+
+/// One bare-runtime lifecycle of the bundle `b`: the instants before create, after create,
+/// after start, before kill, after the init was reaped, after delete.
+fn floor_once(runc: &str, root: &str, b: &Path, name: &str, err: &Path) -> Result<[Instant; 6]> {
+    let (bs, pid_file) = (b.display().to_string(), b.join("init.pid"));
+    let pf = pid_file.display().to_string();
+    let t0 = Instant::now();
+    let create = [
+        "--root",
+        root,
+        "create",
+        "--bundle",
+        &bs,
+        "--pid-file",
+        &pf,
+        name,
+    ];
+    run_runc(runc, &create, err)?;
+    let t1 = Instant::now();
+    run_runc(runc, &["--root", root, "start", name], err)?;
+    let t2 = Instant::now();
+    let pid: i32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
+    let t3 = Instant::now();
+    run_runc(runc, &["--root", root, "kill", name, "9"], err)?;
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    let t4 = Instant::now();
+    run_runc(runc, &["--root", root, "delete", "--force", name], err)?;
+    Ok([t0, t1, t2, t3, t4, Instant::now()])
 }
 
 /// Stops and removes every container, then every pod sandbox; reports what it did.
