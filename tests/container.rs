@@ -886,6 +886,50 @@ async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
     e.remove_pod().await;
 }
 
+/// A removal that a crash interrupted after its record went but before the runtime's delete
+/// ran (it runs after RemoveContainer answered): what the runtime holds of a container that
+/// no record names is deleted at start.
+#[tokio::test]
+async fn runtime_state_that_no_record_names_is_deleted_at_start() {
+    use berth::store::{Batch, Store, Table};
+    let mut e = env("runc").await;
+    let mut c = e.config("leftover");
+    sh(&mut c, "sleep 100000");
+    let id = e.run(c).await;
+    e.rt.stop_container(cri::StopContainerRequest {
+        container_id: id.clone(),
+        timeout: 0,
+    })
+    .await
+    .expect("stop");
+    let runc_state = e.d.state().join("runtime/runc").join(&id);
+    assert!(runc_state.exists());
+    e.d.kill9();
+    {
+        let store = Store::open(&e.d.root().join("berth.redb")).expect("open the store");
+        let mut b = Batch::new();
+        b.delete(Table::Containers, &id);
+        store.commit(b).expect("commit");
+    }
+    // What RemoveContainer undid before its record went.
+    let bundle = e.d.state().join("containers").join(&id);
+    nix::mount::umount2(&bundle.join("rootfs"), nix::mount::MntFlags::MNT_DETACH)
+        .expect("unmount the rootfs");
+    std::fs::remove_dir_all(&bundle).expect("remove the bundle");
+    std::fs::remove_dir_all(e.d.root().join("containers").join(&id)).expect("remove the layer");
+    e.d.restart().await;
+    e.rt = e.d.runtime_client().await;
+    assert!(!runc_state.exists(), "the runtime's state is left");
+    let state = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(e.d.state().join("runtime/runc"))
+        .args(["state", &id])
+        .output()
+        .expect("runc state");
+    assert!(!state.status.success(), "runc still knows {id}");
+    e.remove_pod().await;
+}
+
 macro_rules! for_each_runtime {
     ($($name:ident),*) => {
         mod runc {

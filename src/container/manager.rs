@@ -226,6 +226,9 @@ pub struct ContainerManager {
     cdi: Arc<cdi::Registry>,
     /// Where lifecycle events go.
     events: Arc<EventHub>,
+    /// The runtime deletes of removed containers, still running, with their pod's id (see
+    /// [`ContainerManager::remove`]).
+    deleting: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
 }
 
 /// Whether the oom_score_adj clamp was logged already.
@@ -361,6 +364,7 @@ impl ContainerManager {
             min_oom_score_adj,
             exec_seq: std::sync::atomic::AtomicU64::new(0),
             events,
+            deleting: std::sync::Mutex::new(Vec::new()),
         };
         for (_, mut rec) in records {
             if rec.phase == Phase::Creating || mgr.sandboxes.get(&rec.sandbox_id).is_err() {
@@ -421,6 +425,26 @@ impl ContainerManager {
             };
             tracing::info!(id = %rec.id, "removing a container left half-made by a crash");
             self.destroy(&rec).await;
+        }
+        // What a runtime still holds of containers no record names (a crash before a
+        // removal's runtime delete ran): deleted, cgroups and all.
+        for handler in self.config.runtimes.keys() {
+            let Ok(runtime) = self.runtime(handler) else {
+                continue;
+            };
+            for e in std::fs::read_dir(&runtime.root)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if is_id(&name) && !known.contains(&name) {
+                    tracing::info!(id = %name, %handler, "deleting what the runtime holds of a container no record names");
+                    if let Err(err) = runtime.delete(&name).await {
+                        tracing::warn!(id = %name, error = %err, "runtime delete");
+                    }
+                }
+            }
         }
         let layers = self.config.root.join("containers");
         for e in std::fs::read_dir(&layers).into_iter().flatten().flatten() {
@@ -927,8 +951,14 @@ impl ContainerManager {
 
     /// Undoes whatever a container may hold (best effort, logged).
     async fn destroy(&self, rec: &ContainerRecord) {
+        self.undo(rec, true).await;
+    }
+
+    /// [`Self::destroy`], but with `runtime_too` false the runtime's delete and the cgroup's
+    /// removal are left to the caller (see [`Self::delete_later`]).
+    async fn undo(&self, rec: &ContainerRecord, runtime_too: bool) {
         let t0 = std::time::Instant::now();
-        if let Ok(runtime) = self.runtime(&rec.runtime_handler) {
+        if runtime_too && let Ok(runtime) = self.runtime(&rec.runtime_handler) {
             // A stopped container needs no kill: `delete` kills what is left in its cgroup
             // (when it shares the pod's PID namespace). One that may still run is killed
             // first (runc's `delete --force` of a running container polls for its end).
@@ -959,7 +989,7 @@ impl ContainerManager {
             if let Err(e) = rootfs::remove_rw(&root, &rec.id) {
                 tracing::warn!(id = %rec.id, error = %e, "remove writable layer");
             }
-            if let Err(e) = cgroups::remove(layout, &rec.cgroups_path) {
+            if runtime_too && let Err(e) = cgroups::remove(layout, &rec.cgroups_path) {
                 tracing::warn!(id = %rec.id, error = %e, "remove cgroup");
             }
             // Never recurse into what is still mounted (a rootfs, a bind of a host path).
@@ -1167,17 +1197,67 @@ impl ContainerManager {
             return Ok(());
         };
         let t0 = std::time::Instant::now();
-        self.destroy(&rec).await;
+        // A stopped container: everything but the runtime's own state goes now.
+        let stopped = rec.phase == Phase::Exited;
+        self.undo(&rec, !stopped).await;
         step_done("container removal", "destroyed", t0);
         let mut b = Batch::new();
         b.delete(Table::Containers, &id);
         self.store.commit(b)?;
         step_done("container removal", "record", t0);
+        if stopped {
+            self.delete_later(&rec);
+        }
         self.index.remove(&id);
         self.index.release(&rec.name_key);
         self.events
             .publish(EventKind::Deleted, &id, &rec.sandbox_id, None, None);
         Ok(())
+    }
+
+    /// The runtime's delete of a removed, stopped container (its state dir and cgroups: what
+    /// runc's `delete` takes 10 ms or more to remove) and the removal of its cgroup, after
+    /// RemoveContainer answered. Nothing observes them meanwhile: the container is gone from
+    /// the index and the store, its id is never reused, and RemovePodSandbox waits for the
+    /// pod's deletes before it goes on. A crash before they ran is repaired at start (the
+    /// runtime's root holds a container no record names).
+    fn delete_later(&self, rec: &ContainerRecord) {
+        let Ok(runtime) = self.runtime(&rec.runtime_handler) else {
+            return;
+        };
+        let (id, cgroups_path, layout) = (rec.id.clone(), rec.cgroups_path.clone(), self.layout);
+        let task = tokio::spawn(
+            async move {
+                if let Err(e) = runtime.delete(&id).await {
+                    tracing::warn!(%id, error = %e, "runtime delete");
+                }
+                let removed =
+                    tokio::task::spawn_blocking(move || cgroups::remove(layout, &cgroups_path))
+                        .await;
+                if let Ok(Err(e)) = removed {
+                    tracing::warn!(%id, error = %e, "remove cgroup");
+                }
+            }
+            .in_current_span(),
+        );
+        let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
+        deleting.retain(|(_, t)| !t.is_finished());
+        deleting.push((rec.sandbox_id.clone(), task));
+    }
+
+    /// Waits for the runtime deletes of the pod's removed containers.
+    async fn deletes_done(&self, sandbox_id: &str) {
+        let tasks: Vec<tokio::task::JoinHandle<()>> = {
+            let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
+            let (mine, rest) = std::mem::take(&mut *deleting)
+                .into_iter()
+                .partition(|(pod, _)| pod == sandbox_id);
+            *deleting = rest;
+            mine.into_iter().map(|(_, t)| t).collect()
+        };
+        for t in tasks {
+            let _ = t.await;
+        }
     }
 
     /// Notices exits as they are recorded (every `period`), so that their stopped events go
@@ -1237,6 +1317,7 @@ impl ContainerManager {
                 .instrument(tracing::info_span!("container", id = %id))
                 .await?;
         }
+        self.deletes_done(sandbox_id).await;
         if let Ok(sandbox) = self.sandboxes.get(sandbox_id)
             && let Ok(mut client) = self.connect_monitor(&sandbox).await
         {
