@@ -192,6 +192,33 @@ enum Cmd {
         #[arg(long, default_value = "runc")]
         runc: String,
     },
+    /// Costs as the node fills: the node is filled (untimed) with pods that each run one
+    /// container, up to each of `levels` pods in turn; at each level `probes` pods are run
+    /// (RunPodSandbox timed) and get one container each (CreateContainer timed), then
+    /// ListContainers and ContainerStatus are timed `probes` times, the probes are removed
+    /// and the daemon's VmRSS is read. Prints `lat <op>@<level> …` and `rss daemon <level>pods …`.
+    Scale {
+        /// CRI endpoint, `unix:///path.sock` or a plain path.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long, value_delimiter = ',', default_value = "0,10,100,250")]
+        levels: Vec<usize>,
+        #[arg(long, default_value_t = 20)]
+        probes: usize,
+        #[arg(long)]
+        image: String,
+        /// Pulled (untimed) before the pods, for runtimes that run a pause image.
+        #[arg(long)]
+        pause_image: Option<String>,
+        #[arg(long, default_value = "sleep 3600")]
+        command: String,
+        /// The runtime daemon, for its VmRSS.
+        #[arg(long)]
+        daemon_pid: Option<u32>,
+        /// Seconds to let things settle before each memory reading.
+        #[arg(long, default_value_t = 1.0)]
+        settle: f64,
+    },
     /// Streaming exec round trip: `Exec` RPC → URL → SPDY/3.1 upgrade → streams → exit status
     /// on the error stream, `count` times one at a time in a running container; `ExecSync` of
     /// the same command for reference.
@@ -345,6 +372,27 @@ async fn main() -> Result<()> {
                 settle: Duration::from_secs_f64(settle),
             };
             pods(&endpoint, &opts).await
+        }
+        Cmd::Scale {
+            endpoint,
+            levels,
+            probes,
+            image,
+            pause_image,
+            command,
+            daemon_pid,
+            settle,
+        } => {
+            let opts = ScaleOpts {
+                levels,
+                probes,
+                image,
+                pause_image,
+                command: command.split_whitespace().map(String::from).collect(),
+                daemon_pid,
+                settle: Duration::from_secs_f64(settle),
+            };
+            scale(&endpoint, &opts).await
         }
         Cmd::Containers {
             endpoint,
@@ -1421,6 +1469,131 @@ fn runc_floor(runc: &str, spec: &Path, count: usize) -> Result<()> {
     print_lat("runc_stop", "serial", &stop);
     print_lat("runc_remove", "serial", &remove);
     print_lat("runc_stop_remove", "serial", &down);
+    Ok(())
+}
+
+struct ScaleOpts {
+    levels: Vec<usize>,
+    probes: usize,
+    image: String,
+    pause_image: Option<String>,
+    command: Vec<String>,
+    daemon_pid: Option<u32>,
+    settle: Duration,
+}
+
+/// A container config of `name` running `command` in `image`, no log.
+fn container_config(name: &str, image: &str, command: &[String]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.to_string(),
+            attempt: 0,
+        }),
+        image: spec(image),
+        command: command.to_vec(),
+        linux: Some(cri::LinuxContainerConfig::default()),
+        ..Default::default()
+    }
+}
+
+/// Runs pod `name` and creates a container in it (started when `start`); the times of
+/// RunPodSandbox and CreateContainer, the pod and container ids.
+async fn pod_and_container(
+    client: &mut RuntimeServiceClient<Channel>,
+    name: &str,
+    opts: &ScaleOpts,
+    start: bool,
+) -> Result<(f64, f64, String, String)> {
+    let pod_cfg = pod_config(name, cri::NamespaceMode::Container, "");
+    let t0 = Instant::now();
+    let pod = client
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_cfg.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .with_context(|| format!("RunPodSandbox {name}"))?
+        .into_inner()
+        .pod_sandbox_id;
+    let t1 = Instant::now();
+    let ctr = client
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container_config("c", &opts.image, &opts.command)),
+            sandbox_config: Some(pod_cfg),
+        })
+        .await
+        .with_context(|| format!("CreateContainer in {name}"))?
+        .into_inner()
+        .container_id;
+    let t2 = Instant::now();
+    if start {
+        client
+            .start_container(cri::StartContainerRequest {
+                container_id: ctr.clone(),
+            })
+            .await
+            .with_context(|| format!("StartContainer in {name}"))?;
+    }
+    Ok(((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), pod, ctr))
+}
+
+async fn scale(endpoint: &str, opts: &ScaleOpts) -> Result<()> {
+    let channel = channel(endpoint).await?;
+    let mut client = runtime_client(channel.clone());
+    if let Some(image) = &opts.pause_image {
+        ensure_image(&channel, image).await?;
+    }
+    ensure_image(&channel, &opts.image).await?;
+    let mut levels = opts.levels.clone();
+    levels.sort_unstable();
+    let mut fillers: Vec<String> = Vec::new();
+    for level in levels {
+        while fillers.len() < level {
+            let name = format!("scale-fill-{}", fillers.len());
+            let (_, _, pod, _) = pod_and_container(&mut client, &name, opts, true).await?;
+            fillers.push(pod);
+        }
+        eprintln!("{level} pods, each with a running container");
+        let (mut run, mut create, mut list, mut status) = (vec![], vec![], vec![], vec![]);
+        let mut probes = Vec::new();
+        for i in 0..opts.probes {
+            let name = format!("scale-probe-{level}-{i}");
+            let (r, c, pod, ctr) = pod_and_container(&mut client, &name, opts, false).await?;
+            run.push(r);
+            create.push(c);
+            probes.push((pod, ctr));
+        }
+        for (_, ctr) in &probes {
+            let t = Instant::now();
+            client
+                .list_containers(cri::ListContainersRequest::default())
+                .await
+                .context("ListContainers")?;
+            list.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            client
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: ctr.clone(),
+                    verbose: false,
+                })
+                .await
+                .context("ContainerStatus")?;
+            status.push(t.elapsed().as_secs_f64());
+        }
+        for (pod, _) in probes {
+            stop_remove_pod(&mut client, pod).await?;
+        }
+        print_lat(&format!("run@{level}"), "serial", &run);
+        print_lat(&format!("create@{level}"), "serial", &create);
+        print_lat(&format!("list@{level}"), "serial", &list);
+        print_lat(&format!("status@{level}"), "serial", &status);
+        tokio::time::sleep(opts.settle).await;
+        print_daemon_rss(opts.daemon_pid, &format!("{level}pods"));
+    }
+    for pod in fillers {
+        stop_remove_pod(&mut client, pod).await?;
+    }
     Ok(())
 }
 
