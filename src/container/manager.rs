@@ -258,16 +258,15 @@ fn bundle_command(bundle: &Path) -> String {
 /// The intent record of a container being made, in its bundle (see the module's doc).
 const INTENT_FILE: &str = "intent.json";
 
-/// Writes the intent record of a container being made (atomic, not fsynced).
+/// Writes the intent record of a container being made: one write, not fsynced, before
+/// anything else is made (a crash in the middle of it leaves a record that does not parse
+/// and nothing else of the container but its bundle directory).
 fn write_intent(rec: &ContainerRecord) -> Result<(), ContainerError> {
     let json = serde_json::to_vec(rec).map_err(|e| ContainerError::Io {
         context: "encode the container's intent record".to_string(),
         source: std::io::Error::other(e),
     })?;
-    let path = rec.bundle.join(INTENT_FILE);
-    let tmp = rec.bundle.join("intent.json.tmp");
-    std::fs::write(&tmp, json)
-        .and_then(|()| std::fs::rename(&tmp, &path))
+    std::fs::write(rec.bundle.join(INTENT_FILE), json)
         .map_err(io_err("write the container's intent record"))
 }
 
@@ -407,8 +406,7 @@ impl ContainerManager {
         for e in std::fs::read_dir(&bundles).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if known.contains(&name) {
-                // A crash between the Created commit and the intent's removal.
-                let _ = std::fs::remove_file(e.path().join(INTENT_FILE));
+                // Its intent record (left in place) is stale: the record names it.
                 continue;
             }
             if !is_id(&name) {
@@ -417,9 +415,13 @@ impl ContainerManager {
             let rec = match read_intent(&e.path()) {
                 Some(rec) => rec,
                 None => {
-                    // Written before the intent: only the bundle directory (and perhaps a
-                    // writable layer, removed below) can exist.
-                    let _ = std::fs::remove_dir(e.path());
+                    // Cut before or while its intent was written: only the bundle directory
+                    // (with a torn intent record) can exist. Never recurse into a mount.
+                    if volumes::mounts_under(&e.path()).is_empty()
+                        && let Err(err) = std::fs::remove_dir_all(e.path())
+                    {
+                        tracing::warn!(id = %name, error = %err, "remove bundle");
+                    }
                     continue;
                 }
             };
@@ -915,7 +917,7 @@ impl ContainerManager {
         // The one durable commit: from here on the record names the container.
         self.persist(rec)?;
         mark("created");
-        let _ = std::fs::remove_file(rec.bundle.join(INTENT_FILE));
+        // The intent record stays (stale, ignored) until the bundle goes with the container.
         Ok(())
     }
 

@@ -96,15 +96,17 @@ fn check_security_context(sc: &cri::LinuxSandboxSecurityContext) -> Result<(), S
 /// The intent record of a sandbox being made, in its directory (see the module's doc).
 const INTENT_FILE: &str = "intent.json";
 
-/// Writes the intent record of a sandbox being made (atomic, not fsynced: it guards what a
-/// crash of berthd leaves, all of which a reboot ends anyway).
+/// Writes the intent record of a sandbox being made: in place, one write, not fsynced (it
+/// guards what a crash of berthd leaves, all of which a reboot ends anyway). A crash in the
+/// middle of a write leaves a record that does not parse; it is written before anything is
+/// made and again just before the network is set up, so such a pod holds at most what
+/// [`SandboxManager::undo_unnamed`] removes without it.
 fn write_intent(rec: &SandboxRecord) -> Result<(), SandboxError> {
     let json = serde_json::to_vec(rec).map_err(|e| SandboxError::Io {
         context: "encode the pod's intent record".to_string(),
         source: std::io::Error::other(e),
     })?;
-    files::write_atomic(&rec.dir.join(INTENT_FILE), &json)
-        .map_err(io_err("write the pod's intent record"))
+    std::fs::write(rec.dir.join(INTENT_FILE), json).map_err(io_err("write the pod's intent record"))
 }
 
 /// The intent record left in a pod directory, if it is whole and names that directory.
@@ -300,8 +302,7 @@ impl SandboxManager {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let path = e.path();
                 if known.contains(&name) {
-                    // A crash between the Ready commit and the intent's removal.
-                    let _ = std::fs::remove_file(path.join(INTENT_FILE));
+                    // Its intent record (left in place) is stale: the record names the pod.
                     continue;
                 }
                 mgr.undo_unnamed(&path).await;
@@ -671,7 +672,8 @@ impl SandboxManager {
         // The one durable commit: from here on the record names the pod.
         self.persist(rec)?;
         mark("ready");
-        let _ = std::fs::remove_file(dir.join(INTENT_FILE));
+        // The intent record stays (stale, ignored) until the directory goes with the pod:
+        // removing it would cost this RPC one more metadata operation.
         Ok(())
     }
 
