@@ -183,6 +183,41 @@ enum Cmd {
         /// Seconds to let things settle before each memory reading.
         #[arg(long, default_value_t = 1.0)]
         settle: f64,
+        /// berth's state dir: with the containers running, the OCI spec berth wrote for the
+        /// first one (`<dir>/containers/<id>/config.json`) is run `count` times by the bare
+        /// OCI runtime (`--runc`): create, start, kill+wait, delete, timed as `runc_*`.
+        #[arg(long)]
+        runc_floor: Option<PathBuf>,
+        /// The OCI runtime binary of `--runc-floor`.
+        #[arg(long, default_value = "runc")]
+        runc: String,
+    },
+    /// Costs as the node fills: the node is filled (untimed) with pods that each run one
+    /// container, up to each of `levels` pods in turn; at each level `probes` pods are run
+    /// (RunPodSandbox timed) and get one container each (CreateContainer timed), then
+    /// ListContainers and ContainerStatus are timed `probes` times, the probes are removed
+    /// and the daemon's VmRSS is read. Prints `lat <op>@<level> …` and `rss daemon <level>pods …`.
+    Scale {
+        /// CRI endpoint, `unix:///path.sock` or a plain path.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long, value_delimiter = ',', default_value = "0,10,100,250")]
+        levels: Vec<usize>,
+        #[arg(long, default_value_t = 20)]
+        probes: usize,
+        #[arg(long)]
+        image: String,
+        /// Pulled (untimed) before the pods, for runtimes that run a pause image.
+        #[arg(long)]
+        pause_image: Option<String>,
+        #[arg(long, default_value = "sleep 3600")]
+        command: String,
+        /// The runtime daemon, for its VmRSS.
+        #[arg(long)]
+        daemon_pid: Option<u32>,
+        /// Seconds to let things settle before each memory reading.
+        #[arg(long, default_value_t = 1.0)]
+        settle: f64,
     },
     /// Streaming exec round trip: `Exec` RPC → URL → SPDY/3.1 upgrade → streams → exit status
     /// on the error stream, `count` times one at a time in a running container; `ExecSync` of
@@ -338,6 +373,27 @@ async fn main() -> Result<()> {
             };
             pods(&endpoint, &opts).await
         }
+        Cmd::Scale {
+            endpoint,
+            levels,
+            probes,
+            image,
+            pause_image,
+            command,
+            daemon_pid,
+            settle,
+        } => {
+            let opts = ScaleOpts {
+                levels,
+                probes,
+                image,
+                pause_image,
+                command: command.split_whitespace().map(String::from).collect(),
+                daemon_pid,
+                settle: Duration::from_secs_f64(settle),
+            };
+            scale(&endpoint, &opts).await
+        }
         Cmd::Containers {
             endpoint,
             count,
@@ -350,8 +406,12 @@ async fn main() -> Result<()> {
             helper_at,
             daemon_pid,
             settle,
+            runc_floor,
+            runc,
         } => {
             let opts = ContainersOpts {
+                runc_floor,
+                runc,
                 count,
                 image,
                 pause_image,
@@ -1177,6 +1237,8 @@ struct ContainersOpts {
     helper_at: Vec<usize>,
     daemon_pid: Option<u32>,
     settle: Duration,
+    runc_floor: Option<PathBuf>,
+    runc: String,
 }
 
 /// The per-pod helper of `pod_id`: comm or argv[0] starts with `name`, command line holds
@@ -1282,6 +1344,10 @@ async fn containers(endpoint: &str, opts: &ContainersOpts) -> Result<()> {
     tokio::time::sleep(opts.settle).await;
     print_daemon_rss(opts.daemon_pid, &format!("{}ctr", ids.len()));
     read_helper(ids.len());
+    if let (Some(state), Some(first)) = (&opts.runc_floor, ids.first()) {
+        let spec = state.join("containers").join(first).join("config.json");
+        runc_floor(&opts.runc, &spec, opts.count).context("bare runc floor")?;
+    }
 
     let (mut stop, mut remove, mut both) = (Vec::new(), Vec::new(), Vec::new());
     let wall = Instant::now();
@@ -1314,6 +1380,250 @@ async fn containers(endpoint: &str, opts: &ContainersOpts) -> Result<()> {
     stop_remove_pod(&mut client, pod_id.clone()).await?;
     eprintln!("containers and pod removed");
     Ok(())
+}
+
+/// Runs `<runc> args…` with stdin and stdout on /dev/null and stderr into `err` (a file, not
+/// a pipe: the init that `create` leaves waiting would hold a pipe open); fails with it.
+fn run_runc(runc: &str, args: &[&str], err: &Path) -> Result<()> {
+    let status = std::process::Command::new(runc)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(err)?)
+        .status()
+        .with_context(|| format!("running {runc}"))?;
+    if !status.success() {
+        bail!(
+            "{runc} {}: {}",
+            args.join(" "),
+            std::fs::read_to_string(err).unwrap_or_default().trim()
+        );
+    }
+    Ok(())
+}
+
+/// The floor under a runtime's container lifecycle: the OCI spec at `spec` (written by the
+/// runtime for a running container of the pod, so with the pod's namespaces, mounts and
+/// rootfs) run `count` times, one at a time, by the bare OCI runtime: `create` + `start`,
+/// then `kill 9` + waiting for the exit (this process is made the subreaper, so the
+/// container's init is its child) + `delete`. Each copy gets its own bundle, cgroup
+/// (`/berth-bench-runc/<name>`) and runtime root; everything is deleted as it goes.
+fn runc_floor(runc: &str, spec: &Path, count: usize) -> Result<()> {
+    let text = std::fs::read(spec).with_context(|| format!("reading {}", spec.display()))?;
+    let mut config: serde_json::Value = serde_json::from_slice(&text)?;
+    let bundle = spec.parent().unwrap_or(Path::new("/"));
+    // The same rootfs (shared read-write by the copies, which only sleep).
+    if let Some(root) = config.pointer_mut("/root/path") {
+        let p = PathBuf::from(root.as_str().unwrap_or("rootfs"));
+        *root = serde_json::json!(bundle.join(p).display().to_string());
+    }
+    // Staged mounts berth let go after its create may be gone: those are left out.
+    if let Some(mounts) = config.get_mut("mounts").and_then(|m| m.as_array_mut()) {
+        mounts.retain(|m| {
+            let bind = m
+                .get("options")
+                .and_then(|o| o.as_array())
+                .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
+            !bind
+                || m.get("source")
+                    .and_then(|s| s.as_str())
+                    .is_some_and(|s| Path::new(s).exists())
+        });
+    }
+    if let Some(p) = config.pointer_mut("/process/terminal") {
+        *p = serde_json::json!(false);
+    }
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("runc-root").display().to_string();
+    // The container inits become our children: `kill` is then followed by a real wait.
+    nix::sys::prctl::set_child_subreaper(true)?;
+    let (mut create, mut start, mut both, mut stop, mut remove, mut down) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..count {
+        let name = format!("berth-bench-runc-{}-{i}", std::process::id());
+        let b = dir.path().join(&name);
+        std::fs::create_dir_all(&b)?;
+        config["linux"]["cgroupsPath"] = serde_json::json!(format!("/berth-bench-runc/{name}"));
+        std::fs::write(b.join("config.json"), serde_json::to_vec(&config)?)?;
+        let err = b.join("runc.err");
+        let [t0, t1, t2, t3, t4, t5] = match floor_once(runc, &root, &b, &name, &err) {
+            Ok(t) => t,
+            Err(e) => {
+                // Whatever of it exists goes (its init may wait in `create`'s state).
+                let _ = run_runc(runc, &["--root", &root, "delete", "--force", &name], &err);
+                return Err(e);
+            }
+        };
+        create.push((t1 - t0).as_secs_f64());
+        start.push((t2 - t1).as_secs_f64());
+        both.push((t2 - t0).as_secs_f64());
+        stop.push((t4 - t3).as_secs_f64());
+        remove.push((t5 - t4).as_secs_f64());
+        down.push((t5 - t3).as_secs_f64());
+        std::fs::remove_dir_all(&b)?;
+    }
+    nix::sys::prctl::set_child_subreaper(false)?;
+    print_lat("runc_create", "serial", &create);
+    print_lat("runc_start", "serial", &start);
+    print_lat("runc_create_start", "serial", &both);
+    print_lat("runc_stop", "serial", &stop);
+    print_lat("runc_remove", "serial", &remove);
+    print_lat("runc_stop_remove", "serial", &down);
+    Ok(())
+}
+
+struct ScaleOpts {
+    levels: Vec<usize>,
+    probes: usize,
+    image: String,
+    pause_image: Option<String>,
+    command: Vec<String>,
+    daemon_pid: Option<u32>,
+    settle: Duration,
+}
+
+/// A container config of `name` running `command` in `image`, no log.
+fn container_config(name: &str, image: &str, command: &[String]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.to_string(),
+            attempt: 0,
+        }),
+        image: spec(image),
+        command: command.to_vec(),
+        linux: Some(cri::LinuxContainerConfig::default()),
+        ..Default::default()
+    }
+}
+
+/// Runs pod `name` and creates a container in it (started when `start`); the times of
+/// RunPodSandbox and CreateContainer, the pod and container ids.
+async fn pod_and_container(
+    client: &mut RuntimeServiceClient<Channel>,
+    name: &str,
+    opts: &ScaleOpts,
+    start: bool,
+) -> Result<(f64, f64, String, String)> {
+    let pod_cfg = pod_config(name, cri::NamespaceMode::Container, "");
+    let t0 = Instant::now();
+    let pod = client
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_cfg.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .with_context(|| format!("RunPodSandbox {name}"))?
+        .into_inner()
+        .pod_sandbox_id;
+    let t1 = Instant::now();
+    let ctr = client
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container_config("c", &opts.image, &opts.command)),
+            sandbox_config: Some(pod_cfg),
+        })
+        .await
+        .with_context(|| format!("CreateContainer in {name}"))?
+        .into_inner()
+        .container_id;
+    let t2 = Instant::now();
+    if start {
+        client
+            .start_container(cri::StartContainerRequest {
+                container_id: ctr.clone(),
+            })
+            .await
+            .with_context(|| format!("StartContainer in {name}"))?;
+    }
+    Ok(((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), pod, ctr))
+}
+
+async fn scale(endpoint: &str, opts: &ScaleOpts) -> Result<()> {
+    let channel = channel(endpoint).await?;
+    let mut client = runtime_client(channel.clone());
+    if let Some(image) = &opts.pause_image {
+        ensure_image(&channel, image).await?;
+    }
+    ensure_image(&channel, &opts.image).await?;
+    let mut levels = opts.levels.clone();
+    levels.sort_unstable();
+    let mut fillers: Vec<String> = Vec::new();
+    for level in levels {
+        while fillers.len() < level {
+            let name = format!("scale-fill-{}", fillers.len());
+            let (_, _, pod, _) = pod_and_container(&mut client, &name, opts, true).await?;
+            fillers.push(pod);
+        }
+        eprintln!("{level} pods, each with a running container");
+        let (mut run, mut create, mut list, mut status) = (vec![], vec![], vec![], vec![]);
+        let mut probes = Vec::new();
+        for i in 0..opts.probes {
+            let name = format!("scale-probe-{level}-{i}");
+            let (r, c, pod, ctr) = pod_and_container(&mut client, &name, opts, false).await?;
+            run.push(r);
+            create.push(c);
+            probes.push((pod, ctr));
+        }
+        for (_, ctr) in &probes {
+            let t = Instant::now();
+            client
+                .list_containers(cri::ListContainersRequest::default())
+                .await
+                .context("ListContainers")?;
+            list.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            client
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: ctr.clone(),
+                    verbose: false,
+                })
+                .await
+                .context("ContainerStatus")?;
+            status.push(t.elapsed().as_secs_f64());
+        }
+        for (pod, _) in probes {
+            stop_remove_pod(&mut client, pod).await?;
+        }
+        print_lat(&format!("run@{level}"), "serial", &run);
+        print_lat(&format!("create@{level}"), "serial", &create);
+        print_lat(&format!("list@{level}"), "serial", &list);
+        print_lat(&format!("status@{level}"), "serial", &status);
+        tokio::time::sleep(opts.settle).await;
+        print_daemon_rss(opts.daemon_pid, &format!("{level}pods"));
+    }
+    for pod in fillers {
+        stop_remove_pod(&mut client, pod).await?;
+    }
+    Ok(())
+}
+
+/// One bare-runtime lifecycle of the bundle `b`: the instants before create, after create,
+/// after start, before kill, after the init was reaped, after delete.
+fn floor_once(runc: &str, root: &str, b: &Path, name: &str, err: &Path) -> Result<[Instant; 6]> {
+    let (bs, pid_file) = (b.display().to_string(), b.join("init.pid"));
+    let pf = pid_file.display().to_string();
+    let t0 = Instant::now();
+    let create = [
+        "--root",
+        root,
+        "create",
+        "--bundle",
+        &bs,
+        "--pid-file",
+        &pf,
+        name,
+    ];
+    run_runc(runc, &create, err)?;
+    let t1 = Instant::now();
+    run_runc(runc, &["--root", root, "start", name], err)?;
+    let t2 = Instant::now();
+    let pid: i32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
+    let t3 = Instant::now();
+    run_runc(runc, &["--root", root, "kill", name, "9"], err)?;
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    let t4 = Instant::now();
+    run_runc(runc, &["--root", root, "delete", "--force", name], err)?;
+    Ok([t0, t1, t2, t3, t4, Instant::now()])
 }
 
 /// Stops and removes every container, then every pod sandbox; reports what it did.

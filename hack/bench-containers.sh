@@ -9,29 +9,41 @@
 #   - StopContainer (timeout 0) + RemoveContainer of each, one at a time;
 #   - the per-pod helper's memory with 0, 1, 10 and COUNT containers: berth-monitor (one per
 #     pod, started with the pod's first container) vs containerd-shim-runc-v2 (one per pod,
-#     started with the pod; it also parents the pause container, not counted here).
+#     started with the pod; it also parents the pause container, not counted here);
+#   - the floor (berth's run only, RUNC_FLOOR=1): with its containers running, the OCI spec
+#     berth wrote for the first one is run COUNT times by bare runc (create, start, kill 9 +
+#     wait, delete; own bundle, cgroup and runc root each time): what no runtime can beat;
+#   - berth's own steps (its debug log, STEPS=1): p50 of each CreateContainer step.
 # Images are pulled before anything is timed. Prints p50/p95/max latency and VmRSS (Pss).
 # Everything it starts or creates is stopped and removed on exit (see hack/bench-lib.sh).
 #
 # Knobs (environment): COUNT=100 IMAGE=registry.k8s.io/e2e-test-images/busybox:1.29-2
-#                      PID_MODE=container, and those of bench-lib.sh.
+#                      PID_MODE=container RUNC_FLOOR=1 STEPS=1, BERTH_ONLY=1 (no containerd),
+#                      and those of bench-lib.sh.
 set -euo pipefail
 COUNT=${COUNT:-100}
 IMAGE=${IMAGE:-registry.k8s.io/e2e-test-images/busybox:1.29-2}
 PID_MODE=${PID_MODE:-container}
+RUNC_FLOOR=${RUNC_FLOOR:-1}
+STEPS=${STEPS:-1}
+# berth's step timings are at debug level
+[ "$STEPS" = 1 ] && export BENCH_BERTH_LOG=${BENCH_BERTH_LOG:-info,berth=debug}
 # shellcheck source=hack/bench-lib.sh
 . "$(dirname "$0")/bench-lib.sh"
 bench_init bench-containers.sh
+bench_cgroup_tree berth-bench-runc
 bench_registry
 bench_critest_images
 bench_berthd
-bench_containerd
+[ -n "${BERTH_ONLY:-}" ] || bench_containerd
 
 PAUSE=registry.k8s.io/pause:3.9
 declare -A ARGS
 ARGS[berth]="--endpoint unix://$BERTH_SOCK --daemon-pid $BERTHD_PID --helper-comm berth-monitor"
+[ "$RUNC_FLOOR" = 1 ] && ARGS[berth]+=" --runc-floor $T/berth/state"
 ARGS[containerd]="--endpoint unix://$CTRD_SOCK --daemon-pid $CTRD_PID --helper-comm containerd-shim --pause-image $PAUSE"
-RUNTIMES=(berth containerd)
+RUNTIMES=(berth)
+[ -n "${BERTH_ONLY:-}" ] || RUNTIMES+=(containerd)
 for rt in "${RUNTIMES[@]}"; do
   echo "$rt: $COUNT containers in one pod ..." >&2
   mkdir -p "$T/logs/$rt"
@@ -59,10 +71,31 @@ for rt in "${RUNTIMES[@]}"; do
       printf " %6.1f %6.1f\n", rate["create_start"], rate["stop_remove"]
     }' "$T/out.$rt"
 done
+# the floor: bare runc on berth's spec, same columns
+awk '
+  $1 == "lat" && $2 ~ /^runc_/ { op = substr($2, 6); p50[op] = $5; p95[op] = $6; mx[op] = $7; n++ }
+  END {
+    if (!n) exit
+    printf "%-11s", "bare runc"
+    k = split("create_start create start stop_remove", ops, " ")
+    for (i = 1; i <= k; i++) printf " %7.1f %7.1f %7.1f ", p50[ops[i]], p95[ops[i]], mx[ops[i]]
+    printf "\n"
+  }' "$T/out.berth"
 for rt in "${RUNTIMES[@]}"; do
-  awk -v rt="$rt" '$1 == "lat" && ($2 == "stop" || $2 == "remove") {
+  awk -v rt="$rt" '$1 == "lat" && ($2 == "stop" || $2 == "remove" || $2 == "runc_stop" || $2 == "runc_remove") {
     printf "  %s %s: p50 %.1f ms, p95 %.1f ms, max %.1f ms\n", rt, $2, $5, $6, $7 }' "$T/out.$rt"
 done
+if [ "$STEPS" = 1 ]; then
+  echo
+  echo "berth CreateContainer steps (from its debug log; ms since the RPC's work began, p50 and"
+  echo "p50 of the step's own time over the $COUNT containers; first = the first container's):"
+  bench_steps "container creation" <"$T/berthd.log"
+  echo "berth StopContainer(0) steps:"
+  bench_steps "container stop" <"$T/berthd.log"
+  echo "berth RemoveContainer steps (\"container teardown\" is its part that undoes the container):"
+  bench_steps "container removal" <"$T/berthd.log"
+  bench_steps "container teardown" <"$T/berthd.log"
+fi
 echo
 printf '%-11s %-22s %8s %10s %10s %12s\n' runtime "per-pod helper" containers "RSS (MiB)" "Pss (MiB)" "daemon RSS"
 for rt in "${RUNTIMES[@]}"; do

@@ -19,7 +19,15 @@
 #
 # Knobs (environment): BENCH_TMPDIR=/tmp (must support overlayfs), CONTAINERD=containerd,
 #                      CARGO_TARGET_DIR (where the release build goes; default ./target),
-#                      BENCH_KEEP_LOGS=DIR (copy the registry and daemon logs there on exit)
+#                      BENCH_KEEP_LOGS=DIR (copy the registry and daemon logs there on exit),
+#                      BENCH_BERTH_LOG (berthd's RUST_LOG; the scripts set it for step timings),
+#                      BENCH_PREBUILT=DIR (berthd, berth-monitor and cri_bench from DIR, no
+#                      build: e.g. an older build kept for a before/after comparison)
+#
+# bench_steps WHAT      reads berthd's log on stdin and prints, for its debug lines
+#                       `WHAT step=S ms=M` (M = ms since that RPC's work began), a table of
+#                       each step's p50 of M, p50 of its own time (M minus the previous
+#                       step's M) and the first RPC's own time
 
 BENCH_BRIDGE=bbench0
 BENCH_POD_CIDR=10.99.0.0/16
@@ -56,10 +64,15 @@ bench_init() {
     exit 1
   fi
 
-  cargo build --release --bin berthd --bin berth-monitor --example cri_bench
-  local target=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
-  BERTHD=$target/release/berthd
-  BENCH=$target/release/examples/cri_bench
+  if [ -n "${BENCH_PREBUILT:-}" ]; then
+    BERTHD=$BENCH_PREBUILT/berthd
+    BENCH=$BENCH_PREBUILT/cri_bench
+  else
+    cargo build --release --bin berthd --bin berth-monitor --example cri_bench
+    local target=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
+    BERTHD=$target/release/berthd
+    BENCH=$target/release/examples/cri_bench
+  fi
 
   T=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/berth-bench.XXXXXX")
   # the runtimes' default cgroup parents (containerd: /k8s.io, berth: /berth): those that do not
@@ -220,7 +233,7 @@ mirrors = ["http://$REG"]
 [registries."$REG"]
 insecure = true
 EOF
-  "$BERTHD" --config "$T/berth.toml" >"$T/berthd.log" 2>&1 &
+  RUST_LOG=${BENCH_BERTH_LOG:-${RUST_LOG:-}} "$BERTHD" --config "$T/berth.toml" >"$T/berthd.log" 2>&1 &
   BERTHD_PID=$!
   for _ in $(seq 100); do
     [ -S "$BERTH_SOCK" ] && return 0
@@ -242,4 +255,37 @@ bench_versions() {
   echo "containerd $("${CONTAINERD:-containerd}" --version 2>/dev/null | awk '{print $3}')," \
     "runc $(runc --version 2>/dev/null | awk 'NR == 1 {print $3}')," \
     "berthd $("$BERTHD" --version 2>/dev/null | awk '{print $2}'), $(nproc) CPUs"
+}
+
+bench_steps() {
+  # tracing's text format: `... rpc{method="M" … container_id="…" | pod_id="…"}: … WHAT
+  # step="S" ms=M` (colours stripped); one RPC = one method and id
+  sed 's/\x1b\[[0-9;]*m//g' | awk -v what="$1" '
+    index($0, what " step=") && / ms=/ {
+      s = $0; sub(/.* step=/, "", s)
+      if (substr(s, 1, 1) == "\"") { s = substr(s, 2); sub(/".*/, "", s) } else sub(/ .*/, "", s)
+      m = $0; sub(/.* ms=/, "", m); sub(/[^0-9.].*/, "", m)
+      key = ""
+      if (match($0, /method="[A-Za-z]+"/)) key = substr($0, RSTART, RLENGTH)
+      if (match($0, /container_id="[0-9a-f]+"/)) key = key substr($0, RSTART, RLENGTH)
+      else if (match($0, /pod_id="[0-9a-f]+"/)) key = key substr($0, RSTART, RLENGTH)
+      if (!(key in rpc)) { rpc[key] = ++nrpc; prev[key] = 0 }
+      if (!(s in n)) order[++ns] = s
+      n[s]++; at[s, n[s]] = m; own[s, n[s]] = m - prev[key]
+      if (rpc[key] == 1) first[s] = m - prev[key]
+      prev[key] = m
+    }
+    function p50(arr, s, k,   i, j, v, t) {
+      for (i = 1; i <= k; i++) v[i] = arr[s, i] + 0
+      for (i = 2; i <= k; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
+      return v[int((k + 1) / 2)]
+    }
+    END {
+      if (!ns) { print "  (no step timings in the log: is berthd at debug level?)"; exit }
+      printf "  %-16s %8s %9s %10s %6s\n", "step (ms)", "p50 at", "p50 own", "first own", "n"
+      for (i = 1; i <= ns; i++) {
+        s = order[i]
+        printf "  %-16s %8.2f %9.2f %10.2f %6d\n", s, p50(at, s, n[s]), p50(own, s, n[s]), first[s], n[s]
+      }
+    }'
 }

@@ -13,18 +13,25 @@
 # Prints p50/p95/max latency per runtime and mode, and VmRSS (Pss in brackets).
 # Everything it starts or creates is stopped and removed on exit (see hack/bench-lib.sh).
 #
-# Knobs (environment): COUNT=100 PARALLEL=10 PID_MODE=container, and those of bench-lib.sh.
+# With STEPS=1 (default) berthd runs at debug level and its RunPodSandbox step timings are
+# printed as a table (p50 over every RunPodSandbox of the run, serial and parallel).
+#
+# Knobs (environment): COUNT=100 PARALLEL=10 PID_MODE=container STEPS=1, BERTH_ONLY=1 (no
+#                      containerd: e.g. berth's memory at 250 pods), and those of bench-lib.sh.
 set -euo pipefail
 COUNT=${COUNT:-100}
 PARALLEL=${PARALLEL:-10}
 PID_MODE=${PID_MODE:-container}
+STEPS=${STEPS:-1}
+# berth's step timings are at debug level
+[ "$STEPS" = 1 ] && export BENCH_BERTH_LOG=${BENCH_BERTH_LOG:-info,berth=debug}
 # shellcheck source=hack/bench-lib.sh
 . "$(dirname "$0")/bench-lib.sh"
 bench_init bench-pods.sh
 bench_registry
 bench_critest_images
 bench_berthd
-bench_containerd
+[ -n "${BERTH_ONLY:-}" ] || bench_containerd
 
 PAUSE=registry.k8s.io/pause:3.9
 declare -A ARGS
@@ -33,7 +40,8 @@ declare -A ARGS
 # all their descendants (the pause processes).
 ARGS[berth]="--endpoint unix://$BERTH_SOCK --daemon-pid $BERTHD_PID --helpers-cmdline $T/berth/"
 ARGS[containerd]="--endpoint unix://$CTRD_SOCK --daemon-pid $CTRD_PID --helpers-cmdline $CTRD_SOCK --pause-image $PAUSE"
-RUNTIMES=(berth containerd)
+RUNTIMES=(berth)
+[ -n "${BERTH_ONLY:-}" ] || RUNTIMES+=(containerd)
 for rt in "${RUNTIMES[@]}"; do
   echo "$rt: $COUNT pods serial, then $PARALLEL in parallel ..." >&2
   # shellcheck disable=SC2086
@@ -83,3 +91,15 @@ echo " descendants, for containerd every containerd-shim-runc-v2 (comm container
 echo " socket as -address and their descendants (the pause processes); RSS sums count a shared page"
 echo " in every process mapping it, Pss splits it; per pod = (daemon + helpers RSS - idle) / $COUNT in MiB;"
 echo " $(bench_versions))"
+if [ "$STEPS" = 1 ]; then
+  echo
+  echo "berth RunPodSandbox steps (from its debug log; ms since the RPC's work began, p50 over"
+  echo "the $((2 * COUNT)) pods, serial and parallel, and the step's own time):"
+  bench_steps "pod creation" <"$T/berthd.log"
+  echo "berth StopPodSandbox steps (\"pod release\" is its init and network part):"
+  bench_steps "pod stop" <"$T/berthd.log"
+  bench_steps "pod release" <"$T/berthd.log"
+  echo "berth RemovePodSandbox steps (\"pod teardown\" is its part that undoes the pod):"
+  bench_steps "pod removal" <"$T/berthd.log"
+  bench_steps "pod teardown" <"$T/berthd.log"
+fi

@@ -816,6 +816,120 @@ async fn exit_while_the_monitor_is_gone_is_reported() {
     e.remove_pod().await;
 }
 
+/// A container that a crash interrupted between its intent record and its one durable
+/// commit: the record of a running container is taken out of the store while berthd is down
+/// and left as the intent record in its bundle (what a berthd killed just before the
+/// `Created` commit leaves, plus a process). The start-up repair undoes all of it: process,
+/// runtime state, rootfs mount, writable layer, bundle. A writable layer that no record
+/// names (what a power loss leaves) goes too.
+#[tokio::test]
+async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
+    use berth::container::manager::{ContainerRecord, Phase};
+    use berth::store::{Batch, Store, Table};
+    let mut e = env("runc").await;
+    let mut c = e.config("intent");
+    sh(&mut c, "sleep 100000");
+    let id = e.run(c).await;
+    let bundle = e.d.state().join("containers").join(&id);
+    let layer = e.d.root().join("containers").join(&id);
+    assert!(bundle.join("config.json").exists() && layer.exists());
+    e.d.kill9();
+    let stray = e.d.root().join("containers").join("ab".repeat(32));
+    std::fs::create_dir_all(stray.join("upper/etc")).expect("a stray writable layer");
+    let pid = {
+        let store = Store::open(&e.d.root().join("berth.redb")).expect("open the store");
+        let mut rec: ContainerRecord = store
+            .get(Table::Containers, &id)
+            .expect("read the record")
+            .expect("the container's record");
+        rec.phase = Phase::Creating;
+        let mut b = Batch::new();
+        b.delete(Table::Containers, &id);
+        store.commit(b).expect("commit");
+        std::fs::write(
+            bundle.join("intent.json"),
+            serde_json::to_vec(&rec).expect("encode"),
+        )
+        .expect("write the intent record");
+        rec.pid
+    };
+    assert!(pid > 0);
+    e.d.restart().await;
+    e.rt = e.d.runtime_client().await;
+    let listed =
+        e.rt.list_containers(cri::ListContainersRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .containers;
+    assert!(listed.iter().all(|c| c.id != id), "{listed:?}");
+    assert!(!bundle.exists(), "bundle left");
+    assert!(!layer.exists(), "writable layer left");
+    assert!(!stray.exists(), "stray writable layer left");
+    common::wait_for(
+        Duration::from_secs(10),
+        "the container's process to go",
+        || async { (!Path::new(&format!("/proc/{pid}")).exists()).then_some(()) },
+    )
+    .await;
+    let state = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(e.d.state().join("runtime/runc"))
+        .args(["state", &id])
+        .output()
+        .expect("runc state");
+    assert!(!state.status.success(), "runc still knows {id}");
+    // The name is free again.
+    let mut c = e.config("intent");
+    sh(&mut c, "sleep 100000");
+    e.run(c).await;
+    e.remove_pod().await;
+}
+
+/// A removal that a crash interrupted after its record went but before the runtime's delete
+/// ran (it runs after RemoveContainer answered): what the runtime holds of a container that
+/// no record names is deleted at start.
+#[tokio::test]
+async fn runtime_state_that_no_record_names_is_deleted_at_start() {
+    use berth::store::{Batch, Store, Table};
+    let mut e = env("runc").await;
+    let mut c = e.config("leftover");
+    sh(&mut c, "sleep 100000");
+    let id = e.run(c).await;
+    e.rt.stop_container(cri::StopContainerRequest {
+        container_id: id.clone(),
+        timeout: 0,
+    })
+    .await
+    .expect("stop");
+    let runc_state = e.d.state().join("runtime/runc").join(&id);
+    assert!(runc_state.exists());
+    e.d.kill9();
+    {
+        let store = Store::open(&e.d.root().join("berth.redb")).expect("open the store");
+        let mut b = Batch::new();
+        b.delete(Table::Containers, &id);
+        store.commit(b).expect("commit");
+    }
+    // What RemoveContainer undid before its record went.
+    let bundle = e.d.state().join("containers").join(&id);
+    nix::mount::umount2(&bundle.join("rootfs"), nix::mount::MntFlags::MNT_DETACH)
+        .expect("unmount the rootfs");
+    std::fs::remove_dir_all(&bundle).expect("remove the bundle");
+    std::fs::remove_dir_all(e.d.root().join("containers").join(&id)).expect("remove the layer");
+    e.d.restart().await;
+    e.rt = e.d.runtime_client().await;
+    assert!(!runc_state.exists(), "the runtime's state is left");
+    let state = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(e.d.state().join("runtime/runc"))
+        .args(["state", &id])
+        .output()
+        .expect("runc state");
+    assert!(!state.status.success(), "runc still knows {id}");
+    e.remove_pod().await;
+}
+
 macro_rules! for_each_runtime {
     ($($name:ident),*) => {
         mod runc {

@@ -713,6 +713,77 @@ async fn cni_pods_survive_kill9_and_names_stay_reserved() {
     pods_survive_kill9_and_names_stay_reserved(Mode::Cni).await;
 }
 
+/// A pod that a crash interrupted between its intent record and its one durable commit: the
+/// record of a whole pod is taken out of the store while berthd is down and left as the
+/// intent record in the pod's directory (what a berthd killed just before the `Ready`
+/// commit leaves). The start-up repair undoes all of it: link, address, mounts, directory.
+async fn a_pod_known_only_by_its_intent_record_is_undone_at_start(mode: Mode) {
+    use berth::sandbox::{Phase, SandboxRecord};
+    use berth::store::{Batch, Store, Table};
+    let (mut d, _cni) = start(mode).await;
+    let mut rt = d.runtime_client().await;
+    let id = run(&mut rt, pod_config("intent")).await.expect("run");
+    assert_eq!(bridge_ports(&d).len(), 1);
+    drop(rt);
+    d.kill9();
+    {
+        let store = Store::open(&d.root().join("berth.redb")).expect("open the store");
+        let mut rec: SandboxRecord = store
+            .get(Table::Sandboxes, &id)
+            .expect("read the record")
+            .expect("the pod's record");
+        // As the intent record has it just before the commit.
+        rec.phase = Phase::Creating;
+        rec.network = None;
+        let mut b = Batch::new();
+        b.delete(Table::Sandboxes, &id);
+        store.commit(b).expect("commit");
+        std::fs::write(
+            rec.dir.join("intent.json"),
+            serde_json::to_vec(&rec).expect("encode"),
+        )
+        .expect("write the intent record");
+    }
+    d.restart().await;
+    let mut rt = d.runtime_client().await;
+    let pods = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .items;
+    assert!(pods.is_empty(), "{pods:?}");
+    assert!(bridge_ports(&d).is_empty(), "{:?}", bridge_ports(&d));
+    assert!(dir_names(&d.state().join("pods")).is_empty());
+    assert!(
+        mounts_under(d.dir()).is_empty(),
+        "{:?}",
+        mounts_under(d.dir())
+    );
+    // The name is free, and the address went back to the pool.
+    let again = run(&mut rt, pod_config("intent")).await.expect("name free");
+    common::remove_pod(&mut rt, &again).await;
+    drop(rt);
+    d.kill9();
+    {
+        let store = Store::open(&d.root().join("berth.redb")).expect("open the store");
+        let held: Vec<(String, serde_json::Value)> =
+            store.all(Table::PodIps).expect("read addresses");
+        assert!(held.is_empty(), "{held:?}");
+    }
+    d.restart().await;
+}
+
+#[tokio::test]
+async fn native_a_pod_known_only_by_its_intent_record_is_undone_at_start() {
+    a_pod_known_only_by_its_intent_record_is_undone_at_start(Mode::Native).await;
+}
+
+#[tokio::test]
+async fn cni_a_pod_known_only_by_its_intent_record_is_undone_at_start() {
+    a_pod_known_only_by_its_intent_record_is_undone_at_start(Mode::Cni).await;
+}
+
 #[tokio::test]
 async fn native_kill9_during_creation_leaves_only_whole_pods() {
     kill9_during_creation_leaves_only_whole_pods(Mode::Native).await;

@@ -5,9 +5,16 @@
 //! A container holds its image and the images it mounts as volumes
 //! ([`ImageManager::acquire`]) from its creation to its removal.
 //!
-//! Crash safety: a container is recorded as `Creating` before anything is made; at start,
-//! [`ContainerManager::open`] removes what is still `Creating` (or whose pod is gone), with a
-//! deleted event, and reads the exit files that the monitors wrote while berthd was down.
+//! Crash safety: a container being made is described by its intent record, `intent.json` in
+//! its bundle (under `state`, which lasts one boot), written before anything is made and not
+//! fsynced: what it guards (mounts, the runtime's container, its cgroup, the monitor's fds)
+//! ends with the boot, so it only has to survive a crash of berthd. The one durable commit of
+//! CreateContainer is the `Created` record that names the whole container. At start,
+//! [`ContainerManager::open`] undoes every bundle that no record names (with its intent record
+//! when there is one) and every writable layer under `root` that no record names (what a
+//! power loss leaves), removes what is still `Creating` (records of older berthds) or whose
+//! pod is gone, with a deleted event, and reads the exit files that the monitors wrote while
+//! berthd was down.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,7 +36,7 @@ use crate::image::{ImageError, ImageManager};
 use crate::locks::KeyedLocks;
 use crate::monitor::{self, CreateRequest, ExitInfo, MonitorError};
 use crate::runtime::{OciRuntime, RuntimeError};
-use crate::sandbox::{Phase as PodPhase, SandboxError, SandboxManager, SandboxRecord};
+use crate::sandbox::{Phase as PodPhase, SandboxError, SandboxManager, SandboxRecord, step_done};
 use crate::store::{Batch, Store, StoreError, Table};
 
 /// Errors of the container piece.
@@ -146,6 +153,10 @@ pub struct ContainerRecord {
     /// spec is written, and in older records.
     #[serde(default)]
     pub user: Option<ProcessUser>,
+    /// Its init is PID 1 of a PID namespace of its own (killing it ends every process of
+    /// it). `false` in older records.
+    #[serde(default)]
+    pub own_pid_ns: bool,
 }
 
 /// The uid, gid and supplementary groups a container's first process starts with.
@@ -215,6 +226,9 @@ pub struct ContainerManager {
     cdi: Arc<cdi::Registry>,
     /// Where lifecycle events go.
     events: Arc<EventHub>,
+    /// The runtime deletes of removed containers, still running, with their pod's id (see
+    /// [`ContainerManager::remove`]).
+    deleting: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
 }
 
 /// Whether the oom_score_adj clamp was logged already.
@@ -239,6 +253,82 @@ fn bundle_command(bundle: &Path) -> String {
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.pointer("/process/args/0")?.as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// The intent record of a container being made, in its bundle (see the module's doc).
+const INTENT_FILE: &str = "intent.json";
+
+/// Writes the intent record of a container being made: one write, not fsynced, before
+/// anything else is made (a crash in the middle of it leaves a record that does not parse
+/// and nothing else of the container but its bundle directory).
+fn write_intent(rec: &ContainerRecord) -> Result<(), ContainerError> {
+    let json = serde_json::to_vec(rec).map_err(|e| ContainerError::Io {
+        context: "encode the container's intent record".to_string(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(rec.bundle.join(INTENT_FILE), json)
+        .map_err(io_err("write the container's intent record"))
+}
+
+/// The intent record left in a bundle, if it is whole and names that bundle.
+fn read_intent(bundle: &Path) -> Option<ContainerRecord> {
+    let bytes = std::fs::read(bundle.join(INTENT_FILE)).ok()?;
+    let rec: ContainerRecord = serde_json::from_slice(&bytes).ok()?;
+    (rec.bundle == bundle).then_some(rec)
+}
+
+/// How often [`ContainerManager::wait_exit`] looks for the exit file besides its watch.
+const EXIT_POLL: Duration = Duration::from_millis(250);
+
+/// An inotify watch of a bundle directory: wakes up when a file is created or renamed into
+/// it (the monitor's exit file).
+struct ExitWatch(tokio::io::unix::AsyncFd<InotifyFd>);
+
+/// An inotify instance as [`tokio::io::unix::AsyncFd`] takes it.
+struct InotifyFd(nix::sys::inotify::Inotify);
+
+impl std::os::fd::AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl ExitWatch {
+    /// Waits for the next batch of events; `false` when the watch is unusable.
+    async fn changed(&mut self) -> bool {
+        loop {
+            let Ok(mut guard) = self.0.readable().await else {
+                return false;
+            };
+            match guard.try_io(|fd| fd.get_ref().0.read_events().map_err(std::io::Error::from)) {
+                Ok(Ok(_)) => return true,
+                Ok(Err(_)) => return false,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+/// Watches `bundle` for new files; `None` when inotify is unavailable (then polling).
+fn exit_watch(bundle: &Path) -> Option<ExitWatch> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let fd = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
+    fd.add_watch(
+        bundle,
+        AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_ONLYDIR,
+    )
+    .ok()?;
+    // SAFETY: the inotify fd is owned by the InotifyFd moved in, open and the same fd until
+    // the AsyncFd drops it.
+    unsafe { tokio::io::unix::AsyncFd::register(InotifyFd(fd)) }
+        .ok()
+        .map(ExitWatch)
+}
+
+/// Whether a directory name is a container id (64 lowercase hex digits).
+fn is_id(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn read_exit(path: &Path) -> Option<ExitInfo> {
@@ -273,6 +363,7 @@ impl ContainerManager {
             min_oom_score_adj,
             exec_seq: std::sync::atomic::AtomicU64::new(0),
             events,
+            deleting: std::sync::Mutex::new(Vec::new()),
         };
         for (_, mut rec) in records {
             if rec.phase == Phase::Creating || mgr.sandboxes.get(&rec.sandbox_id).is_err() {
@@ -302,7 +393,71 @@ impl ContainerManager {
             let _ = mgr.index.reserve(&rec.name_key, &rec.id);
             mgr.index.insert(&rec.id.clone(), rec);
         }
+        mgr.undo_unnamed().await;
         Ok(mgr)
+    }
+
+    /// At start: undoes the bundles and writable layers that no record names (containers a
+    /// crash interrupted while they were made; after a power loss only their writable layers
+    /// are left).
+    async fn undo_unnamed(&self) {
+        let known = self.index.ids();
+        let bundles = self.config.state.join("containers");
+        for e in std::fs::read_dir(&bundles).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if known.contains(&name) {
+                // Its intent record (left in place) is stale: the record names it.
+                continue;
+            }
+            if !is_id(&name) {
+                continue;
+            }
+            let rec = match read_intent(&e.path()) {
+                Some(rec) => rec,
+                None => {
+                    // Cut before or while its intent was written: only the bundle directory
+                    // (with a torn intent record) can exist. Never recurse into a mount.
+                    if volumes::mounts_under(&e.path()).is_empty()
+                        && let Err(err) = std::fs::remove_dir_all(e.path())
+                    {
+                        tracing::warn!(id = %name, error = %err, "remove bundle");
+                    }
+                    continue;
+                }
+            };
+            tracing::info!(id = %rec.id, "removing a container left half-made by a crash");
+            self.destroy(&rec).await;
+        }
+        // What a runtime still holds of containers no record names (a crash before a
+        // removal's runtime delete ran): deleted, cgroups and all.
+        for handler in self.config.runtimes.keys() {
+            let Ok(runtime) = self.runtime(handler) else {
+                continue;
+            };
+            for e in std::fs::read_dir(&runtime.root)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if is_id(&name) && !known.contains(&name) {
+                    tracing::info!(id = %name, %handler, "deleting what the runtime holds of a container no record names");
+                    if let Err(err) = runtime.delete(&name).await {
+                        tracing::warn!(id = %name, error = %err, "runtime delete");
+                    }
+                }
+            }
+        }
+        let layers = self.config.root.join("containers");
+        for e in std::fs::read_dir(&layers).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if is_id(&name) && !known.contains(&name) {
+                tracing::info!(id = %name, "removing the writable layer of a container no record names");
+                if let Err(err) = rootfs::remove_rw(&self.config.root, &name) {
+                    tracing::warn!(id = %name, error = %err, "remove writable layer");
+                }
+            }
+        }
     }
 
     fn persist(&self, rec: &ContainerRecord) -> Result<(), ContainerError> {
@@ -548,6 +703,7 @@ impl ContainerManager {
             message: String::new(),
             stop_signal: Some(stop_signal),
             user: None,
+            own_pid_ns: false,
             image_volumes: Vec::new(),
         };
         match self
@@ -574,12 +730,8 @@ impl ContainerManager {
             }
             Err(e) => {
                 tracing::warn!(id = %rec.id, error = %e, "container creation failed; undoing it");
+                // No record names it yet (the Created commit is the last step).
                 self.destroy(&rec).await;
-                let mut b = Batch::new();
-                b.delete(Table::Containers, &rec.id);
-                if let Err(se) = self.store.commit(b) {
-                    tracing::error!(id = %rec.id, error = %se, "removing a failed container record");
-                }
                 self.index.release(&key);
                 Err(e)
             }
@@ -603,7 +755,9 @@ impl ContainerManager {
                 "container creation"
             )
         };
-        self.persist(rec)?;
+        std::fs::create_dir_all(&rec.bundle)
+            .map_err(io_err(format!("create {}", rec.bundle.display())))?;
+        write_intent(rec)?;
         mark("record");
         // Held until removal: RemoveImage must not take an image a container uses.
         if self.images.acquire(&rec.image_id, &rec.id).await.is_none() {
@@ -628,8 +782,6 @@ impl ContainerManager {
                 image_id: img.id,
             });
         }
-        std::fs::create_dir_all(&rec.bundle)
-            .map_err(io_err(format!("create {}", rec.bundle.display())))?;
         {
             let (root, id, lower, target) = (
                 self.config.root.clone(),
@@ -700,6 +852,15 @@ impl ContainerManager {
             .and_then(|p| p.args().as_ref())
             .and_then(|a| a.first().cloned())
             .unwrap_or_default();
+        rec.own_pid_ns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| {
+                ns.iter().any(|n| {
+                    n.typ() == oci_spec::runtime::LinuxNamespaceType::Pid && n.path().is_none()
+                })
+            });
         rec.user = spec.process().as_ref().map(|p| ProcessUser {
             uid: p.user().uid(),
             gid: p.user().gid(),
@@ -755,8 +916,10 @@ impl ContainerManager {
         }
         rec.pid = pid;
         rec.phase = Phase::Created;
+        // The one durable commit: from here on the record names the container.
         self.persist(rec)?;
         mark("created");
+        // The intent record stays (stale, ignored) until the bundle goes with the container.
         Ok(())
     }
 
@@ -792,17 +955,31 @@ impl ContainerManager {
 
     /// Undoes whatever a container may hold (best effort, logged).
     async fn destroy(&self, rec: &ContainerRecord) {
-        if let Ok(runtime) = self.runtime(&rec.runtime_handler) {
-            let _ = runtime.kill(&rec.id, libc::SIGKILL, true).await;
+        self.undo(rec, true).await;
+    }
+
+    /// [`Self::destroy`], but with `runtime_too` false the runtime's delete and the cgroup's
+    /// removal are left to the caller (see [`Self::delete_later`]).
+    async fn undo(&self, rec: &ContainerRecord, runtime_too: bool) {
+        let t0 = std::time::Instant::now();
+        if runtime_too && let Ok(runtime) = self.runtime(&rec.runtime_handler) {
+            // A stopped container needs no kill: `delete` kills what is left in its cgroup
+            // (when it shares the pod's PID namespace). One that may still run is killed
+            // first (runc's `delete --force` of a running container polls for its end).
+            if rec.phase != Phase::Exited {
+                let _ = runtime.kill(&rec.id, libc::SIGKILL, true).await;
+            }
             if let Err(e) = runtime.delete(&rec.id).await {
                 tracing::warn!(id = %rec.id, error = %e, "runtime delete");
             }
         }
+        step_done("container teardown", "runtime delete", t0);
         if let Ok(sandbox) = self.sandboxes.get(&rec.sandbox_id)
             && let Ok(mut client) = self.connect_monitor(&sandbox).await
         {
             let _ = client.forget(&rec.id).await;
         }
+        step_done("container teardown", "monitor forget", t0);
         // Unmounts, tree removals and cgroup rmdirs: off the async workers.
         let id = rec.id.clone();
         let (rec, root, layout) = (rec.clone(), self.config.root.clone(), self.layout);
@@ -816,7 +993,7 @@ impl ContainerManager {
             if let Err(e) = rootfs::remove_rw(&root, &rec.id) {
                 tracing::warn!(id = %rec.id, error = %e, "remove writable layer");
             }
-            if let Err(e) = cgroups::remove(layout, &rec.cgroups_path) {
+            if runtime_too && let Err(e) = cgroups::remove(layout, &rec.cgroups_path) {
                 tracing::warn!(id = %rec.id, error = %e, "remove cgroup");
             }
             // Never recurse into what is still mounted (a rootfs, a bind of a host path).
@@ -833,6 +1010,7 @@ impl ContainerManager {
         if let Err(e) = undone {
             tracing::warn!(%id, error = %e, "container teardown task failed");
         }
+        step_done("container teardown", "mounts and dirs", t0);
         // Its images may go only once nothing of them is mounted for it.
         self.images.release(&id);
     }
@@ -885,18 +1063,75 @@ impl ContainerManager {
         }
     }
 
-    /// Waits until the container's exit is recorded, up to `timeout`.
+    /// Waits until the container's exit is recorded, up to `timeout`: woken by the monitor's
+    /// exit notice (the exit file renamed into the bundle, seen through inotify), with a slow
+    /// poll behind it in case the watch cannot be made or misses.
     async fn wait_exit(&self, rec: &ContainerRecord, timeout: Duration) -> bool {
+        let file = rec.exit_file();
+        if file.exists() {
+            return true;
+        }
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut watch = exit_watch(&rec.bundle);
         loop {
-            if rec.exit_file().exists() {
+            // Checked after the watch exists: an exit recorded before it is not missed.
+            if file.exists() {
                 return true;
             }
-            if tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let nap = (deadline - now).min(EXIT_POLL);
+            match watch.as_mut() {
+                Some(w) => {
+                    if tokio::time::timeout(nap, w.changed())
+                        .await
+                        .is_ok_and(|ok| !ok)
+                    {
+                        watch = None;
+                    }
+                }
+                None => tokio::time::sleep(nap).await,
+            }
         }
+    }
+
+    /// Sends `signal` to the container's init straight through a pidfd, without running
+    /// the OCI runtime. Only for an init still running in the container's cgroup (its pid
+    /// cannot have been reused: the pidfd pins the process, and it is checked to be in the
+    /// cgroup named after the container). `false` when that cannot be done (then the
+    /// runtime's `kill` is the way).
+    fn signal_init(&self, rec: &ContainerRecord, signal: i32) -> bool {
+        if rec.pid <= 0 {
+            return false;
+        }
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, rec.pid, 0) };
+        if fd < 0 {
+            return false;
+        }
+        // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+        let fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        let in_cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", rec.pid))
+            .is_ok_and(|c| c.contains(rec.id.as_str()));
+        if !in_cgroup {
+            return false;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal on the pidfd we own, no siginfo, no flags.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        // ESRCH: it exited meanwhile, which is what a stop wants anyway.
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
     }
 
     /// StopContainer: the image's stop signal (or SIGTERM), SIGKILL after `timeout` seconds.
@@ -916,10 +1151,13 @@ impl ContainerManager {
         if rec.phase != Phase::Running && rec.phase != Phase::Created {
             return Ok(());
         }
+        let t0 = std::time::Instant::now();
         let runtime = self.runtime(&rec.runtime_handler)?;
         if timeout_secs > 0 && rec.phase == Phase::Running {
             let sig = rec.stop_signal.unwrap_or(libc::SIGTERM);
-            runtime.kill(&rec.id, sig, false).await?;
+            if !self.signal_init(&rec, sig) {
+                runtime.kill(&rec.id, sig, false).await?;
+            }
             if self
                 .wait_exit(&rec, Duration::from_secs(timeout_secs as u64))
                 .await
@@ -929,11 +1167,20 @@ impl ContainerManager {
                 return Ok(());
             }
         }
-        runtime.kill(&rec.id, libc::SIGKILL, true).await?;
+        // The init of a PID namespace of its own takes every process of it along; else the
+        // runtime kills each process of the container's cgroup.
+        let direct =
+            rec.phase == Phase::Running && rec.own_pid_ns && self.signal_init(&rec, libc::SIGKILL);
+        if !direct {
+            runtime.kill(&rec.id, libc::SIGKILL, true).await?;
+        }
+        step_done("container stop", "killed", t0);
         if !self.wait_exit(&rec, Duration::from_secs(10)).await {
             tracing::warn!(id = %rec.id, "no exit recorded 10s after SIGKILL");
         }
+        step_done("container stop", "exited", t0);
         self.refresh(&mut rec)?;
+        step_done("container stop", "record", t0);
         self.index.insert(&rec.id.clone(), rec);
         Ok(())
     }
@@ -946,19 +1193,75 @@ impl ContainerManager {
             Err(e) => return Err(e),
         };
         let _lock = self.locks.lock(&id).await;
+        if self.index.get(&id).is_none() {
+            return Ok(());
+        }
+        self.stop_locked(&id, 0).await?;
         let Some(rec) = self.index.get(&id) else {
             return Ok(());
         };
-        self.stop_locked(&id, 0).await?;
-        self.destroy(&rec).await;
+        let t0 = std::time::Instant::now();
+        // A stopped container: everything but the runtime's own state goes now.
+        let stopped = rec.phase == Phase::Exited;
+        self.undo(&rec, !stopped).await;
+        step_done("container removal", "destroyed", t0);
         let mut b = Batch::new();
         b.delete(Table::Containers, &id);
         self.store.commit(b)?;
+        step_done("container removal", "record", t0);
+        if stopped {
+            self.delete_later(&rec);
+        }
         self.index.remove(&id);
         self.index.release(&rec.name_key);
         self.events
             .publish(EventKind::Deleted, &id, &rec.sandbox_id, None, None);
         Ok(())
+    }
+
+    /// The runtime's delete of a removed, stopped container (its state dir and cgroups: what
+    /// runc's `delete` takes 10 ms or more to remove) and the removal of its cgroup, after
+    /// RemoveContainer answered. Nothing observes them meanwhile: the container is gone from
+    /// the index and the store, its id is never reused, and RemovePodSandbox waits for the
+    /// pod's deletes before it goes on. A crash before they ran is repaired at start (the
+    /// runtime's root holds a container no record names).
+    fn delete_later(&self, rec: &ContainerRecord) {
+        let Ok(runtime) = self.runtime(&rec.runtime_handler) else {
+            return;
+        };
+        let (id, cgroups_path, layout) = (rec.id.clone(), rec.cgroups_path.clone(), self.layout);
+        let task = tokio::spawn(
+            async move {
+                if let Err(e) = runtime.delete(&id).await {
+                    tracing::warn!(%id, error = %e, "runtime delete");
+                }
+                let removed =
+                    tokio::task::spawn_blocking(move || cgroups::remove(layout, &cgroups_path))
+                        .await;
+                if let Ok(Err(e)) = removed {
+                    tracing::warn!(%id, error = %e, "remove cgroup");
+                }
+            }
+            .in_current_span(),
+        );
+        let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
+        deleting.retain(|(_, t)| !t.is_finished());
+        deleting.push((rec.sandbox_id.clone(), task));
+    }
+
+    /// Waits for the runtime deletes of the pod's removed containers.
+    async fn deletes_done(&self, sandbox_id: &str) {
+        let tasks: Vec<tokio::task::JoinHandle<()>> = {
+            let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
+            let (mine, rest) = std::mem::take(&mut *deleting)
+                .into_iter()
+                .partition(|(pod, _)| pod == sandbox_id);
+            *deleting = rest;
+            mine.into_iter().map(|(_, t)| t).collect()
+        };
+        for t in tasks {
+            let _ = t.await;
+        }
     }
 
     /// Notices exits as they are recorded (every `period`), so that their stopped events go
@@ -1018,6 +1321,7 @@ impl ContainerManager {
                 .instrument(tracing::info_span!("container", id = %id))
                 .await?;
         }
+        self.deletes_done(sandbox_id).await;
         if let Ok(sandbox) = self.sandboxes.get(sandbox_id)
             && let Ok(mut client) = self.connect_monitor(&sandbox).await
         {

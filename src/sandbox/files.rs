@@ -44,15 +44,18 @@ pub fn hosts(hostname: &str, ips: &[IpAddr]) -> String {
     out
 }
 
-/// Writes a file atomically (temp file + rename) with mode 0644.
+/// Writes a file atomically (temp file + rename) with mode 0644. Not fsynced: the pod's
+/// files live under `state` (one boot) and are named by the pod's record only once its
+/// durable commit is done, so a crash before that removes the pod, files and all.
 pub fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(content)?;
+    // Whatever the umask: containers of any user read these.
     f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-    f.sync_all()?;
+    drop(f);
     std::fs::rename(&tmp, path)
 }
 

@@ -110,10 +110,44 @@ impl InitProcess {
         start_time(self.pid) == Some(self.start_time)
     }
 
-    /// Kills it (and so its whole PID namespace) and waits up to 2 s for it to go.
+    /// Kills it (and so its whole PID namespace) and waits up to 2 s for it to go: woken by
+    /// its exit through a pidfd (opened before the kill, after checking it is this very
+    /// process, so a reused pid is never signalled); by polling where pidfds are missing.
     pub fn kill(&self) {
         if !self.alive() {
             return;
+        }
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
+        if fd >= 0 {
+            // SAFETY: the kernel just returned this fd; nothing else owns it.
+            let fd =
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+            if self.alive() {
+                use std::os::fd::AsRawFd;
+                // SAFETY: pidfd_send_signal on our pidfd, no siginfo, no flags.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    )
+                };
+                let mut pfd = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; readable once the process exited.
+                unsafe { libc::poll(&mut pfd, 1, 2000) };
+                // It may be our child (spawned by this berthd): reap it.
+                let _ = waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG));
+            }
+            if !self.alive() {
+                return;
+            }
         }
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
         for _ in 0..200 {

@@ -2,10 +2,16 @@
 //! files (hostname, hosts, resolv.conf), sysctls, the optional pod init, and its network
 //! (through a [`NetworkBackend`]).
 //!
-//! Crash safety: a sandbox is recorded as `Creating` (durably, with everything needed to undo
-//! it) before anything is made, and `Ready` once whole. At start, [`SandboxManager::open`]
-//! removes every sandbox still `Creating`, marks `Ready` ones whose namespaces did not survive
-//! (a reboot) `NotReady`, and lets the network backend free what unknown pods hold.
+//! Crash safety: a sandbox being made is described by its intent record, `intent.json` in the
+//! pod's directory (under `state`, which lasts one boot), written before anything is made
+//! and again, with the network request, before the network is set up. Everything it guards
+//! (pinned namespaces, mounts, the pod init, links, rules) ends with the boot too, so the
+//! intent only has to survive a crash of berthd, not a power loss: it is written without
+//! fsync. The one durable commit of RunPodSandbox is the `Ready` record that names the whole
+//! pod. At start, [`SandboxManager::open`] undoes every pod directory that no record names
+//! (with its intent record when there is one), removes sandboxes still `Creating` (records of
+//! older berthds), marks `Ready` ones whose namespaces did not survive (a reboot) `NotReady`,
+//! and lets the network backend free what unknown pods hold.
 
 pub mod files;
 pub mod init;
@@ -85,6 +91,29 @@ fn check_security_context(sc: &cri::LinuxSandboxSecurityContext) -> Result<(), S
         );
     }
     Ok(())
+}
+
+/// The intent record of a sandbox being made, in its directory (see the module's doc).
+const INTENT_FILE: &str = "intent.json";
+
+/// Writes the intent record of a sandbox being made: in place, one write, not fsynced (it
+/// guards what a crash of berthd leaves, all of which a reboot ends anyway). A crash in the
+/// middle of a write leaves a record that does not parse; it is written before anything is
+/// made and again just before the network is set up, so such a pod holds at most what
+/// [`SandboxManager::undo_unnamed`] removes without it.
+fn write_intent(rec: &SandboxRecord) -> Result<(), SandboxError> {
+    let json = serde_json::to_vec(rec).map_err(|e| SandboxError::Io {
+        context: "encode the pod's intent record".to_string(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(rec.dir.join(INTENT_FILE), json).map_err(io_err("write the pod's intent record"))
+}
+
+/// The intent record left in a pod directory, if it is whole and names that directory.
+fn read_intent(dir: &Path) -> Option<SandboxRecord> {
+    let bytes = std::fs::read(dir.join(INTENT_FILE)).ok()?;
+    let rec: SandboxRecord = serde_json::from_slice(&bytes).ok()?;
+    (rec.dir == dir).then_some(rec)
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -266,17 +295,36 @@ impl SandboxManager {
         if let Err(e) = mgr.network.repair(&live).await {
             tracing::warn!(error = %e, "network repair at start failed");
         }
-        // Pod directories nobody owns (e.g. a crash before the first record write).
+        // Pod directories no record names: pods a crash interrupted while they were made.
         if let Ok(entries) = std::fs::read_dir(&mgr.pods_dir) {
             let known = mgr.index.ids();
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !known.contains(&name) {
-                    remove_pod_dir(&e.path());
+                let path = e.path();
+                if known.contains(&name) {
+                    // Its intent record (left in place) is stale: the record names the pod.
+                    continue;
                 }
+                mgr.undo_unnamed(&path).await;
             }
         }
         Ok(mgr)
+    }
+
+    /// Undoes a pod directory that no record names (a crash while the pod was made): with its
+    /// intent record everything it may hold, else the init its pid file names, the pinned
+    /// namespaces and the directory (the network repair at start frees links, rules and
+    /// addresses of pods no record names).
+    async fn undo_unnamed(&self, dir: &Path) {
+        if let Some(rec) = read_intent(dir) {
+            tracing::info!(id = %rec.id, "removing a pod sandbox left half-made by a crash");
+            if let Err(e) = self.destroy(&rec).await {
+                tracing::warn!(id = %rec.id, error = %e, "undoing a half-made pod sandbox");
+            }
+        } else if let Some(init) = init::from_pid_file(&dir.join("init.pid")) {
+            let _ = tokio::task::spawn_blocking(move || init.kill()).await;
+        }
+        remove_pod_dir(dir);
     }
 
     fn persist(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
@@ -440,13 +488,9 @@ impl SandboxManager {
             }
             Err(e) => {
                 tracing::warn!(id = %rec.id, error = %e, "pod sandbox creation failed; undoing it");
+                // No record names it yet (the Ready commit is the last step).
                 if let Err(undo) = self.destroy(&rec).await {
                     tracing::error!(id = %rec.id, error = %undo, "undoing a failed pod sandbox");
-                }
-                let mut b = Batch::new();
-                b.delete(Table::Sandboxes, &rec.id);
-                if let Err(se) = self.store.commit(b) {
-                    tracing::error!(id = %rec.id, error = %se, "removing a failed pod sandbox record");
                 }
                 self.index.release(&key);
                 Err(e)
@@ -500,11 +544,11 @@ impl SandboxManager {
                 "pod creation"
             )
         };
-        self.persist(rec)?;
-        mark("record");
         let dir = rec.dir.clone();
         std::fs::create_dir_all(dir.join("ns"))
             .map_err(io_err(format!("create {}", dir.display())))?;
+        write_intent(rec)?;
+        mark("record");
 
         // The pod's files.
         std::fs::write(rec.hostname_path(), format!("{}\n", rec.hostname))
@@ -591,7 +635,7 @@ impl SandboxManager {
             };
             // Recorded before setup so a crash during setup is torn down at start.
             rec.network_request = Some(req.clone());
-            self.persist(rec)?;
+            write_intent(rec)?;
             mark("network record");
             let status = self.network.setup(&req).await?;
             mark("network setup");
@@ -631,26 +675,34 @@ impl SandboxManager {
         }
 
         rec.phase = Phase::Ready;
+        // The one durable commit: from here on the record names the pod.
         self.persist(rec)?;
         mark("ready");
+        // The intent record stays (stale, ignored) until the directory goes with the pod:
+        // removing it would cost this RPC one more metadata operation.
         Ok(())
     }
 
     /// Undoes everything a sandbox may hold: init, network, namespaces, files.
     async fn destroy(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
+        let t0 = std::time::Instant::now();
         self.release_runtime_resources(rec).await?;
+        step_done("pod teardown", "released", t0);
         for p in [rec.netns_path(), rec.ipcns_path(), rec.utsns_path()]
             .into_iter()
             .flatten()
         {
             ns::unpin(&p)?;
         }
+        step_done("pod teardown", "unpinned", t0);
         remove_pod_dir(&rec.dir);
+        step_done("pod teardown", "dir removed", t0);
         Ok(())
     }
 
     /// Stops the init and detaches the network (what StopPodSandbox releases).
     async fn release_runtime_resources(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
+        let t0 = std::time::Instant::now();
         // An init started just before a crash is not in the record: find it by its pid file.
         let init = rec
             .init
@@ -663,9 +715,11 @@ impl SandboxManager {
                     source: std::io::Error::other(e.to_string()),
                 })?;
         }
+        step_done("pod release", "init", t0);
         if let Some(req) = &rec.network_request {
             self.network.teardown(req).await?;
         }
+        step_done("pod release", "network", t0);
         Ok(())
     }
 
@@ -683,11 +737,14 @@ impl SandboxManager {
         if rec.phase == Phase::NotReady && rec.network.is_none() && rec.init.is_none() {
             return Ok(());
         }
+        let t0 = std::time::Instant::now();
         self.release_runtime_resources(&rec).await?;
+        step_done("pod stop", "released", t0);
         rec.phase = Phase::NotReady;
         rec.network = None;
         rec.init = None;
         self.persist(&rec)?;
+        step_done("pod stop", "record", t0);
         self.index.insert(&id, rec.clone());
         self.events
             .publish(EventKind::Stopped, &id, &id, Some(&rec), None);
@@ -705,16 +762,25 @@ impl SandboxManager {
         let Some(rec) = self.index.get(&id) else {
             return Ok(());
         };
+        let t0 = std::time::Instant::now();
         self.destroy(&rec).await?;
+        step_done("pod removal", "destroyed", t0);
         let mut b = Batch::new();
         b.delete(Table::Sandboxes, &id);
         self.store.commit(b)?;
+        step_done("pod removal", "record", t0);
         self.index.remove(&id);
         self.index.release(&rec.name_key);
         self.events
             .publish(EventKind::Deleted, &id, &id, None, None);
         Ok(())
     }
+}
+
+/// Logs (debug) that `step` of `what` is done, with the milliseconds since `t0` (the
+/// benchmarks read these: `hack/bench-lib.sh`'s `bench_steps`).
+pub(crate) fn step_done(what: &'static str, step: &'static str, t0: std::time::Instant) {
+    tracing::debug!(step, ms = t0.elapsed().as_secs_f64() * 1000.0, "{what}");
 }
 
 fn remove_pod_dir(dir: &Path) {

@@ -2,6 +2,11 @@
 //! berth's records. Every record is a JSON value in a named table; a state change is one write
 //! transaction ([`Batch`]) that is durable (fsynced) before [`Store::commit`] returns. In-memory
 //! indexes elsewhere are rebuilt from here at start.
+//!
+//! [`Store::commit_volatile`] applies a batch that need not survive a crash on its own: it is
+//! visible at once and becomes durable with the next [`Store::commit`] (of any record). It is
+//! for bookkeeping that start-up repair can rebuild or drop (e.g. an address held by a pod
+//! that no durable record names yet), so that an RPC pays for one fsync, not several.
 
 use std::path::Path;
 
@@ -13,6 +18,10 @@ use serde::de::DeserializeOwned;
 pub const SCHEMA_VERSION: u64 = 1;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// redb's page cache (its default is 1 GiB, which a node daemon whose store holds a few
+/// thousand small records never needs: the whole store of a full node fits in a few MiB).
+const CACHE_BYTES: usize = 4 << 20;
 
 /// The tables berth keeps. Each holds JSON records keyed by id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +135,9 @@ impl Batch {
 impl Store {
     /// Opens (or creates) the database at `path`, creating every table and checking the schema.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)?;
         let tx = db.begin_write()?;
         {
             let mut meta = tx.open_table(META)?;
@@ -153,10 +164,22 @@ impl Store {
 
     /// Applies a batch in one durable write transaction.
     pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.apply(batch, redb::Durability::Immediate)
+    }
+
+    /// Applies a batch in one write transaction that is visible at once but durable only with
+    /// the next [`Store::commit`]: a crash (of the process or the machine) before that loses
+    /// it, never a part of it. For records that start-up repair does not need.
+    pub fn commit_volatile(&self, batch: Batch) -> Result<(), StoreError> {
+        self.apply(batch, redb::Durability::None)
+    }
+
+    fn apply(&self, batch: Batch, durability: redb::Durability) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        let tx = self.db.begin_write()?;
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(durability);
         {
             for (table, key, value) in &batch.puts {
                 tx.open_table(table.def())?
@@ -234,6 +257,30 @@ mod tests {
         assert_eq!(
             store.get::<Vec<u32>>(Table::Images, "a").expect("get"),
             None
+        );
+    }
+
+    #[test]
+    fn volatile_batches_are_visible_and_made_durable_by_the_next_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("berth.redb");
+        {
+            let store = Store::open(&path).expect("open");
+            let mut b = Batch::new();
+            b.put(Table::PodIps, "10.0.0.2", &"a").expect("put");
+            store.commit_volatile(b).expect("volatile");
+            assert_eq!(
+                store.get::<String>(Table::PodIps, "10.0.0.2").expect("get"),
+                Some("a".to_string())
+            );
+            let mut b = Batch::new();
+            b.put(Table::Sandboxes, "a", &"ready").expect("put");
+            store.commit(b).expect("commit");
+        }
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(
+            store.get::<String>(Table::PodIps, "10.0.0.2").expect("get"),
+            Some("a".to_string())
         );
     }
 

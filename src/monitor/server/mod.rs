@@ -530,7 +530,9 @@ impl Monitor {
     // ---- container output ----
 }
 
-/// Writes `path` atomically and durably: a temporary file, fsync, rename, fsync of the dir.
+/// Writes `path` atomically: a temporary file renamed over it. Not fsynced: what it is for (a
+/// container's exit file in its bundle under berth's `state`) lasts one boot, like the
+/// container it describes; a crash of berthd or of the monitor does not lose it.
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
@@ -545,10 +547,8 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
             .mode(0o644)
             .open(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    std::fs::rename(&tmp, path)
 }
 
 fn unix_nanos() -> i64 {
