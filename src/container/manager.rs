@@ -467,12 +467,27 @@ impl ContainerManager {
         Ok(())
     }
 
-    /// Moves a running container to `Exited` when its monitor recorded the exit.
+    /// Moves a running container to `Exited` when its monitor recorded the exit, or, when the
+    /// monitor is gone (killed), once the container's init is gone too (exit code unknown).
     fn refresh(&self, rec: &mut ContainerRecord) -> Result<bool, ContainerError> {
+        self.refresh_with(rec, false)
+    }
+
+    /// [`Self::refresh`]; `thorough` also tells a zombie init from a live one (for one
+    /// container's status, not for lists).
+    fn refresh_with(
+        &self,
+        rec: &mut ContainerRecord,
+        thorough: bool,
+    ) -> Result<bool, ContainerError> {
         if !matches!(rec.phase, Phase::Running | Phase::Created) {
             return Ok(false);
         }
         let Some(exit) = read_exit(&rec.exit_file()) else {
+            if rec.phase == Phase::Running && self.orphan_gone(rec, thorough) {
+                self.record_lost_exit(rec)?;
+                return Ok(true);
+            }
             return Ok(false);
         };
         if rec.phase == Phase::Created {
@@ -521,21 +536,43 @@ impl ContainerManager {
             }
         };
         if !running {
-            tracing::warn!(id = %rec.id, "container stopped while its berth-monitor was gone; exit code unknown");
-            rec.phase = Phase::Exited;
-            rec.finished_at = ids::now_nanos();
-            rec.exit_code = 255;
-            rec.reason = "Error".to_string();
-            rec.message = "the exit was not recorded: the pod's berth-monitor was gone".to_string();
-            self.persist(rec)?;
-            self.events.publish(
-                EventKind::Stopped,
-                &rec.id,
-                &rec.sandbox_id,
-                None,
-                Some(rec),
-            );
+            self.record_lost_exit(rec)?;
         }
+        Ok(())
+    }
+
+    /// Whether the pod's berth-monitor of a container is alive.
+    fn monitor_alive(&self, rec: &ContainerRecord) -> bool {
+        match self.sandboxes.get(&rec.sandbox_id) {
+            Ok(sandbox) => monitor::running_pid(&self.monitor_dir(&sandbox)).is_some(),
+            Err(_) => false,
+        }
+    }
+
+    /// A running container whose monitor is gone (so no exit will ever be recorded) and whose
+    /// init has ended: no such process, a zombie nobody reaps (the monitor was its reaper), or
+    /// a pid reused outside the container's cgroup.
+    fn orphan_gone(&self, rec: &ContainerRecord, thorough: bool) -> bool {
+        rec.pid > 0 && !process_in_container(rec.pid, &rec.id, thorough) && !self.monitor_alive(rec)
+    }
+
+    /// Records the exit of a container whose monitor was gone when it ended: its code cannot
+    /// be known (containerd's 255 for an exit its shim did not see).
+    fn record_lost_exit(&self, rec: &mut ContainerRecord) -> Result<(), ContainerError> {
+        tracing::warn!(id = %rec.id, "container stopped while its berth-monitor was gone; exit code unknown");
+        rec.phase = Phase::Exited;
+        rec.finished_at = ids::now_nanos();
+        rec.exit_code = 255;
+        rec.reason = "Error".to_string();
+        rec.message = "the exit was not recorded: the pod's berth-monitor was gone".to_string();
+        self.persist(rec)?;
+        self.events.publish(
+            EventKind::Stopped,
+            &rec.id,
+            &rec.sandbox_id,
+            None,
+            Some(rec),
+        );
         Ok(())
     }
 
@@ -562,17 +599,21 @@ impl ContainerManager {
     /// The current record (exits noticed); the container is noted in the RPC's span.
     pub fn get(&self, id: &str) -> Result<ContainerRecord, ContainerError> {
         let id = self.resolve_id(id)?;
-        self.get_full(&id)
+        self.get_refreshed(&id, true)
     }
 
     /// [`Self::get`] of a full id, not noted in the RPC's span (for lists).
     fn get_full(&self, id: &str) -> Result<ContainerRecord, ContainerError> {
+        self.get_refreshed(id, false)
+    }
+
+    fn get_refreshed(&self, id: &str, thorough: bool) -> Result<ContainerRecord, ContainerError> {
         let id = id.to_string();
         let mut rec = self
             .index
             .get(&id)
             .ok_or_else(|| ContainerError::NotFound(id.clone()))?;
-        if self.refresh(&mut rec)? {
+        if self.refresh_with(&mut rec, thorough)? {
             self.index.insert(&id, rec.clone());
         }
         Ok(rec)
@@ -1078,6 +1119,10 @@ impl ContainerManager {
             if file.exists() {
                 return true;
             }
+            // No monitor to record it: the exit is the init's disappearance (see `refresh`).
+            if self.orphan_gone(rec, true) {
+                return true;
+            }
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return false;
@@ -1490,6 +1535,28 @@ fn relative_log_path(p: &str) -> Result<&Path, ContainerError> {
         )));
     }
     Ok(path)
+}
+
+/// Whether `pid` is a live (not zombie) process in the cgroup of container `id`. Without
+/// `thorough`, only whether a process of that pid exists at all (one `kill(pid, 0)`, cheap
+/// enough for every container of a list; a zombie that nobody reaps passes it).
+fn process_in_container(pid: i32, id: &str, thorough: bool) -> bool {
+    let exists = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+        .map_or_else(|e| e != nix::errno::Errno::ESRCH, |()| true);
+    if !exists || !thorough {
+        return exists;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesized command name, which may itself hold ") ".
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    if matches!(state, Some('Z') | Some('X') | None) {
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(id))
 }
 
 #[cfg(test)]
