@@ -504,14 +504,7 @@ impl ContainerManager {
         } else {
             "Error".to_string()
         };
-        self.persist(rec)?;
-        self.events.publish(
-            EventKind::Stopped,
-            &rec.id,
-            &rec.sandbox_id,
-            None,
-            Some(rec),
-        );
+        self.publish_exit(rec)?;
         Ok(true)
     }
 
@@ -565,6 +558,11 @@ impl ContainerManager {
         rec.exit_code = 255;
         rec.reason = "Error".to_string();
         rec.message = "the exit was not recorded: the pod's berth-monitor was gone".to_string();
+        self.publish_exit(rec)
+    }
+
+    /// Stores an exited container's record and tells the event subscribers.
+    fn publish_exit(&self, rec: &ContainerRecord) -> Result<(), ContainerError> {
         self.persist(rec)?;
         self.events.publish(
             EventKind::Stopped,
