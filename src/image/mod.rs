@@ -471,51 +471,10 @@ impl ImageManager {
             return Ok(());
         }
         let t0 = std::time::Instant::now();
-        let blob_lock = self.blob_locks.lock(&layer.digest).await;
-        let layer_digest = layer.digest.clone();
-        let unpack_err = |source| ImageError::Unpack {
-            layer: layer_digest.clone(),
-            source,
-        };
-        let snapshots = self.snapshots.clone();
+        let snapshots = &self.snapshots;
         let (tmp, fs) = snapshots.prepare()?;
-        let outcome = if self.content.exists(&layer.digest) {
-            // Stored already (a blob shared with another chain): unpack the file.
-            drop(blob_lock);
-            let blob = self.content.path(&layer.digest)?;
-            let fs = fs.clone();
-            tokio::task::spawn_blocking(move || unpack::unpack_layer(&blob, &fs))
-                .await
-                .map_err(|e| ImageError::Internal(e.to_string()))?
-                .map_err(unpack_err)
-        } else {
-            let size = (layer.size > 0).then_some(layer.size as u64);
-            let spool = self.content.writer(&layer.digest, size)?;
-            // Two chunks in flight (hyper's are up to a few hundred KiB): a layer that
-            // unpacks slower than it downloads holds the download back, not memory.
-            let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(2);
-            let fs = fs.clone();
-            let unpacking = tokio::task::spawn_blocking(move || {
-                let mut reader = content::SpoolingReader::new(rx, spool);
-                let unpacked = unpack::unpack_stream(&mut reader, &fs);
-                // The rest of the blob is read and checked even if unpacking failed: a
-                // corrupt blob is reported as one.
-                (unpacked, reader.finish())
-            });
-            let downloaded = self.download(remote, &layer.digest, tx).await;
-            let (unpacked, stored) = unpacking
-                .await
-                .map_err(|e| ImageError::Internal(e.to_string()))?;
-            drop(blob_lock);
-            let fetched = t0.elapsed();
-            // The first cause wins: the download, then the blob, then the layer's contents.
-            let outcome = downloaded.and(stored).and_then(|n| {
-                crate::metrics::add_pulled_bytes(n);
-                unpacked.map_err(unpack_err)
-            });
-            tracing::debug!(layer = %layer.digest, fetch_and_unpack_ms = ms(fetched), "layer streamed");
-            outcome
-        };
+        // Whatever fails, the temporary snapshot goes (below).
+        let outcome = self.unpack_layer_into(remote, layer, fs).await;
         let result = outcome.and_then(|u| {
             if u.diff_id != diff_id {
                 return Err(ImageError::DiffIdMismatch {
@@ -533,6 +492,58 @@ impl ImageManager {
         }
         tracing::debug!(layer = %layer.digest, total_ms = ms(t0.elapsed()), "layer pull steps");
         result
+    }
+
+    /// Unpacks a layer into the prepared snapshot dir `fs`: from its stored blob, or streamed
+    /// from the registry (downloaded, spooled into the content store, verified and unpacked in
+    /// one pass). Returns what unpacking measured (the diff id).
+    async fn unpack_layer_into(
+        &self,
+        remote: &Remote,
+        layer: &Descriptor,
+        fs: PathBuf,
+    ) -> Result<unpack::Unpacked, ImageError> {
+        let t0 = std::time::Instant::now();
+        let unpack_err = |source| ImageError::Unpack {
+            layer: layer.digest.clone(),
+            source,
+        };
+        let blob_lock = self.blob_locks.lock(&layer.digest).await;
+        if self.content.exists(&layer.digest) {
+            // Stored already (a blob shared with another chain): unpack the file.
+            drop(blob_lock);
+            let blob = self.content.path(&layer.digest)?;
+            return tokio::task::spawn_blocking(move || unpack::unpack_layer(&blob, &fs))
+                .await
+                .map_err(|e| ImageError::Internal(e.to_string()))?
+                .map_err(unpack_err);
+        }
+        let size = (layer.size > 0).then_some(layer.size as u64);
+        let spool = self.content.writer(&layer.digest, size)?;
+        // Two chunks in flight (hyper's are up to a few hundred KiB): a layer that unpacks
+        // slower than it downloads holds the download back, not memory.
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(2);
+        let unpacking = tokio::task::spawn_blocking(move || {
+            let mut reader = content::SpoolingReader::new(rx, spool);
+            let unpacked = unpack::unpack_stream(&mut reader, &fs);
+            // The rest of the blob is read and checked even if unpacking failed: a corrupt
+            // blob is reported as one.
+            (unpacked, reader.finish())
+        });
+        let downloaded = self.download(remote, &layer.digest, tx).await;
+        let (unpacked, stored) = unpacking
+            .await
+            .map_err(|e| ImageError::Internal(e.to_string()))?;
+        drop(blob_lock);
+        tracing::debug!(
+            layer = %layer.digest,
+            fetch_and_unpack_ms = ms(t0.elapsed()),
+            "layer streamed"
+        );
+        // The first cause wins: the download, then the blob, then the layer's contents.
+        let n = downloaded.and(stored)?;
+        crate::metrics::add_pulled_bytes(n);
+        unpacked.map_err(unpack_err)
     }
 
     /// Downloads a blob into `tx` (the unpacking thread). Fails with the download's error; a
