@@ -32,7 +32,7 @@ BASELINE=${BASELINE:-$REPO_ROOT/../shared/baseline}
 [ "$(id -u)" = 0 ] || { echo "bench-pull.sh: run as root" >&2; exit 1; }
 
 # ----- dependencies -----
-pkgs=(containerd runc containernetworking-plugins iptables docker-registry protobuf-compiler)
+pkgs=(containerd runc containernetworking-plugins iptables nftables iproute2 docker-registry protobuf-compiler)
 [ -z "${PROFILE_DIR:-}" ] || pkgs+=(linux-perf)
 missing=()
 for p in "${pkgs[@]}"; do
@@ -49,6 +49,13 @@ cargo build --release --bin berthd --bin berth-monitor --example cri_bench
 target=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
 BERTHD=$target/release/berthd
 BENCH=$target/release/examples/cri_bench
+
+# berthd's own bridge (not the default berth0, which a real berthd on this host may own)
+PULL_BRIDGE=bpull0
+if ip link show "$PULL_BRIDGE" >/dev/null 2>&1; then
+  echo "bench-pull.sh: bridge $PULL_BRIDGE exists already (another bench-pull.sh running?)" >&2
+  exit 1
+fi
 
 # ----- temp dirs and cleanup -----
 T=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/berth-bench.XXXXXX")
@@ -75,6 +82,9 @@ cleanup() {
     wait "$REG_PID" 2>/dev/null
   fi
   grep " $T/" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null
+  # berthd's bridge and nftables table (its native network starts with the daemon)
+  ip link del "$PULL_BRIDGE" 2>/dev/null
+  nft delete table inet "berth_$PULL_BRIDGE" 2>/dev/null
   rm -rf "$T"
   exit "$rc"
 }
@@ -138,6 +148,9 @@ state = "$T/berth/state"
 socket = "$T/berth/berth.sock"
 [metrics]
 address = ""
+[network]
+bridge = "$PULL_BRIDGE"
+pod_cidr = "10.97.0.0/16"
 [registries."$REG"]
 insecure = true
 EOF
