@@ -443,7 +443,7 @@ async fn fuzzed_cri_requests_get_defined_answers_and_leave_nothing() {
     alive(&mut d, &mut rt).await;
 
     // One sane pod for the container cases, with one running container for exec and update.
-    let pod = run_pod(&mut rt, sane_pod(&log_dir), "").await;
+    let pod = run_pod(&mut rt, plain_pod_config("fuzz", "fuzz", logs.path()), "").await;
     let running = create_container(&mut rt, &pod, sh_container("sleeper", &image, "sleep 3600"))
         .await
         .expect("create the sleeper");
@@ -565,19 +565,4 @@ async fn fuzzed_cri_requests_get_defined_answers_and_leave_nothing() {
     drop(reg);
     let leaked: Vec<String> = cgroup_dirs().difference(&cgroups_before).cloned().collect();
     assert!(leaked.is_empty(), "cgroups left: {leaked:#?}");
-}
-
-fn sane_pod(log_dir: &str) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "fuzz".into(),
-            uid: "fuzz-uid".into(),
-            namespace: "fuzz".into(),
-            attempt: 0,
-        }),
-        hostname: "fuzz".into(),
-        log_directory: log_dir.to_string(),
-        linux: Some(cri::LinuxPodSandboxConfig::default()),
-        ..Default::default()
-    }
 }

@@ -52,22 +52,7 @@ async fn killed_monitor_then_status_stop_remove_and_a_new_container_work() {
         image,
         logs,
     } = busybox_daemon("test/monitor-death", BerthdConfig::new()).await;
-    let pod = run_pod(
-        &mut rt,
-        cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: "md".into(),
-                uid: "md-uid".into(),
-                namespace: "test".into(),
-                attempt: 0,
-            }),
-            log_directory: logs.path().display().to_string(),
-            linux: Some(cri::LinuxPodSandboxConfig::default()),
-            ..Default::default()
-        },
-        "",
-    )
-    .await;
+    let pod = run_pod(&mut rt, plain_pod_config("md", "test", logs.path()), "").await;
     let c1 = create_container(
         &mut rt,
         &pod,

@@ -794,17 +794,7 @@ async fn image_and_container_filesystems_apart() {
     let mut rt = d.runtime_client().await;
     let pod = common::run_pod(
         &mut rt,
-        cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: "writer".into(),
-                uid: "writer-uid".into(),
-                namespace: "stats".into(),
-                attempt: 0,
-            }),
-            log_directory: logs.path().display().to_string(),
-            linux: Some(cri::LinuxPodSandboxConfig::default()),
-            ..Default::default()
-        },
+        common::plain_pod_config("writer", "stats", logs.path()),
         "",
     )
     .await;

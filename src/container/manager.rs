@@ -511,13 +511,11 @@ impl ContainerManager {
     /// At start: a container still `Running` whose pod monitor is gone can no longer have its
     /// exit recorded. If the runtime says it stopped, it is `Exited` with an unknown code.
     async fn settle_lost_monitor(&self, rec: &mut ContainerRecord) -> Result<(), ContainerError> {
-        if rec.phase != Phase::Running {
-            return Ok(());
-        }
-        let Ok(sandbox) = self.sandboxes.get(&rec.sandbox_id) else {
-            return Ok(());
-        };
-        if monitor::running_pid(&self.monitor_dir(&sandbox)).is_some() {
+        // (a container of a pod that is gone is left to the pod's repair)
+        if rec.phase != Phase::Running
+            || self.sandboxes.get(&rec.sandbox_id).is_err()
+            || self.monitor_alive(rec)
+        {
             return Ok(());
         }
         let running = match self.runtime(&rec.runtime_handler)?.state(&rec.id).await {

@@ -163,6 +163,26 @@ pub fn sh_container(name: &str, image: &str, script: &str) -> berth::cri::v1::Co
     }
 }
 
+/// A plain pod: metadata `name` in `namespace` (uid `<name>-uid`), logging to `log_dir`.
+pub fn plain_pod_config(
+    name: &str,
+    namespace: &str,
+    log_dir: &std::path::Path,
+) -> berth::cri::v1::PodSandboxConfig {
+    use berth::cri::v1 as cri;
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-uid"),
+            namespace: namespace.into(),
+            attempt: 0,
+        }),
+        log_directory: log_dir.display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig::default()),
+        ..Default::default()
+    }
+}
+
 /// RunPodSandbox; panics when it fails.
 pub async fn run_pod(
     rt: &mut RuntimeClient,
