@@ -140,9 +140,45 @@ pub fn now_nanos() -> i64 {
         .unwrap_or(0)
 }
 
+/// When process `pid` began, in nanoseconds since the epoch: its start time in
+/// `/proc/PID/stat` (clock ticks after boot) plus the boot time in `/proc/stat`. `None` when
+/// the process is gone or the files do not parse.
+pub fn process_start_nanos(pid: i32) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // Field 22 (starttime) is the 20th after the command name.
+    let ticks: i64 = after_comm.split_whitespace().nth(19)?.parse().ok()?;
+    let boot_secs: i64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        return None;
+    }
+    Some(boot_secs * 1_000_000_000 + ticks * (1_000_000_000 / hz))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_start_of_this_process_is_before_now_and_after_boot() {
+        let started = process_start_nanos(std::process::id() as i32).expect("own start time");
+        let now = now_nanos();
+        assert!(started <= now, "{started} > {now}");
+        assert!(
+            now - started < 24 * 3600 * 1_000_000_000,
+            "started a day ago?"
+        );
+        assert_eq!(process_start_nanos(-5), None);
+    }
 
     #[test]
     fn prefixes_resolve_when_unique() {

@@ -14,7 +14,9 @@
 //! when there is one) and every writable layer under `root` that no record names (what a
 //! power loss leaves), removes what is still `Creating` (records of older berthds) or whose
 //! pod is gone, with a deleted event, and reads the exit files that the monitors wrote while
-//! berthd was down.
+//! berthd was down. RemoveContainer leaves a `removing` mark in the bundle before it tears
+//! anything down and removes the bundle after the record: a start that finds the mark on a
+//! record finishes the removal.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,7 +33,7 @@ use super::volumes::{self, VolumeError};
 use crate::cgroups::{self, CgroupError, Layout};
 use crate::config::Config;
 use crate::events::{EventHub, Kind as EventKind};
-use crate::ids::{self, Index, Lookup, now_nanos};
+use crate::ids::{self, Index, Lookup, now_nanos, process_start_nanos};
 use crate::image::{ImageError, ImageManager};
 use crate::locks::KeyedLocks;
 use crate::monitor::{self, CreateRequest, ExitInfo, MonitorError};
@@ -270,6 +272,23 @@ fn write_intent(rec: &ContainerRecord) -> Result<(), ContainerError> {
         .map_err(io_err("write the container's intent record"))
 }
 
+/// Left in a bundle when RemoveContainer starts tearing the container down: a start that
+/// finds it finishes the removal. The bundle itself goes only after the record.
+const REMOVING_MARK: &str = "removing";
+
+/// Removes a container's bundle, unless something is still mounted in it (never recurse
+/// into a rootfs or a bind of a host path).
+fn remove_bundle(rec: &ContainerRecord) {
+    let left = volumes::mounts_under(&rec.bundle);
+    if !left.is_empty() {
+        tracing::warn!(id = %rec.id, mounts = ?left, "bundle kept: mounts are left in it");
+    } else if let Err(e) = std::fs::remove_dir_all(&rec.bundle)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(id = %rec.id, error = %e, "remove bundle");
+    }
+}
+
 /// The intent record left in a bundle, if it is whole and names that bundle.
 fn read_intent(bundle: &Path) -> Option<ContainerRecord> {
     let bytes = std::fs::read(bundle.join(INTENT_FILE)).ok()?;
@@ -366,8 +385,16 @@ impl ContainerManager {
             deleting: std::sync::Mutex::new(Vec::new()),
         };
         for (_, mut rec) in records {
-            if rec.phase == Phase::Creating || mgr.sandboxes.get(&rec.sandbox_id).is_err() {
-                tracing::info!(id = %rec.id, "removing a container left half-made or orphaned by a crash");
+            let removing = rec.bundle.join(REMOVING_MARK).exists();
+            if rec.phase == Phase::Creating
+                || removing
+                || mgr.sandboxes.get(&rec.sandbox_id).is_err()
+            {
+                if removing {
+                    tracing::info!(id = %rec.id, "finishing the removal of a container that a crash cut short");
+                } else {
+                    tracing::info!(id = %rec.id, "removing a container left half-made or orphaned by a crash");
+                }
                 mgr.destroy(&rec).await;
                 let mut b = Batch::new();
                 b.delete(Table::Containers, &rec.id);
@@ -389,6 +416,7 @@ impl ContainerManager {
                 mgr.images.hold(&v.image_id, &rec.id);
             }
             mgr.refresh(&mut rec)?;
+            mgr.settle_cut_start(&mut rec).await?;
             mgr.settle_lost_monitor(&mut rec).await?;
             let _ = mgr.index.reserve(&rec.name_key, &rec.id);
             mgr.index.insert(&rec.id.clone(), rec);
@@ -506,6 +534,35 @@ impl ContainerManager {
         };
         self.publish_exit(rec)?;
         Ok(true)
+    }
+
+    /// At start: a container still `Created` that the runtime calls running was started by a
+    /// StartContainer that a crash cut before its record: it is `Running` (started at the
+    /// time its process began, as the kernel tells it).
+    async fn settle_cut_start(&self, rec: &mut ContainerRecord) -> Result<(), ContainerError> {
+        if rec.phase != Phase::Created {
+            return Ok(());
+        }
+        let st = match self.runtime(&rec.runtime_handler)?.state(&rec.id).await {
+            Ok(Some(st)) if st.status == "running" => st,
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(id = %rec.id, error = %e, "runtime state at start");
+                return Ok(());
+            }
+        };
+        tracing::info!(id = %rec.id, "a container started by a StartContainer that a crash cut short is running");
+        rec.phase = Phase::Running;
+        rec.started_at = process_start_nanos(st.pid).unwrap_or_else(now_nanos);
+        self.persist(rec)?;
+        self.events.publish(
+            EventKind::Started,
+            &rec.id,
+            &rec.sandbox_id,
+            None,
+            Some(rec),
+        );
+        Ok(())
     }
 
     /// At start: a container still `Running` whose pod monitor is gone can no longer have its
@@ -992,12 +1049,13 @@ impl ContainerManager {
 
     /// Undoes whatever a container may hold (best effort, logged).
     async fn destroy(&self, rec: &ContainerRecord) {
-        self.undo(rec, true).await;
+        self.undo(rec, true, true).await;
     }
 
     /// [`Self::destroy`], but with `runtime_too` false the runtime's delete and the cgroup's
-    /// removal are left to the caller (see [`Self::delete_later`]).
-    async fn undo(&self, rec: &ContainerRecord, runtime_too: bool) {
+    /// removal are left to the caller (see [`Self::delete_later`]), and with `bundle_too`
+    /// false the bundle (with its marks) is kept for the caller to remove after the record.
+    async fn undo(&self, rec: &ContainerRecord, runtime_too: bool, bundle_too: bool) {
         let t0 = std::time::Instant::now();
         if runtime_too && let Ok(runtime) = self.runtime(&rec.runtime_handler) {
             // A stopped container needs no kill: `delete` kills what is left in its cgroup
@@ -1033,14 +1091,8 @@ impl ContainerManager {
             if runtime_too && let Err(e) = cgroups::remove(layout, &rec.cgroups_path) {
                 tracing::warn!(id = %rec.id, error = %e, "remove cgroup");
             }
-            // Never recurse into what is still mounted (a rootfs, a bind of a host path).
-            let left = volumes::mounts_under(&rec.bundle);
-            if !left.is_empty() {
-                tracing::warn!(id = %rec.id, mounts = ?left, "bundle kept: mounts are left in it");
-            } else if let Err(e) = std::fs::remove_dir_all(&rec.bundle)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(id = %rec.id, error = %e, "remove bundle");
+            if bundle_too {
+                remove_bundle(&rec);
             }
         })
         .await;
@@ -1242,14 +1294,22 @@ impl ContainerManager {
             return Ok(());
         };
         let t0 = std::time::Instant::now();
+        std::fs::write(rec.bundle.join(REMOVING_MARK), b"")
+            .map_err(io_err("mark the container as being removed"))?;
         // A stopped container: everything but the runtime's own state goes now.
         let stopped = rec.phase == Phase::Exited;
-        self.undo(&rec, !stopped).await;
+        self.undo(&rec, !stopped, false).await;
         step_done("container removal", "destroyed", t0);
         let mut b = Batch::new();
         b.delete(Table::Containers, &id);
         self.store.commit(b)?;
         step_done("container removal", "record", t0);
+        // A crash before this leaves a bundle no record names: undone at start.
+        let gone = rec.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || remove_bundle(&gone)).await {
+            tracing::warn!(%id, error = %e, "bundle removal task failed");
+        }
+        step_done("container removal", "bundle", t0);
         if stopped {
             self.delete_later(&rec);
         }

@@ -11,7 +11,12 @@
 //! pod. At start, [`SandboxManager::open`] undoes every pod directory that no record names
 //! (with its intent record when there is one), removes sandboxes still `Creating` (records of
 //! older berthds), marks `Ready` ones whose namespaces did not survive (a reboot) `NotReady`,
-//! and lets the network backend free what unknown pods hold.
+//! and lets the network backend free what pods that are not ready hold.
+//!
+//! Teardowns are marked the same way: StopPodSandbox leaves `stopping` and RemovePodSandbox
+//! `removing` in the pod's directory before they release anything, and a start that finds a
+//! mark on a record finishes what the crash cut short (the kubelet asked for it). The
+//! directory goes after the record, so a record never names a pod without its mark.
 
 pub mod files;
 pub mod init;
@@ -107,6 +112,19 @@ fn write_intent(rec: &SandboxRecord) -> Result<(), SandboxError> {
         source: std::io::Error::other(e),
     })?;
     std::fs::write(rec.dir.join(INTENT_FILE), json).map_err(io_err("write the pod's intent record"))
+}
+
+/// Left in a pod's directory when StopPodSandbox starts releasing it: a start that finds it
+/// on a `Ready` record finishes the stop (a crash cut it after the network was detached).
+const STOPPING_MARK: &str = "stopping";
+/// Left in a pod's directory when RemovePodSandbox starts tearing it down: a start that
+/// finds it finishes the removal. The directory itself goes only after the record.
+const REMOVING_MARK: &str = "removing";
+
+/// Marks what a pod's teardown is about to do (see [`STOPPING_MARK`], [`REMOVING_MARK`]): an
+/// empty file, not fsynced, for the same reason as the intent record.
+fn write_mark(dir: &Path, mark: &str) -> Result<(), SandboxError> {
+    std::fs::write(dir.join(mark), b"").map_err(io_err(format!("mark the pod as {mark}")))
 }
 
 /// The intent record left in a pod directory, if it is whole and names that directory.
@@ -267,15 +285,34 @@ impl SandboxManager {
             events,
         };
         for (_, mut rec) in records {
-            if rec.phase == Phase::Creating {
-                tracing::info!(id = %rec.id, "removing a pod sandbox left half-made by a crash");
+            let removing = rec.dir.join(REMOVING_MARK).exists();
+            if rec.phase == Phase::Creating || removing {
+                if removing {
+                    tracing::info!(id = %rec.id, "finishing the removal of a pod sandbox that a crash cut short");
+                } else {
+                    tracing::info!(id = %rec.id, "removing a pod sandbox left half-made by a crash");
+                }
                 mgr.destroy(&rec).await?;
                 let mut b = Batch::new();
                 b.delete(Table::Sandboxes, &rec.id);
                 mgr.store.commit(b)?;
+                remove_pod_dir(&rec.dir);
+                if removing {
+                    mgr.events
+                        .publish(EventKind::Deleted, &rec.id, &rec.id, None, None);
+                }
                 continue;
             }
-            if rec.phase == Phase::Ready && !mgr.namespaces_intact(&rec) {
+            if rec.phase == Phase::Ready && rec.dir.join(STOPPING_MARK).exists() {
+                tracing::info!(id = %rec.id, "finishing the stop of a pod sandbox that a crash cut short");
+                mgr.release_runtime_resources(&rec).await?;
+                rec.phase = Phase::NotReady;
+                rec.network = None;
+                rec.init = None;
+                mgr.persist(&rec)?;
+                mgr.events
+                    .publish(EventKind::Stopped, &rec.id, &rec.id, Some(&rec), None);
+            } else if rec.phase == Phase::Ready && !mgr.namespaces_intact(&rec) {
                 tracing::info!(id = %rec.id, "pod sandbox namespaces are gone (reboot?): NotReady");
                 rec.phase = Phase::NotReady;
                 mgr.persist(&rec)?;
@@ -285,11 +322,14 @@ impl SandboxManager {
             let _ = mgr.index.reserve(&rec.name_key, &rec.id);
             mgr.index.insert(&rec.id.clone(), rec);
         }
+        // Only ready pods hold network resources: a pod that start found without its
+        // namespaces (a crash mid-teardown, a reboot) gives its address, veth and rules back
+        // here, not at a StopPodSandbox that may never come.
         let live: Vec<PodNetworkRequest> = mgr
             .index
             .values()
             .iter()
-            .filter(|r| r.network.is_some())
+            .filter(|r| r.phase == Phase::Ready && r.network.is_some())
             .filter_map(|r| r.network_request.clone())
             .collect();
         if let Err(e) = mgr.network.repair(&live).await {
@@ -489,8 +529,12 @@ impl SandboxManager {
             Err(e) => {
                 tracing::warn!(id = %rec.id, error = %e, "pod sandbox creation failed; undoing it");
                 // No record names it yet (the Ready commit is the last step).
-                if let Err(undo) = self.destroy(&rec).await {
-                    tracing::error!(id = %rec.id, error = %undo, "undoing a failed pod sandbox");
+                match self.destroy(&rec).await {
+                    Ok(()) => remove_pod_dir(&rec.dir),
+                    // The directory and its intent record stay: the next start retries.
+                    Err(undo) => {
+                        tracing::error!(id = %rec.id, error = %undo, "undoing a failed pod sandbox")
+                    }
                 }
                 self.index.release(&key);
                 Err(e)
@@ -683,7 +727,8 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// Undoes everything a sandbox may hold: init, network, namespaces, files.
+    /// Undoes everything a sandbox may hold but its directory: init, network, namespaces.
+    /// The caller removes the directory ([`remove_pod_dir`]) once no record names the pod.
     async fn destroy(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
         let t0 = std::time::Instant::now();
         self.release_runtime_resources(rec).await?;
@@ -695,8 +740,6 @@ impl SandboxManager {
             ns::unpin(&p)?;
         }
         step_done("pod teardown", "unpinned", t0);
-        remove_pod_dir(&rec.dir);
-        step_done("pod teardown", "dir removed", t0);
         Ok(())
     }
 
@@ -738,6 +781,7 @@ impl SandboxManager {
             return Ok(());
         }
         let t0 = std::time::Instant::now();
+        write_mark(&rec.dir, STOPPING_MARK)?;
         self.release_runtime_resources(&rec).await?;
         step_done("pod stop", "released", t0);
         rec.phase = Phase::NotReady;
@@ -763,12 +807,16 @@ impl SandboxManager {
             return Ok(());
         };
         let t0 = std::time::Instant::now();
+        write_mark(&rec.dir, REMOVING_MARK)?;
         self.destroy(&rec).await?;
         step_done("pod removal", "destroyed", t0);
         let mut b = Batch::new();
         b.delete(Table::Sandboxes, &id);
         self.store.commit(b)?;
         step_done("pod removal", "record", t0);
+        // A crash before this leaves a directory no record names: removed at start.
+        remove_pod_dir(&rec.dir);
+        step_done("pod removal", "dir removed", t0);
         self.index.remove(&id);
         self.index.release(&rec.name_key);
         self.events

@@ -501,11 +501,23 @@ impl NativeNetwork {
 #[tonic::async_trait]
 impl NetworkBackend for NativeNetwork {
     fn describe(&self) -> serde_json::Value {
+        // Which pod holds which address: what an operator looks for when the pool runs dry.
+        let leases: serde_json::Map<String, serde_json::Value> = match self.ipam.all() {
+            Ok(all) => all
+                .into_iter()
+                .map(|(ip, h)| (ip.to_string(), h.pod_id.into()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the address leases");
+                serde_json::Map::new()
+            }
+        };
         serde_json::json!({
             "mode": "native",
             "bridge": self.bridge,
             "podCidrs": self.pod_cidrs().iter().map(ToString::to_string).collect::<Vec<_>>(),
             "nftablesTable": format!("inet berth_{}", self.bridge),
+            "addressLeases": leases,
         })
     }
 
