@@ -312,7 +312,14 @@ impl ImageManager {
 
         // The config: small, fetched into the content store, then parsed.
         let config_digest = manifest.config.digest.clone();
-        self.fetch_blob_once(&remote, &manifest.config).await?;
+        // Bounded whatever the manifest says: a config descriptor without a size (0) would
+        // otherwise be fetched, and then read into memory, whole.
+        self.fetch_blob_once(
+            &remote,
+            &manifest.config,
+            Some(("image config", MAX_CONFIG_BYTES as u64)),
+        )
+        .await?;
         let config_bytes = self.content.read(&config_digest)?;
         let config: ImageConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| bad(format!("image config {config_digest}: {e}")))?;
@@ -434,13 +441,20 @@ impl ImageManager {
     }
 
     /// Fetches a blob unless it is stored; concurrent callers for one digest fetch it once.
-    async fn fetch_blob_once(&self, remote: &Remote, desc: &Descriptor) -> Result<(), ImageError> {
+    async fn fetch_blob_once(
+        &self,
+        remote: &Remote,
+        desc: &Descriptor,
+        max: Option<(&str, u64)>,
+    ) -> Result<(), ImageError> {
         let _lock = self.blob_locks.lock(&desc.digest).await;
         if self.content.exists(&desc.digest) {
             return Ok(());
         }
         let size = (desc.size > 0).then_some(desc.size as u64);
-        let n = remote.fetch_blob(&self.content, &desc.digest, size).await?;
+        let n = remote
+            .fetch_blob(&self.content, &desc.digest, size, max)
+            .await?;
         crate::metrics::add_pulled_bytes(n);
         self.note_written(true);
         Ok(())
