@@ -248,7 +248,34 @@ impl ImageManager {
     }
 
     /// Pulls an image and registers it under the reference. Returns the image id.
-    pub async fn pull(&self, image: &str, creds: &Credentials) -> Result<String, ImageError> {
+    ///
+    /// A pull that fails after it stored something (its manifest and config, the layers that
+    /// did arrive) leaves none of it behind: what no image references is collected once the
+    /// pull is over (in the background, after the pulls under way), as containerd's CRI
+    /// plugin does when a failed pull's lease goes. A disk filled by a hostile layer is free
+    /// again, and nothing of an image that never registered stays on the node.
+    pub async fn pull(
+        self: &Arc<Self>,
+        image: &str,
+        creds: &Credentials,
+    ) -> Result<String, ImageError> {
+        let written = self.unsynced.load(Ordering::SeqCst);
+        let pulled = self.pull_once(image, creds).await;
+        if pulled.is_err() && self.unsynced.load(Ordering::SeqCst) != written {
+            let me = Arc::clone(self);
+            tokio::spawn(async move {
+                match me.collect_garbage().await {
+                    Ok((blobs, snapshots)) => {
+                        tracing::debug!(blobs, snapshots, "collected what a failed pull left")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+                }
+            });
+        }
+        pulled
+    }
+
+    async fn pull_once(&self, image: &str, creds: &Credentials) -> Result<String, ImageError> {
         let reference = Reference::parse(image)?;
         // Two pulls of one reference run one after the other; the second finds the content.
         let _pull = self.pull_locks.lock(&reference.to_string()).await;
