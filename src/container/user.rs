@@ -8,7 +8,10 @@
 //!   as a member (unless the policy is strict), and the pod's supplemental groups.
 //!
 //! The files are read through the rootfs: symlinks inside the image are followed but never
-//! out of it, so an image cannot make berth read a host file.
+//! out of it, so an image cannot make berth read a host file (CVE-2023-25173 class). What is
+//! read is bounded: only a regular file is opened (`O_NOFOLLOW|O_NONBLOCK`, so a fifo or a
+//! device node planted at `/etc/passwd` can neither hang berthd nor stream forever), and a
+//! file over [`MAX_DB_BYTES`] is refused with [`UserError::TooLarge`] before it is read.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -23,12 +26,20 @@ pub enum UserError {
     UnknownGroup(String),
     #[error("invalid user {0:?}")]
     Invalid(String),
+    #[error("the image's {path} is {size} bytes, over the limit of {MAX_DB_BYTES} berth reads")]
+    TooLarge { path: String, size: u64 },
+    #[error("the image's {path} is not a regular file ({kind})")]
+    NotRegular { path: String, kind: &'static str },
     #[error("reading {path} of the image: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
 }
+
+/// The largest `/etc/passwd` or `/etc/group` berth reads (distribution images hold a few KiB;
+/// 4 MiB is tens of thousands of entries).
+pub const MAX_DB_BYTES: u64 = 4 << 20;
 
 /// One line of `/etc/passwd`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,23 +190,79 @@ impl UserDb {
 }
 
 fn read_optional(rootfs: &Path, path: &str) -> Result<Option<String>, UserError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
     let io = |source| UserError::Io {
         path: PathBuf::from(path),
         source,
     };
     let full = scoped_path(rootfs, path).map_err(io)?;
-    match std::fs::read(&full) {
-        Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+    // `scoped_path` resolved every symlink; O_NOFOLLOW keeps it that way for the last
+    // component, O_NONBLOCK keeps a fifo from blocking the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&full);
+    let file = match file {
+        Ok(f) => f,
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
             ) =>
         {
-            Ok(None)
+            return Ok(None);
         }
-        Err(e) => Err(io(e)),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(UserError::NotRegular {
+                path: path.to_string(),
+                kind: "a symlink",
+            });
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let meta = file.metadata().map_err(io)?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let kind = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a fifo"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(UserError::NotRegular {
+            path: path.to_string(),
+            kind,
+        });
     }
+    if meta.len() > MAX_DB_BYTES {
+        return Err(UserError::TooLarge {
+            path: path.to_string(),
+            size: meta.len(),
+        });
+    }
+    // The size may change under us (it does not in an image, but the read is bounded anyway).
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_DB_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_DB_BYTES {
+        return Err(UserError::TooLarge {
+            path: path.to_string(),
+            size: bytes.len() as u64,
+        });
+    }
+    Ok(Some(match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }))
 }
 
 /// What to resolve: a user (name or uid), an optional group (name or gid), and the groups
@@ -413,5 +480,60 @@ mod tests {
         // A loop is an error, not a hang.
         std::os::unix::fs::symlink("loop", root.join("loop")).expect("symlink");
         assert!(scoped_path(&root, "/loop").is_err());
+    }
+
+    #[test]
+    fn only_bounded_regular_files_are_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("etc")).expect("mkdir etc");
+        // A fifo would block a plain read forever.
+        nix::unistd::mkfifo(
+            &root.join("etc/passwd"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .expect("mkfifo");
+        let e = resolve(root, &req("root")).expect_err("fifo");
+        assert!(
+            matches!(&e, UserError::NotRegular { kind: "a fifo", .. }),
+            "{e}"
+        );
+        std::fs::remove_file(root.join("etc/passwd")).expect("rm");
+
+        // A directory.
+        std::fs::create_dir(root.join("etc/passwd")).expect("mkdir");
+        let e = resolve(root, &req("root")).expect_err("dir");
+        assert!(matches!(&e, UserError::NotRegular { .. }), "{e}");
+        std::fs::remove_dir(root.join("etc/passwd")).expect("rmdir");
+
+        // Over the limit (sparse: nothing is written): refused before it is read.
+        let f = std::fs::File::create(root.join("etc/passwd")).expect("create");
+        f.set_len(MAX_DB_BYTES + 1).expect("set_len");
+        let e = resolve(root, &req("root")).expect_err("huge");
+        assert!(
+            matches!(&e, UserError::TooLarge { size, .. } if *size == MAX_DB_BYTES + 1),
+            "{e}"
+        );
+        assert!(e.to_string().contains("over the limit"), "{e}");
+        // At the limit it is read (and, all NUL bytes, holds nobody).
+        f.set_len(MAX_DB_BYTES).expect("set_len");
+        assert!(matches!(
+            resolve(root, &req("root")),
+            Err(UserError::UnknownUser(_))
+        ));
+        assert_eq!(resolve(root, &req("7")).expect("numeric").uid, 7);
+
+        // Binary garbage, NUL bytes and short lines are skipped; good lines still count.
+        let mut text = vec![0xffu8, 0xfe, 0x00, b'\n'];
+        text.extend_from_slice(b"a\0b:x:1:1::/:/bin/sh\nonlyname\nshort:x:5\n");
+        text.extend_from_slice(b"svc:x:77:78::/:/bin/sh\n");
+        std::fs::write(root.join("etc/passwd"), &text).expect("write");
+        assert_eq!(resolve(root, &req("svc")).expect("svc").uid, 77);
+        for bad in ["onlyname", "short", "a"] {
+            assert!(
+                matches!(resolve(root, &req(bad)), Err(UserError::UnknownUser(_))),
+                "{bad}"
+            );
+        }
     }
 }

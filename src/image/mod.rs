@@ -248,7 +248,34 @@ impl ImageManager {
     }
 
     /// Pulls an image and registers it under the reference. Returns the image id.
-    pub async fn pull(&self, image: &str, creds: &Credentials) -> Result<String, ImageError> {
+    ///
+    /// A pull that fails after it stored something (its manifest and config, the layers that
+    /// did arrive) leaves none of it behind: what no image references is collected once the
+    /// pull is over (in the background, after the pulls under way), as containerd's CRI
+    /// plugin does when a failed pull's lease goes. A disk filled by a hostile layer is free
+    /// again, and nothing of an image that never registered stays on the node.
+    pub async fn pull(
+        self: &Arc<Self>,
+        image: &str,
+        creds: &Credentials,
+    ) -> Result<String, ImageError> {
+        let written = self.unsynced.load(Ordering::SeqCst);
+        let pulled = self.pull_once(image, creds).await;
+        if pulled.is_err() && self.unsynced.load(Ordering::SeqCst) != written {
+            let me = Arc::clone(self);
+            tokio::spawn(async move {
+                match me.collect_garbage().await {
+                    Ok((blobs, snapshots)) => {
+                        tracing::debug!(blobs, snapshots, "collected what a failed pull left")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+                }
+            });
+        }
+        pulled
+    }
+
+    async fn pull_once(&self, image: &str, creds: &Credentials) -> Result<String, ImageError> {
         let reference = Reference::parse(image)?;
         // Two pulls of one reference run one after the other; the second finds the content.
         let _pull = self.pull_locks.lock(&reference.to_string()).await;
@@ -312,7 +339,14 @@ impl ImageManager {
 
         // The config: small, fetched into the content store, then parsed.
         let config_digest = manifest.config.digest.clone();
-        self.fetch_blob_once(&remote, &manifest.config).await?;
+        // Bounded whatever the manifest says: a config descriptor without a size (0) would
+        // otherwise be fetched, and then read into memory, whole.
+        self.fetch_blob_once(
+            &remote,
+            &manifest.config,
+            Some(("image config", MAX_CONFIG_BYTES as u64)),
+        )
+        .await?;
         let config_bytes = self.content.read(&config_digest)?;
         let config: ImageConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| bad(format!("image config {config_digest}: {e}")))?;
@@ -434,13 +468,20 @@ impl ImageManager {
     }
 
     /// Fetches a blob unless it is stored; concurrent callers for one digest fetch it once.
-    async fn fetch_blob_once(&self, remote: &Remote, desc: &Descriptor) -> Result<(), ImageError> {
+    async fn fetch_blob_once(
+        &self,
+        remote: &Remote,
+        desc: &Descriptor,
+        max: Option<(&str, u64)>,
+    ) -> Result<(), ImageError> {
         let _lock = self.blob_locks.lock(&desc.digest).await;
         if self.content.exists(&desc.digest) {
             return Ok(());
         }
         let size = (desc.size > 0).then_some(desc.size as u64);
-        let n = remote.fetch_blob(&self.content, &desc.digest, size).await?;
+        let n = remote
+            .fetch_blob(&self.content, &desc.digest, size, max)
+            .await?;
         crate::metrics::add_pulled_bytes(n);
         self.note_written(true);
         Ok(())

@@ -70,6 +70,12 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
     }
 }
 
+/// Creates `dir` (and its parents) if missing and makes it `0700`.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Whether `labels` has every key and value of a List filter's `label_selector`.
 pub fn labels_match(
     selector: &std::collections::HashMap<String, String>,
@@ -109,6 +115,18 @@ impl Daemon {
         }
         std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o711))
             .map_err(io_err(&config.root))?;
+        // What images bring (setuid binaries, device nodes, anything an image says) lies in
+        // the snapshots, the containers' writable layers and their mounted rootfs under the
+        // bundles: only root may reach it, or a host user could run an image's setuid-root
+        // shell or open its block device node through these paths (as containerd's and
+        // Docker's 0700 snapshotter and bundle dirs prevent).
+        for dir in [
+            config.root.join("snapshots"),
+            config.root.join("containers"),
+            config.state.join("containers"),
+        ] {
+            private_dir(&dir).map_err(io_err(&dir))?;
+        }
         refuse_live_socket(&config.socket).await?;
         let store = Arc::new(Store::open(&config.root.join("berth.redb"))?);
         let images = {

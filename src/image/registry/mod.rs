@@ -299,18 +299,29 @@ impl Remote {
     }
 
     /// Streams a blob into the content store, verifying size and digest as it goes.
-    /// Fails if no byte arrives for the progress timeout. Returns the bytes fetched.
+    /// Fails if no byte arrives for the progress timeout, and (a [`ImageError::BadManifest`])
+    /// as soon as more than `max` bytes arrive, whatever size the manifest declared (a
+    /// descriptor may leave the size out). Returns the bytes fetched.
     pub async fn fetch_blob(
         &self,
         content: &ContentStore,
         digest: &str,
         size: Option<u64>,
+        max: Option<(&str, u64)>,
     ) -> Result<u64, ImageError> {
         let t0 = std::time::Instant::now();
         let mut blob = self.open_blob(digest).await?;
         let first_byte = t0.elapsed();
         let mut w = content.writer(digest, size)?;
         while let Some(chunk) = blob.next_chunk().await? {
+            if let Some((what, max)) = max
+                && w.written() + chunk.len() as u64 > max
+            {
+                return Err(ImageError::BadManifest {
+                    reference: self.display.clone(),
+                    reason: format!("{what} {digest}: more bytes than the limit of {max}"),
+                });
+            }
             w.write(&chunk)?;
         }
         let n = w.written();
