@@ -78,6 +78,33 @@ pub enum CgroupDriver {
 pub struct RuntimeConfig {
     /// The OCI runtime binary (a name looked up in PATH, or an absolute path).
     pub path: PathBuf,
+    /// How long one command of the runtime (`create`, `start`, `state`, `kill`, `delete`,
+    /// `update`) may take; one still running then is killed with every process it started
+    /// (its process group) and the command fails. ExecSync has its own timeout.
+    #[serde(
+        default = "default_runtime_timeout",
+        deserialize_with = "de_duration",
+        serialize_with = "ser_duration"
+    )]
+    pub timeout: Duration,
+}
+
+/// The default `[runtimes.NAME] timeout`: the kubelet's `--runtime-request-timeout`, the
+/// deadline containerd's and CRI-O's runtime calls get from the kubelet's requests.
+pub const DEFAULT_RUNTIME_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn default_runtime_timeout() -> Duration {
+    DEFAULT_RUNTIME_TIMEOUT
+}
+
+impl RuntimeConfig {
+    /// A runtime run from `path` with the default timeout.
+    pub fn new(path: impl Into<PathBuf>) -> RuntimeConfig {
+        RuntimeConfig {
+            path: path.into(),
+            timeout: DEFAULT_RUNTIME_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -242,18 +269,8 @@ pub struct RegistryConfig {
 impl Default for Config {
     fn default() -> Self {
         let mut runtimes = BTreeMap::new();
-        runtimes.insert(
-            "runc".to_string(),
-            RuntimeConfig {
-                path: PathBuf::from("runc"),
-            },
-        );
-        runtimes.insert(
-            "crun".to_string(),
-            RuntimeConfig {
-                path: PathBuf::from("crun"),
-            },
-        );
+        runtimes.insert("runc".to_string(), RuntimeConfig::new("runc"));
+        runtimes.insert("crun".to_string(), RuntimeConfig::new("crun"));
         Config {
             root: PathBuf::from("/var/lib/berth"),
             state: PathBuf::from("/run/berth"),
@@ -418,6 +435,15 @@ impl Config {
                 "must be at least 100ms",
             ));
         }
+        for (name, rc) in &self.runtimes {
+            if rc.timeout < Duration::from_millis(100) {
+                return Err(invalid(
+                    &format!("runtimes.{name}.timeout"),
+                    &humantime::format_duration(rc.timeout).to_string(),
+                    "must be at least 100ms",
+                ));
+            }
+        }
         if !self.runtimes.contains_key(&self.default_runtime) {
             return Err(invalid(
                 "default_runtime",
@@ -571,6 +597,7 @@ mod tests {
         assert_eq!(c.pull_progress_timeout, d.pull_progress_timeout);
         assert_eq!(c.network.pod_cidr, d.network.pod_cidr);
         assert_eq!(c.runtimes.len(), d.runtimes.len());
+        assert_eq!(c.runtimes["runc"].timeout, d.runtimes["runc"].timeout);
         assert_eq!(c.cdi.enabled, d.cdi.enabled);
         assert_eq!(c.cdi.spec_dirs, d.cdi.spec_dirs);
         assert_eq!(c.log.format, d.log.format);
@@ -593,6 +620,25 @@ mod tests {
         assert_eq!(c.events.subscriber_buffer, 16);
         let e = Config::parse("[events]\nsubscriber_buffer = 0").expect_err("zero");
         assert!(e.to_string().contains("events.subscriber_buffer"), "{e}");
+    }
+
+    #[test]
+    fn runtime_timeout() {
+        let d = Config::default();
+        assert_eq!(d.runtimes["runc"].timeout, Duration::from_secs(120));
+        // (a config's [runtimes] replaces the embedded ones)
+        let two = "[runtimes.runc]\npath = \"runc\"\n[runtimes.slow]\npath = \"/x/slow\"\n";
+        let c = Config::parse(&format!("{two}timeout = \"3s\"")).expect("parses");
+        assert_eq!(c.runtimes["slow"].timeout, Duration::from_secs(3));
+        assert_eq!(c.runtimes["runc"].timeout, DEFAULT_RUNTIME_TIMEOUT);
+        let c = Config::parse(two).expect("parses");
+        assert_eq!(c.runtimes["slow"].timeout, DEFAULT_RUNTIME_TIMEOUT);
+        let e = Config::parse(&format!("{two}timeout = \"0s\"")).expect_err("zero timeout");
+        assert!(e.to_string().contains("runtimes.slow.timeout"), "{e}");
+        let e = Config::parse(&format!("{two}timeout = \"soon\"")).expect_err("bad timeout");
+        assert!(e.to_string().contains("soon"), "{e}");
+        let back = Config::parse(&c.to_toml()).expect("printed config parses");
+        assert_eq!(back.runtimes["slow"].timeout, DEFAULT_RUNTIME_TIMEOUT);
     }
 
     #[test]

@@ -144,6 +144,7 @@ impl Env {
             cgroup_oom_files: vec![oom],
             stdin: false,
             tty,
+            timeout_ms: 0,
         }
     }
 

@@ -81,6 +81,16 @@ pub enum ContainerError {
     Runtime(#[from] RuntimeError),
     #[error("berth-monitor: {0}")]
     Monitor(#[from] MonitorError),
+    /// The client stopped waiting (its deadline passed) before the container was made; what
+    /// was made of it is undone.
+    #[error("the client stopped waiting before the container was made; it was undone")]
+    Cancelled,
+    /// The runtime's delete of a removed container failed; the pod keeps it until it works.
+    #[error("the OCI runtime's delete of removed container {id} failed: {error}")]
+    Undeleted {
+        id: String,
+        error: Arc<RuntimeError>,
+    },
     #[error("cgroup: {0}")]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
@@ -231,6 +241,9 @@ pub struct ContainerManager {
     /// The runtime deletes of removed containers, still running, with their pod's id (see
     /// [`ContainerManager::remove`]).
     deleting: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
+    /// Removed containers whose runtime delete failed (a stuck or broken runtime): tried
+    /// again by their pod's removal, which fails while one does.
+    undeleted: Arc<std::sync::Mutex<Vec<Undeleted>>>,
 }
 
 /// Whether the oom_score_adj clamp was logged already.
@@ -256,6 +269,28 @@ fn bundle_command(bundle: &Path) -> String {
         .and_then(|v| v.pointer("/process/args/0")?.as_str().map(str::to_string))
         .unwrap_or_default()
 }
+
+/// What [`ContainerManager::make`] makes a container from (checked before anything is made).
+struct MakeInputs<'a> {
+    sandbox: &'a SandboxRecord,
+    image_config: &'a serde_json::Value,
+    lower: &'a [PathBuf],
+    work: &'a spec::mounts::HostWork,
+    cdi_devices: &'a cdi::Resolved,
+}
+
+/// A removed container whose runtime delete failed.
+struct Undeleted {
+    sandbox_id: String,
+    id: String,
+    runtime: OciRuntime,
+    cgroups_path: String,
+    error: Arc<RuntimeError>,
+}
+
+/// How much longer than the runtime's timeout berthd waits for the monitor's answer to a
+/// `create` (the monitor kills a create that takes longer and answers at once).
+const CREATE_ANSWER_MARGIN: Duration = Duration::from_secs(10);
 
 /// The intent record of a container being made, in its bundle (see the module's doc).
 const INTENT_FILE: &str = "intent.json";
@@ -345,6 +380,14 @@ fn exit_watch(bundle: &Path) -> Option<ExitWatch> {
         .map(ExitWatch)
 }
 
+/// Removes a container's cgroup (off the async workers), logging a failure.
+async fn remove_cgroup(layout: Layout, id: &str, cgroups_path: String) {
+    let removed = tokio::task::spawn_blocking(move || cgroups::remove(layout, &cgroups_path)).await;
+    if let Ok(Err(e)) = removed {
+        tracing::warn!(%id, error = %e, "remove cgroup");
+    }
+}
+
 /// Whether a directory name is a container id (64 lowercase hex digits).
 fn is_id(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -383,6 +426,7 @@ impl ContainerManager {
             exec_seq: std::sync::atomic::AtomicU64::new(0),
             events,
             deleting: std::sync::Mutex::new(Vec::new()),
+            undeleted: Arc::new(std::sync::Mutex::new(Vec::new())),
         };
         for (_, mut rec) in records {
             let removing = rec.bundle.join(REMOVING_MARK).exists();
@@ -706,11 +750,35 @@ impl ContainerManager {
         monitor::MonitorClient::connect(&self.monitor_dir(sandbox).join(monitor::SOCKET_NAME)).await
     }
 
-    /// CreateContainer.
+    /// CreateContainer. The work runs in a task of its own, so that it is never cut off half
+    /// way (leaving mounts and a reserved name behind): when the caller stops waiting (the
+    /// client's deadline passed), a runtime `create` still running is killed and what was
+    /// made is undone, and a container finished meanwhile is removed again.
     pub async fn create(
+        self: &Arc<Self>,
+        sandbox_id: &str,
+        config: cri::ContainerConfig,
+    ) -> Result<ContainerRecord, ContainerError> {
+        // Dropped with this future: the task sees its receiver fail.
+        let (_caller_waits, caller_gone) = tokio::sync::oneshot::channel::<()>();
+        let me = self.clone();
+        let sandbox_id = sandbox_id.to_string();
+        tokio::spawn(
+            async move { me.create_in_task(&sandbox_id, config, caller_gone).await }
+                .in_current_span(),
+        )
+        .await
+        .map_err(|e| ContainerError::Io {
+            context: "container creation task".to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+    }
+
+    async fn create_in_task(
         &self,
         sandbox_id: &str,
         config: cri::ContainerConfig,
+        mut caller_gone: tokio::sync::oneshot::Receiver<()>,
     ) -> Result<ContainerRecord, ContainerError> {
         let sandbox = self.sandboxes.get(sandbox_id)?;
         if sandbox.phase != PodPhase::Ready {
@@ -800,17 +868,36 @@ impl ContainerManager {
             own_pid_ns: false,
             image_volumes: Vec::new(),
         };
-        match self
+        let mut made = self
             .make(
                 &mut rec,
-                &sandbox,
-                &image_config,
-                &lower,
-                &work,
-                &cdi_devices,
+                MakeInputs {
+                    sandbox: &sandbox,
+                    image_config: &image_config,
+                    lower: &lower,
+                    work: &work,
+                    cdi_devices: &cdi_devices,
+                },
+                &mut caller_gone,
             )
-            .await
+            .await;
+        if made.is_ok()
+            && matches!(
+                caller_gone.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+            )
         {
+            // Nobody learns its id: a kubelet would only find its name taken when it tries
+            // again. Removed like a failed create (the store's record too).
+            let mut b = Batch::new();
+            b.delete(Table::Containers, &rec.id);
+            made = self
+                .store
+                .commit(b)
+                .map_err(ContainerError::from)
+                .and(Err(ContainerError::Cancelled));
+        }
+        match made {
             Ok(()) => {
                 self.index.insert(&id, rec.clone());
                 self.events.publish(
@@ -835,12 +922,16 @@ impl ContainerManager {
     async fn make(
         &self,
         rec: &mut ContainerRecord,
-        sandbox: &SandboxRecord,
-        image_config: &serde_json::Value,
-        lower: &[PathBuf],
-        work: &spec::mounts::HostWork,
-        cdi_devices: &cdi::Resolved,
+        inputs: MakeInputs<'_>,
+        caller_gone: &mut tokio::sync::oneshot::Receiver<()>,
     ) -> Result<(), ContainerError> {
+        let MakeInputs {
+            sandbox,
+            image_config,
+            lower,
+            work,
+            cdi_devices,
+        } = inputs;
         let t0 = std::time::Instant::now();
         let mark = |step: &str| {
             tracing::debug!(
@@ -972,32 +1063,65 @@ impl ContainerManager {
         let mut client =
             monitor::ensure_monitor(&sandbox.id, &self.monitor_dir(sandbox), &self.monitor_bin)
                 .await?;
+        // The monitor kills a `create` that takes longer than the runtime's timeout and says
+        // so; berthd waits a little longer for that answer.
+        client.set_timeouts(
+            runtime.timeout + CREATE_ANSWER_MARGIN,
+            monitor::client::REQUEST_TIMEOUT,
+        );
         mark("monitor");
         let log_path = rec
             .log_path
             .clone()
             .unwrap_or_else(|| rec.bundle.join("container.log"));
-        let pid = client
-            .create(CreateRequest {
-                id: rec.id.clone(),
-                runtime: runtime.binary.clone(),
-                runtime_root: runtime.root.clone(),
-                systemd_cgroup: runtime.systemd_cgroup,
-                bundle: rec.bundle.clone(),
-                log_path,
-                exit_file: rec.exit_file(),
-                cgroup_oom_files: cgroups::oom_files(self.layout, &rec.cgroups_path),
-                stdin: rec.config.stdin,
-                tty: rec.config.tty,
-            })
-            .await
-            .map_err(|e| {
-                let message = match &e {
-                    MonitorError::Remote { message, .. } => message.clone(),
-                    _ => String::new(),
-                };
+        let create = client.create(CreateRequest {
+            id: rec.id.clone(),
+            runtime: runtime.binary.clone(),
+            runtime_root: runtime.root.clone(),
+            systemd_cgroup: runtime.systemd_cgroup,
+            bundle: rec.bundle.clone(),
+            log_path,
+            exit_file: rec.exit_file(),
+            cgroup_oom_files: cgroups::oom_files(self.layout, &rec.cgroups_path),
+            stdin: rec.config.stdin,
+            tty: rec.config.tty,
+            timeout_ms: u64::try_from(runtime.timeout.as_millis()).unwrap_or(u64::MAX),
+        });
+        let created = tokio::select! {
+            created = create => created,
+            // The create's connection is dropped with it; the caller's cleanup has the
+            // monitor kill the runtime (`forget`) before anything else is undone.
+            _ = caller_gone => return Err(ContainerError::Cancelled),
+        };
+        let pid = created.map_err(|e| match e {
+            MonitorError::Remote {
+                kind: monitor::proto::ErrorKind::Timeout,
+                ..
+            } => ContainerError::Runtime(RuntimeError::Timeout {
+                runtime: runtime.handler.clone(),
+                command: "create",
+                after: runtime.timeout,
+            }),
+            // What the runtime said, named after its handler and the step.
+            MonitorError::Remote {
+                kind: monitor::proto::ErrorKind::Runtime,
+                message,
+                ..
+            } => not_found_or(
+                &message,
+                &command,
+                ContainerError::Runtime(RuntimeError::Failed {
+                    runtime: runtime.handler.clone(),
+                    command: "create",
+                    message: message.clone(),
+                }),
+            ),
+            MonitorError::Remote { ref message, .. } => {
+                let message = message.clone();
                 not_found_or(&message, &command, e.into())
-            })?;
+            }
+            e => e.into(),
+        })?;
         mark("runtime create");
         // The container's mount namespace holds its own copies of the staged mounts now;
         // berthd's are let go, so that nothing of the host's paths stays busy here (a host
@@ -1047,6 +1171,17 @@ impl ContainerManager {
         )
     }
 
+    /// Has the pod's monitor drop (and, while it is being created, kill) a container.
+    async fn forget_in_monitor(&self, rec: &ContainerRecord) {
+        if let Ok(sandbox) = self.sandboxes.get(&rec.sandbox_id)
+            && let Ok(mut client) = self.connect_monitor(&sandbox).await
+            && let Err(e) = client.forget(&rec.id).await
+            && !e.is_not_found()
+        {
+            tracing::warn!(id = %rec.id, error = %e, "monitor forget");
+        }
+    }
+
     /// Undoes whatever a container may hold (best effort, logged).
     async fn destroy(&self, rec: &ContainerRecord) {
         self.undo(rec, true, true).await;
@@ -1057,6 +1192,13 @@ impl ContainerManager {
     /// false the bundle (with its marks) is kept for the caller to remove after the record.
     async fn undo(&self, rec: &ContainerRecord, runtime_too: bool, bundle_too: bool) {
         let t0 = std::time::Instant::now();
+        // A container being made may still have its runtime's `create` running in the
+        // monitor: `forget` kills it and answers once it is gone, so that the runtime's
+        // delete below does not race a create that goes on.
+        let creating = rec.phase == Phase::Creating;
+        if creating {
+            self.forget_in_monitor(rec).await;
+        }
         if runtime_too && let Ok(runtime) = self.runtime(&rec.runtime_handler) {
             // A stopped container needs no kill: `delete` kills what is left in its cgroup
             // (when it shares the pod's PID namespace). One that may still run is killed
@@ -1069,10 +1211,8 @@ impl ContainerManager {
             }
         }
         step_done("container teardown", "runtime delete", t0);
-        if let Ok(sandbox) = self.sandboxes.get(&rec.sandbox_id)
-            && let Ok(mut client) = self.connect_monitor(&sandbox).await
-        {
-            let _ = client.forget(&rec.id).await;
+        if !creating {
+            self.forget_in_monitor(rec).await;
         }
         step_done("container teardown", "monitor forget", t0);
         // Unmounts, tree removals and cgroup rmdirs: off the async workers.
@@ -1137,6 +1277,11 @@ impl ContainerManager {
                 Ok(())
             }
             Err(e) => {
+                // Whatever the runtime left of it (a start that timed out may have started
+                // it, and a created init waits) does not run on as an exited container.
+                if let Err(kill) = runtime.kill(&rec.id, libc::SIGKILL, true).await {
+                    tracing::warn!(%id, error = %kill, "kill after a failed start");
+                }
                 rec.phase = Phase::Exited;
                 rec.started_at = now_nanos();
                 rec.finished_at = rec.started_at;
@@ -1324,24 +1469,31 @@ impl ContainerManager {
     /// runc's `delete` takes 10 ms or more to remove) and the removal of its cgroup, after
     /// RemoveContainer answered. Nothing observes them meanwhile: the container is gone from
     /// the index and the store, its id is never reused, and RemovePodSandbox waits for the
-    /// pod's deletes before it goes on. A crash before they ran is repaired at start (the
-    /// runtime's root holds a container no record names).
+    /// pod's deletes before it goes on (and fails while one of them does, see
+    /// [`Self::deletes_done`]). A crash before they ran is repaired at start (the runtime's
+    /// root holds a container no record names).
     fn delete_later(&self, rec: &ContainerRecord) {
         let Ok(runtime) = self.runtime(&rec.runtime_handler) else {
             return;
         };
         let (id, cgroups_path, layout) = (rec.id.clone(), rec.cgroups_path.clone(), self.layout);
+        let (undeleted, sandbox_id) = (self.undeleted.clone(), rec.sandbox_id.clone());
         let task = tokio::spawn(
             async move {
                 if let Err(e) = runtime.delete(&id).await {
-                    tracing::warn!(%id, error = %e, "runtime delete");
+                    tracing::warn!(%id, error = %e, "runtime delete; retried when the pod is removed");
+                    undeleted
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Undeleted {
+                            sandbox_id,
+                            id: id.clone(),
+                            runtime,
+                            cgroups_path: cgroups_path.clone(),
+                            error: Arc::new(e),
+                        });
                 }
-                let removed =
-                    tokio::task::spawn_blocking(move || cgroups::remove(layout, &cgroups_path))
-                        .await;
-                if let Ok(Err(e)) = removed {
-                    tracing::warn!(%id, error = %e, "remove cgroup");
-                }
+                remove_cgroup(layout, &id, cgroups_path).await;
             }
             .in_current_span(),
         );
@@ -1350,8 +1502,30 @@ impl ContainerManager {
         deleting.push((rec.sandbox_id.clone(), task));
     }
 
-    /// Waits for the runtime deletes of the pod's removed containers.
-    async fn deletes_done(&self, sandbox_id: &str) {
+    /// Waits for the runtime deletes of the pod's removed containers; those that failed
+    /// before this call are tried again. Fails while one of them does.
+    async fn deletes_done(&self, sandbox_id: &str) -> Result<(), ContainerError> {
+        let earlier: Vec<Undeleted> = {
+            let mut undeleted = self.undeleted.lock().unwrap_or_else(|p| p.into_inner());
+            let (mine, rest) = std::mem::take(&mut *undeleted)
+                .into_iter()
+                .partition(|u| u.sandbox_id == sandbox_id);
+            *undeleted = rest;
+            mine
+        };
+        for mut u in earlier {
+            match u.runtime.delete(&u.id).await {
+                Ok(()) => remove_cgroup(self.layout, &u.id, u.cgroups_path.clone()).await,
+                Err(e) => {
+                    tracing::warn!(id = %u.id, error = %e, "runtime delete, again");
+                    u.error = Arc::new(e);
+                    self.undeleted
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(u);
+                }
+            }
+        }
         let tasks: Vec<tokio::task::JoinHandle<()>> = {
             let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
             let (mine, rest) = std::mem::take(&mut *deleting)
@@ -1362,6 +1536,14 @@ impl ContainerManager {
         };
         for t in tasks {
             let _ = t.await;
+        }
+        let undeleted = self.undeleted.lock().unwrap_or_else(|p| p.into_inner());
+        match undeleted.iter().find(|u| u.sandbox_id == sandbox_id) {
+            Some(u) => Err(ContainerError::Undeleted {
+                id: u.id.clone(),
+                error: u.error.clone(),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -1422,7 +1604,7 @@ impl ContainerManager {
                 .instrument(tracing::info_span!("container", id = %id))
                 .await?;
         }
-        self.deletes_done(sandbox_id).await;
+        self.deletes_done(sandbox_id).await?;
         if let Ok(sandbox) = self.sandboxes.get(sandbox_id)
             && let Ok(mut client) = self.connect_monitor(&sandbox).await
         {

@@ -60,6 +60,14 @@ pub struct CreateRequest {
     /// Give the container a terminal (the runtime's `--console-socket`).
     #[serde(default)]
     pub tty: bool,
+    /// How long the runtime's `create` may take, in milliseconds: then the monitor kills it
+    /// (its whole process group) and answers `timeout`. 0 (or absent): no limit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A response of the monitor.
@@ -94,6 +102,8 @@ pub enum ErrorKind {
     ShuttingDown,
     /// A system call or file failed.
     Io,
+    /// The OCI runtime did not finish within the request's timeout (it was killed).
+    Timeout,
 }
 
 /// One container of `State`.
@@ -149,6 +159,24 @@ mod tests {
             panic!("not a create")
         };
         assert!(!c.tty && !c.stdin && !c.systemd_cgroup && c.cgroup_oom_files.is_empty());
+        assert_eq!(c.timeout_ms, 0);
+        // No limit is not sent (an older monitor needs no new field for it).
+        assert!(
+            !serde_json::to_string(&Request::Create(c.clone()))
+                .unwrap()
+                .contains("timeout_ms")
+        );
+        let limited = Request::Create(CreateRequest {
+            timeout_ms: 3000,
+            ..c
+        });
+        let text = serde_json::to_string(&limited).unwrap();
+        assert!(text.contains(r#""timeout_ms":3000"#), "{text}");
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), limited);
+        assert_eq!(
+            serde_json::to_string(&Response::error(ErrorKind::Timeout, "x")).unwrap(),
+            r#"{"result":"error","kind":"timeout","message":"x"}"#
+        );
         assert_eq!(
             serde_json::to_string(&Response::Created { pid: 7 }).unwrap(),
             r#"{"result":"created","pid":7}"#

@@ -32,7 +32,10 @@ pub enum RuntimeError {
         runtime: String,
         command: &'static str,
     },
-    #[error("{runtime} {command} timed out after {after:?}")]
+    #[error(
+        "{runtime} {command} timed out after {}; it was killed with every process it started",
+        humantime::format_duration(*after)
+    )]
     Timeout {
         runtime: String,
         command: &'static str,
@@ -56,6 +59,8 @@ pub struct OciRuntime {
     pub root: PathBuf,
     /// runc's `--systemd-cgroup`.
     pub systemd_cgroup: bool,
+    /// How long one command may take (`[runtimes.NAME] timeout`).
+    pub timeout: Duration,
 }
 
 /// What `state` reports.
@@ -90,6 +95,7 @@ impl OciRuntime {
             binary: rc.path.clone(),
             root: config.state.join("runtime").join(handler),
             systemd_cgroup: config.cgroup_driver == CgroupDriver::Systemd,
+            timeout: rc.timeout,
         })
     }
 
@@ -112,20 +118,55 @@ impl OciRuntime {
         c
     }
 
+    /// Runs one command in a process group of its own, within [`Self::timeout`]. When the
+    /// time is up, or when the caller stops waiting (this future is dropped: the client's
+    /// deadline passed), the whole group is killed: a stuck runtime leaves nothing behind
+    /// (a shell wrapper's children, a hung helper), and it holds no pipe of ours open.
     async fn run(&self, command: &'static str, args: &[&str]) -> Result<Vec<u8>, RuntimeError> {
         let mut c = self.command();
-        c.arg(command).args(args);
-        let out = tokio::time::timeout(Duration::from_secs(60), c.output())
-            .await
-            .map_err(|_| RuntimeError::Timeout {
-                runtime: self.handler.clone(),
-                command,
-                after: Duration::from_secs(60),
-            })?
-            .map_err(|source| RuntimeError::Spawn {
-                runtime: self.binary.display().to_string(),
-                source,
-            })?;
+        c.arg(command).args(args).process_group(0);
+        let mut child = c.spawn().map_err(|source| RuntimeError::Spawn {
+            runtime: self.binary.display().to_string(),
+            source,
+        })?;
+        // Dropped before `child` (declared after it): the group is killed while its leader is
+        // still unreaped, so its id cannot have been reused.
+        let group = GroupKiller::new(&child);
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let work = async {
+            let (status, stdout, stderr) =
+                tokio::join!(child.wait(), read_to_end(stdout), read_to_end(stderr));
+            (status, stdout, stderr)
+        };
+        let (status, stdout, stderr) = match tokio::time::timeout(self.timeout, work).await {
+            Ok(done) => done,
+            Err(_) => {
+                drop(group);
+                // SIGKILLed: reaped at once.
+                let _ = child.wait().await;
+                tracing::warn!(
+                    runtime = %self.handler,
+                    binary = %self.binary.display(),
+                    command,
+                    "OCI runtime command timed out; killed its process group"
+                );
+                return Err(RuntimeError::Timeout {
+                    runtime: self.handler.clone(),
+                    command,
+                    after: self.timeout,
+                });
+            }
+        };
+        group.disarm();
+        let status = status.map_err(|source| RuntimeError::Spawn {
+            runtime: self.binary.display().to_string(),
+            source,
+        })?;
+        let out = std::process::Output {
+            status,
+            stdout,
+            stderr,
+        };
         if out.status.success() {
             return Ok(out.stdout);
         }
@@ -133,6 +174,12 @@ impl OciRuntime {
         let message = match log::errors(&raw) {
             m if m.is_empty() => raw.trim().to_string(),
             m => m,
+        };
+        // A crash says nothing: how it ended is what there is to tell.
+        let message = if message.is_empty() {
+            format!("failed ({}) and said nothing", out.status)
+        } else {
+            message
         };
         // The container is unknown to the runtime (runc: "container does not exist"); not
         // any "not found", which also stands for a missing executable.
@@ -407,6 +454,42 @@ impl ExecChild {
     }
 }
 
+/// Everything a pipe gives until its end (nothing when there is no pipe or it fails).
+async fn read_to_end(r: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
+    let mut buf = Vec::new();
+    if let Some(mut r) = r {
+        let _ = r.read_to_end(&mut buf).await;
+    }
+    buf
+}
+
+/// SIGKILLs a runtime command's process group when dropped, unless disarmed (the command
+/// ended by itself).
+struct GroupKiller(Option<nix::unistd::Pid>);
+
+impl GroupKiller {
+    fn new(child: &tokio::process::Child) -> GroupKiller {
+        GroupKiller(
+            child
+                .id()
+                .and_then(|id| i32::try_from(id).ok())
+                .map(nix::unistd::Pid::from_raw),
+        )
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status
@@ -466,4 +549,138 @@ fn kill_pid_in(pid_file: &Path) -> Option<i32> {
         nix::sys::signal::Signal::SIGKILL,
     );
     Some(pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A runtime whose binary is `script` (written by a child process, so that this
+    /// multi-threaded test process never holds it open for writing: no ETXTBSY).
+    fn stub(dir: &Path, script: &str, timeout: Duration) -> OciRuntime {
+        let path = dir.join("rt");
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("cat > \"$1\" && chmod 755 \"$1\"")
+            .arg("sh")
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("sh");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("write");
+        assert!(child.wait().expect("wait").success());
+        OciRuntime {
+            handler: "stub".to_string(),
+            binary: path,
+            root: dir.join("root"),
+            systemd_cgroup: false,
+            timeout,
+        }
+    }
+
+    /// A script that records its child's pid in `dir/child` and hangs on it.
+    fn hanging(dir: &Path) -> String {
+        format!(
+            "#!/bin/sh\nsleep 1000 &\necho $! > {}/child\nwait\n",
+            dir.display()
+        )
+    }
+
+    /// Waits until the pid in `dir/child` is gone (or a zombie); false after 5 s.
+    async fn child_gone(dir: &Path) -> bool {
+        let Some(pid) = std::fs::read_to_string(dir.join("child"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            return false;
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3));
+            if matches!(state, None | Some("Z")) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_hung_command_times_out_and_its_process_group_is_killed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = stub(dir.path(), &hanging(dir.path()), Duration::from_millis(300));
+        let t0 = Instant::now();
+        let e = rt.start("x").await.expect_err("times out");
+        assert!(
+            matches!(
+                e,
+                RuntimeError::Timeout {
+                    command: "start",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("stub start timed out after 300ms"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        assert!(child_gone(dir.path()).await, "the runtime's child lives on");
+    }
+
+    #[tokio::test]
+    async fn a_command_the_caller_gives_up_on_is_killed_with_its_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = stub(dir.path(), &hanging(dir.path()), Duration::from_secs(600));
+        let r = tokio::time::timeout(Duration::from_millis(500), rt.kill("x", 9, true)).await;
+        assert!(r.is_err(), "the caller gave up");
+        assert!(child_gone(dir.path()).await, "the runtime's child lives on");
+    }
+
+    #[tokio::test]
+    async fn crashes_are_failures_naming_the_runtime_and_command() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = stub(
+            dir.path(),
+            "#!/bin/sh\nprintf 'garbage \\377{\\n' >&2\nexit 1\n",
+            Duration::from_secs(10),
+        );
+        let e = rt.start("x").await.expect_err("fails");
+        let m = e.to_string();
+        assert!(m.starts_with("stub start: garbage"), "{m}");
+        let rt = stub(
+            dir.path(),
+            "#!/bin/sh\nkill -SEGV $$\n",
+            Duration::from_secs(10),
+        );
+        let e = rt.delete("x").await.expect_err("fails");
+        let m = e.to_string();
+        assert!(
+            m.starts_with("stub delete: failed") && m.contains("SIGSEGV"),
+            "{m}"
+        );
+        // A quick runtime that leaves a child holding its output is waited for no longer
+        // than the timeout, and the child goes too.
+        let rt = stub(
+            dir.path(),
+            &format!(
+                "#!/bin/sh\nsleep 1000 &\necho $! > {}/child\nexit 0\n",
+                dir.path().display()
+            ),
+            Duration::from_millis(300),
+        );
+        let e = rt.start("x").await.expect_err("its output never ends");
+        assert!(matches!(e, RuntimeError::Timeout { .. }), "{e}");
+        assert!(child_gone(dir.path()).await, "the runtime's child lives on");
+    }
 }

@@ -97,7 +97,7 @@ pub fn to_status(rec: &ContainerRecord) -> cri::ContainerStatus {
 }
 
 pub async fn create(
-    containers: &ContainerManager,
+    containers: &std::sync::Arc<ContainerManager>,
     req: cri::CreateContainerRequest,
 ) -> Result<cri::CreateContainerResponse, Status> {
     let config = req

@@ -9,6 +9,8 @@ use crate::container::spec::SpecError;
 use crate::container::volumes::VolumeError;
 use crate::image::ImageError;
 use crate::image::unpack::UnpackError;
+use crate::monitor::MonitorError;
+use crate::monitor::proto::ErrorKind as MonitorErrorKind;
 use crate::network::NetworkError;
 use crate::runtime::RuntimeError;
 use crate::sandbox::SandboxError;
@@ -156,6 +158,19 @@ impl From<ContainerError> for Status {
                 Status::invalid_argument(msg)
             }
             ContainerError::Runtime(RuntimeError::NotFound { .. }) => Status::not_found(msg),
+            // A runtime command (or the monitor running `create`) that did not finish in
+            // time was killed: the step can be tried again.
+            ContainerError::Runtime(RuntimeError::Timeout { .. })
+            | ContainerError::Monitor(MonitorError::Timeout { .. })
+            | ContainerError::Monitor(MonitorError::Remote {
+                kind: MonitorErrorKind::Timeout,
+                ..
+            }) => Status::deadline_exceeded(msg),
+            ContainerError::Cancelled => Status::cancelled(msg),
+            ContainerError::Undeleted { error, .. } => match *error {
+                RuntimeError::Timeout { .. } => Status::deadline_exceeded(msg),
+                _ => Status::internal(msg),
+            },
             _ => Status::internal(msg),
         }
     }

@@ -147,11 +147,12 @@ impl Monitor {
                     .collect(),
             },
             Request::Forget { id } => {
-                if self.creates.iter().any(|p| p.id == id) {
-                    Response::error(
-                        ErrorKind::AlreadyExists,
-                        format!("container {id} is being created"),
-                    )
+                if let Some(k) = self.creates.iter().position(|p| p.id == id) {
+                    // Its runtime is killed; answered once it is reaped (nothing of the
+                    // create runs any more then).
+                    self.kill_create(k, Killed::Forgotten);
+                    self.creates[k].forget_conns.push(conn);
+                    return None;
                 } else {
                     match find(&mut self.containers, &id) {
                         None => not_found(&id),

@@ -1,6 +1,8 @@
 //! Creating containers from the monitor: the OCI runtime's `create` with the monitor's pipes
 //! (or a console socket for terminals) as the container's stdio, and its answer to berthd.
 
+use std::os::unix::process::CommandExt as _;
+
 use super::conns::{push_response, receive_fd};
 use super::exits::parent_of;
 use super::io::{output, pipe};
@@ -34,12 +36,17 @@ impl Monitor {
                     req.runtime.display()
                 ));
                 self.containers.push(container);
+                let deadline = (req.timeout_ms > 0)
+                    .then(|| Instant::now() + Duration::from_millis(req.timeout_ms));
                 self.creates.push(PendingCreate {
                     runtime_pid,
                     conn,
                     id: req.id.clone(),
                     req,
                     console,
+                    deadline,
+                    killed: None,
+                    forget_conns: Vec::new(),
                 });
                 None
             }
@@ -121,6 +128,10 @@ impl Monitor {
             }
         }
         cmd.arg(&req.id);
+        // A process group of its own, which it leads: a runtime that hangs is killed with
+        // every process it started (see `kill_create`). The container's init is not in it
+        // (runc and crun start it in a session of its own).
+        cmd.process_group(0);
         // std resets the signal mask and dispositions of the child before exec, so the
         // runtime does not inherit our blocked SIGCHLD/SIGTERM.
         let child = cmd.spawn().map_err(|e| {
@@ -177,22 +188,74 @@ impl Monitor {
             }
             let _ = std::fs::remove_file(&c.path);
         }
-        let result = self.created(&mut p, status);
+        let result = match p.killed {
+            Some(Killed::Timeout) => Err(KilledCreate::Timeout(format!(
+                "{} create timed out after {}; it was killed with every process it started",
+                p.req.runtime.display(),
+                humantime::format_duration(Duration::from_millis(p.req.timeout_ms))
+            ))),
+            Some(Killed::Forgotten) => Err(KilledCreate::Forgotten(format!(
+                "container {} was forgotten while it was being created",
+                p.id
+            ))),
+            None => self.created(&mut p, status).map_err(KilledCreate::Failed),
+        };
         let resp = match result {
             Ok(pid) => {
                 self.diag(&format!("container {} created, pid {pid}", p.id));
                 Response::Created { pid }
             }
-            Err(message) => {
+            Err(failure) => {
+                let (kind, message) = match failure {
+                    KilledCreate::Timeout(m) => (ErrorKind::Timeout, m),
+                    KilledCreate::Forgotten(m) => (ErrorKind::NotFound, m),
+                    KilledCreate::Failed(m) => (ErrorKind::Runtime, m),
+                };
                 self.diag(&format!("container {}: {message}", p.id));
                 self.containers.retain(|c| c.id != p.id);
-                Response::error(ErrorKind::Runtime, message)
+                Response::error(kind, message)
             }
         };
         if let Some(conn) = self.conns.iter_mut().find(|c| c.id == p.conn) {
             conn.busy = false;
             push_response(conn, &resp);
         }
+        for id in p.forget_conns {
+            if let Some(conn) = self.conns.iter_mut().find(|c| c.id == id) {
+                conn.busy = false;
+                push_response(conn, &Response::Ok);
+            }
+        }
+    }
+
+    /// Kills the creates whose time is up (answered once they are reaped).
+    pub(super) fn expire_creates(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<usize> = (0..self.creates.len())
+            .filter(|&k| {
+                let p = &self.creates[k];
+                p.killed.is_none() && p.deadline.is_some_and(|d| d <= now)
+            })
+            .collect();
+        for k in expired {
+            self.kill_create(k, Killed::Timeout);
+        }
+    }
+
+    /// SIGKILLs a pending create's process group (the runtime and whatever it started).
+    pub(super) fn kill_create(&mut self, k: usize, why: Killed) {
+        let Some(p) = self.creates.get_mut(k) else {
+            return;
+        };
+        if p.killed.is_some() {
+            return;
+        }
+        p.killed = Some(why);
+        let (id, pid) = (p.id.clone(), p.runtime_pid);
+        let r = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        self.diag(&format!(
+            "container {id}: killing the runtime's create (pid {pid}, {why:?}): {r:?}"
+        ));
     }
 
     /// The init pid after a create ended, or the error message.
@@ -262,4 +325,11 @@ impl Monitor {
     }
 
     // ---- connections ----
+}
+
+/// How a create that did not give a container ended.
+enum KilledCreate {
+    Timeout(String),
+    Forgotten(String),
+    Failed(String),
 }

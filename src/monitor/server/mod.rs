@@ -214,13 +214,28 @@ struct Container {
     exited: Option<ExitInfo>,
 }
 
-/// A `<runtime> create` still running.
+/// A `<runtime> create` still running (in a process group of its own, led by it).
 struct PendingCreate {
     runtime_pid: i32,
     conn: u64,
     id: String,
     req: CreateRequest,
     console: Option<Console>,
+    /// When it is killed unless it ended (`timeout_ms`).
+    deadline: Option<Instant>,
+    /// Why it was killed, once it was.
+    killed: Option<Killed>,
+    /// Connections whose `forget` of this container is answered once it is reaped.
+    forget_conns: Vec<u64>,
+}
+
+/// Why a pending create was killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Killed {
+    /// Its `timeout_ms` passed.
+    Timeout,
+    /// berthd forgot the container while it was being created.
+    Forgotten,
 }
 
 struct Console {
@@ -489,6 +504,7 @@ impl Monitor {
                 }
             }
             self.process_requests();
+            self.expire_creates();
             self.conns.retain(|c| !c.dead);
             self.finish_exits();
             // Last: an exit reaped in this round ends its attaches before the next poll.
@@ -507,10 +523,18 @@ impl Monitor {
 
     fn poll_timeout(&self) -> libc::c_int {
         let now = Instant::now();
-        self.containers
+        let drains = self
+            .containers
             .iter()
             .filter(|c| c.exited.is_none())
-            .filter_map(|c| c.reaped.as_ref().map(|r| r.2))
+            .filter_map(|c| c.reaped.as_ref().map(|r| r.2));
+        let creates = self
+            .creates
+            .iter()
+            .filter(|p| p.killed.is_none())
+            .filter_map(|p| p.deadline);
+        drains
+            .chain(creates)
             .map(|d| d.saturating_duration_since(now).as_millis().min(60_000) as libc::c_int + 1)
             .min()
             .unwrap_or(-1)
