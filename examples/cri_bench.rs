@@ -1557,6 +1557,7 @@ async fn scale(endpoint: &str, opts: &ScaleOpts) -> Result<()> {
         eprintln!("{level} pods, each with a running container");
         let (mut run, mut create, mut list, mut status) = (vec![], vec![], vec![], vec![]);
         let mut probes = Vec::new();
+        let begin = humantime::format_rfc3339_micros(std::time::SystemTime::now());
         for i in 0..opts.probes {
             let name = format!("scale-probe-{level}-{i}");
             let (r, c, pod, ctr) = pod_and_container(&mut client, &name, opts, false).await?;
@@ -1564,6 +1565,11 @@ async fn scale(endpoint: &str, opts: &ScaleOpts) -> Result<()> {
             create.push(c);
             probes.push((pod, ctr));
         }
+        // When the probes ran, for the daemon's step timings (hack/bench-scale.sh).
+        println!(
+            "window {level} {begin} {}",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now())
+        );
         for (_, ctr) in &probes {
             let t = Instant::now();
             client

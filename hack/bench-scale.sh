@@ -19,6 +19,7 @@ PROBES=${PROBES:-20}
 IMAGE=${IMAGE:-registry.k8s.io/e2e-test-images/busybox:1.29-2}
 # shellcheck source=hack/bench-lib.sh
 . "$(dirname "$0")/bench-lib.sh"
+BENCH_BERTH_LOG=${BENCH_BERTH_LOG:-info,berth=debug}
 bench_init bench-scale.sh
 bench_registry
 bench_critest_images
@@ -62,3 +63,13 @@ done
 echo "(ms, nearest-rank over $PROBES probes per level, one at a time; pods = filler pods, each"
 echo " running one container ($IMAGE, sleep 3600); daemon RSS after the probes were removed;"
 echo " $(bench_versions))"
+
+# berthd's own steps of the probes' RunPodSandbox and CreateContainer at each level (from its
+# debug log, between the instants cri_bench printed): which step grows as the node fills.
+while read -r _ level begin end; do
+  echo
+  echo "berth steps with $level filler pods:"
+  sed 's/\x1b\[[0-9;]*m//g' "$T/berthd.log" | awk -v b="$begin" -v e="$end" '$1 >= b && $1 <= e' >"$T/window.log"
+  bench_steps "pod creation" <"$T/window.log"
+  bench_steps "container creation" <"$T/window.log"
+done < <(grep '^window ' "$T/out.berth")
