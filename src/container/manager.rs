@@ -717,11 +717,26 @@ impl ContainerManager {
     }
 
     pub fn list(&self) -> Vec<ContainerRecord> {
-        let ids = self.index.ids();
-        let mut v: Vec<ContainerRecord> =
-            ids.iter().filter_map(|id| self.get_full(id).ok()).collect();
-        v.sort_by_key(|r| r.created_at);
-        v
+        self.list_map(|r| Some(r.clone()))
+    }
+
+    /// What `f` makes of each container (refreshed like [`Self::get`]), oldest first. Only
+    /// the records that may have ended are refreshed (and cloned); `f` sees the others in
+    /// place, so a list of a full node costs a stat and a kill(0) per running container.
+    pub fn list_map<T>(&self, mut f: impl FnMut(&ContainerRecord) -> Option<T>) -> Vec<T> {
+        let live = self.index.filter_map(|r| {
+            matches!(r.phase, Phase::Running | Phase::Created)
+                .then(|| (r.id.clone(), r.exit_file(), r.phase, r.pid))
+        });
+        for (id, exit_file, phase, pid) in live {
+            let gone = phase == Phase::Running && pid > 0 && !process_in_container(pid, &id, false);
+            if gone || exit_file.exists() {
+                let _ = self.get_full(&id);
+            }
+        }
+        let mut v = self.index.filter_map(|r| f(r).map(|t| (r.created_at, t)));
+        v.sort_by_key(|(at, _)| *at);
+        v.into_iter().map(|(_, t)| t).collect()
     }
 
     /// The containers of one pod (refreshed like [`Self::get`]), oldest first.

@@ -428,9 +428,14 @@ impl SandboxManager {
     }
 
     pub fn list(&self) -> Vec<SandboxRecord> {
-        let mut v = self.index.values();
-        v.sort_by_key(|r| r.created_at);
-        v
+        self.list_map(|r| Some(r.clone()))
+    }
+
+    /// What `f` makes of each sandbox, oldest first (no record is cloned).
+    pub fn list_map<T>(&self, mut f: impl FnMut(&SandboxRecord) -> Option<T>) -> Vec<T> {
+        let mut v = self.index.filter_map(|r| f(r).map(|t| (r.created_at, t)));
+        v.sort_by_key(|(at, _)| *at);
+        v.into_iter().map(|(_, t)| t).collect()
     }
 
     /// RunPodSandbox: makes a ready pod or leaves nothing behind.

@@ -142,22 +142,17 @@ pub fn list(
     req: cri::ListContainersRequest,
 ) -> cri::ListContainersResponse {
     let filter = req.filter.unwrap_or_default();
-    let items = containers
-        .list()
-        .iter()
-        .filter(|r| filter.id.is_empty() || r.id.starts_with(&filter.id))
-        .filter(|r| {
-            filter.pod_sandbox_id.is_empty() || r.sandbox_id.starts_with(&filter.pod_sandbox_id)
-        })
-        .filter(|r| {
-            filter
+    let items = containers.list_map(|r| {
+        let wanted = (filter.id.is_empty() || r.id.starts_with(&filter.id))
+            && (filter.pod_sandbox_id.is_empty()
+                || r.sandbox_id.starts_with(&filter.pod_sandbox_id))
+            && filter
                 .state
                 .as_ref()
                 .is_none_or(|s| s.state == state_of(r) as i32)
-        })
-        .filter(|r| super::labels_match(&filter.label_selector, &r.config.labels))
-        .map(to_container)
-        .collect();
+            && super::labels_match(&filter.label_selector, &r.config.labels);
+        wanted.then(|| to_container(r))
+    });
     cri::ListContainersResponse { containers: items }
 }
 

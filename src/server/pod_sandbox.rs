@@ -152,18 +152,14 @@ pub fn list(
     req: cri::ListPodSandboxRequest,
 ) -> cri::ListPodSandboxResponse {
     let filter = req.filter.unwrap_or_default();
-    let items = sandboxes
-        .list()
-        .iter()
-        .filter(|r| filter.id.is_empty() || r.id.starts_with(&filter.id))
-        .filter(|r| {
-            filter
+    let items = sandboxes.list_map(|r| {
+        let wanted = (filter.id.is_empty() || r.id.starts_with(&filter.id))
+            && filter
                 .state
                 .as_ref()
                 .is_none_or(|s| s.state == state_of(r) as i32)
-        })
-        .filter(|r| super::labels_match(&filter.label_selector, &r.config.labels))
-        .map(to_pod_sandbox)
-        .collect();
+            && super::labels_match(&filter.label_selector, &r.config.labels);
+        wanted.then(|| to_pod_sandbox(r))
+    });
     cri::ListPodSandboxResponse { items }
 }
