@@ -1,6 +1,7 @@
 //! berth: a Kubernetes node container runtime speaking the CRI.
 //!
 //! One module per piece of the runtime (see `DESIGN.md`):
+//! - [`alloc`]: the C allocator of a long-running daemon (arena cap, trims after bursts);
 //! - [`cgroups`]: container cgroup paths (cgroupfs, systemd), layouts, OOM counters;
 //! - [`cri`]: the CRI types, servers and clients generated from the pinned `api.proto`;
 //! - [`config`]: the TOML configuration contract and its defaults;
@@ -20,6 +21,7 @@
 //! - [`stats`]: container and pod resource usage (cgroups, writable layer, pod network);
 //! - [`stream`]: the Exec/Attach/PortForward streaming server (SPDY/3.1).
 
+pub mod alloc;
 pub mod cgroups;
 pub mod config;
 pub mod container;

@@ -61,15 +61,8 @@ enum ConfigCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    // Two malloc arenas, whatever the number of threads: glibc's default (8 per CPU, one
-    // per thread that allocates while the others are busy) keeps memory in every arena that
-    // a short-lived blocking or namespace thread touched. berthd's allocations are small
-    // and its threads mostly wait, so contention on two arenas costs nothing measurable.
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator parameters; no thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
+    // Before any thread exists (see berth::alloc).
+    berth::alloc::limit_arenas();
     // berthd re-executes itself as a pod's init (see berth::sandbox::init); that mode must
     // start before anything else (no threads, no runtime).
     let mut raw = std::env::args_os().skip(1);
@@ -166,6 +159,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
+        berth::alloc::spawn_trimmer();
         let mut daemon = Daemon::start(config).await?;
         if let Some(path) = &args.config {
             daemon.reload_on_sighup(path.clone(), from_config.then_some(set_filter));

@@ -227,6 +227,8 @@ impl ImageService for ImageServiceImpl {
                 Err(e) => e.pull_result(),
             };
             crate::metrics::observe_pull(result, started.elapsed());
+            // A pull's buffers (chunks in flight, inflate and tar state) are freed now.
+            crate::alloc::trim_soon();
             let id = pulled?;
             // New snapshots are walked once, now: ImageFsInfo counts the image at once.
             self.fs.refresh_images_now().await;

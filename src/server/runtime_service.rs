@@ -345,6 +345,8 @@ impl RuntimeService for RuntimeServiceImpl {
                 self.fs.nudge();
             }
             self.sandboxes.remove(&id).await?;
+            // What the pod's records, buffers and tasks held goes back to the kernel.
+            crate::alloc::trim_soon();
             Ok(cri::RemovePodSandboxResponse {})
         })
         .await
