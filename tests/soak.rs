@@ -118,6 +118,8 @@ struct Counts {
     cut_by_kill: AtomicU64,
     /// The kind of the last operation sent (for kills aimed at one kind), and when.
     last_sent: Mutex<Option<(Op, Instant)>>,
+    /// Operations sent, by kind.
+    sent: Mutex<BTreeMap<String, u64>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +170,13 @@ impl Shared {
     }
 
     fn sent(&self, op: Op) {
+        *self
+            .counts
+            .sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(format!("{op:?}"))
+            .or_default() += 1;
         *self
             .counts
             .last_sent
@@ -1224,6 +1233,10 @@ async fn random_workload_with_kill9_keeps_berth_and_the_host_in_agreement() {
             (late as f64 - early as f64) * 100.0 / early.max(1) as f64
         );
     }
+    eprintln!(
+        "soak: operations sent: {:?}",
+        shared.counts.sent.lock().unwrap_or_else(|p| p.into_inner())
+    );
     let errors = shared.counts.errors.load(Ordering::SeqCst);
     eprintln!(
         "soak: seed {seed}: {} cycles in {:.1} s, {kills} kills, {} operations cut by a kill, \

@@ -154,8 +154,12 @@ fn main() -> anyhow::Result<()> {
     };
     // reqwest's rustls needs a process-wide crypto provider; berth uses ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Blocking threads (mounts, file trees, cgroups, namespace work) come in bursts with pod
+    // churn; idle ones go after 2 s instead of tokio's 10 s, so that a drained node does not
+    // keep a burst's threads (their stacks) resident.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_keep_alive(std::time::Duration::from_secs(2))
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
