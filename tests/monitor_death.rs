@@ -31,18 +31,6 @@ fn monitors_of(dir: &Path) -> Vec<i32> {
     out
 }
 
-async fn state(rt: &mut RuntimeClient, id: &str) -> cri::ContainerStatus {
-    rt.container_status(cri::ContainerStatusRequest {
-        container_id: id.to_string(),
-        verbose: false,
-    })
-    .await
-    .expect("container status")
-    .into_inner()
-    .status
-    .expect("a status")
-}
-
 #[tokio::test]
 async fn killed_monitor_then_status_stop_remove_and_a_new_container_work() {
     let BusyboxDaemon {
@@ -77,7 +65,7 @@ async fn killed_monitor_then_status_stop_remove_and_a_new_container_work() {
     }
 
     // Its container still runs, and is reported so.
-    let s = state(&mut rt, &c1).await;
+    let s = container_status(&mut rt, &c1).await;
     assert_eq!(
         s.state,
         cri::ContainerState::ContainerRunning as i32,
@@ -96,7 +84,7 @@ async fn killed_monitor_then_status_stop_remove_and_a_new_container_work() {
     .await
     .expect("StopContainer hangs without the monitor")
     .expect("stop one");
-    let s = state(&mut rt, &c1).await;
+    let s = container_status(&mut rt, &c1).await;
     assert_eq!(
         s.state,
         cri::ContainerState::ContainerExited as i32,

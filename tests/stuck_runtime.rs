@@ -247,18 +247,6 @@ async fn containers_in(rt: &mut RuntimeClient, pod: &str) -> Vec<cri::Container>
     .containers
 }
 
-async fn status(rt: &mut RuntimeClient, id: &str) -> cri::ContainerStatus {
-    rt.container_status(cri::ContainerStatusRequest {
-        container_id: id.to_string(),
-        verbose: false,
-    })
-    .await
-    .expect("container status")
-    .into_inner()
-    .status
-    .expect("a status")
-}
-
 /// The container bundles (`state/containers/<id>`) the daemon has.
 fn bundles(d: &Berthd) -> Vec<String> {
     list_dir(&d.state().join("containers"))
@@ -543,7 +531,7 @@ async fn hung_start_times_out_and_the_container_is_removable() {
     stub.wait_gone().await;
 
     // A defined state: exited (StartError), its init killed; RemoveContainer cleans it.
-    let s = status(&mut b.rt, &c).await;
+    let s = container_status(&mut b.rt, &c).await;
     assert_eq!(
         s.state,
         cri::ContainerState::ContainerExited as i32,
@@ -603,7 +591,7 @@ async fn hung_kill_and_delete_fail_clearly_and_clean_up_once_the_runtime_is_well
     assert!(t0.elapsed() < TIMEOUT + SLACK);
     stub.wait_gone().await;
     // Still there, in a defined state, and berthd serves.
-    let s = status(&mut b.rt, &c).await;
+    let s = container_status(&mut b.rt, &c).await;
     assert_eq!(
         s.state,
         cri::ContainerState::ContainerCreated as i32,

@@ -223,6 +223,19 @@ pub async fn start_container(rt: &mut RuntimeClient, id: &str) -> Result<(), ton
     .map(|_| ())
 }
 
+/// ContainerStatus (not verbose); panics when it fails.
+pub async fn container_status(rt: &mut RuntimeClient, id: &str) -> berth::cri::v1::ContainerStatus {
+    rt.container_status(berth::cri::v1::ContainerStatusRequest {
+        container_id: id.to_string(),
+        verbose: false,
+    })
+    .await
+    .expect("container status")
+    .into_inner()
+    .status
+    .expect("a status")
+}
+
 /// StopPodSandbox then RemovePodSandbox; panics when either fails.
 pub async fn remove_pod(rt: &mut RuntimeClient, pod: &str) {
     rt.stop_pod_sandbox(berth::cri::v1::StopPodSandboxRequest {
