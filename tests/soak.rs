@@ -14,7 +14,8 @@
 //!   only for listed containers, with processes only in running ones, and every running
 //!   container's process alive.
 //!
-//! At the end everything is removed through the CRI and nothing is left on the host.
+//! At the end everything is removed through the CRI and nothing is left on the host, and the
+//! image store holds exactly what it held before the soak's extra images were pulled.
 //!
 //! The test is the short form (`hack/test.sh`); `hack/soak.sh` runs the long one. Knobs:
 //! `SOAK_CYCLES` (operations, default 160), `SOAK_KILL_EVERY` (operations between kills on
@@ -1071,6 +1072,11 @@ async fn random_workload_with_kill9_keeps_berth_and_the_host_in_agreement() {
         image,
         logs,
     } = busybox_daemon("soak/busybox", BerthdConfig::new()).await;
+    // The image store as the soak finds it: what must be left once the extra images go.
+    let mut base_blobs = d.content_blobs();
+    base_blobs.sort();
+    let mut base_snapshots = d.snapshots();
+    base_snapshots.sort();
     let mut extra_images = Vec::new();
     for (i, tag) in ["a", "b", "c"].into_iter().enumerate() {
         let img = ImageBuilder::random(2, 64 << 10, 1000 + i as u64).build();
@@ -1212,6 +1218,31 @@ async fn random_workload_with_kill9_keeps_berth_and_the_host_in_agreement() {
     let (l, mismatches) = settle(&d, &mut rt, &cgroup_parent).await;
     leaks.extend(mismatches);
     assert!(l.pods.is_empty() && l.ctrs.is_empty(), "left listed");
+    // The extra images' blobs and snapshots are collected (in the background), none torn.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut blobs = d.content_blobs();
+        blobs.sort();
+        let mut snapshots = d.snapshots();
+        snapshots.sort();
+        let ingest = d.ingest_entries();
+        if blobs == base_blobs && snapshots == base_snapshots && ingest.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            leaks.push(format!(
+                "image store: blobs {blobs:?} (before {base_blobs:?}), snapshots {snapshots:?} \
+                 (before {base_snapshots:?}), ingest {ingest:?}"
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let torn = d.verify_content_store();
+    assert!(
+        torn.is_empty(),
+        "blobs that do not match their digest: {torn:?}"
+    );
     let rss_end = rss_kib(d.pid().expect("berthd pid"));
     // Nothing of the pods is left on the host.
     let mut host_left = Vec::new();
