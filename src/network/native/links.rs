@@ -278,6 +278,27 @@ impl Netlink {
         }
     }
 
+    /// Takes link `index` off its bridge and down (`ip link set LINK nomaster down`): cheap,
+    /// where deleting a veth waits for the kernel's RCU grace periods (tens of ms).
+    pub async fn detach_link(&self, index: u32, name: &str) -> Result<(), NetworkError> {
+        match self
+            .handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .nocontroller()
+                    .down()
+                    .build(),
+            )
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), ENODEV | ENOENT) => Ok(()),
+            Err(e) => Err(nl_err(format!("detach link {name}"), e)),
+        }
+    }
+
     /// The gateways of the default routes of the main table (IPv4 first).
     #[cfg(test)]
     pub async fn default_gateways(&self) -> Result<Vec<IpAddr>, NetworkError> {

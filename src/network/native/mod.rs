@@ -118,6 +118,18 @@ fn status(allocations: &[Allocation]) -> PodNetworkStatus {
     }
 }
 
+/// What becomes of a pod's host veth when it is unplugged.
+#[derive(Clone, Copy)]
+enum LinkEnd {
+    /// Deleted now: leftovers of an interrupted setup, whose name is about to be reused.
+    Delete,
+    /// Taken off the bridge and down (a pod's teardown): the pair is deleted by the kernel
+    /// when the pod's network namespace goes (RemovePodSandbox unpins it), off every RPC's
+    /// path; until then it carries nothing, so its address can go back to the pool at once.
+    /// What a crash leaves is deleted by the repair at start (no ready pod names it).
+    Detach,
+}
+
 /// The native backend of one bridge.
 pub struct NativeNetwork {
     bridge: String,
@@ -423,6 +435,12 @@ impl NativeNetwork {
     /// Removes the pod's nftables rules and its veth pair (absent is fine).
     /// The host veth of another pod whose id shares the first 11 characters is left alone.
     async fn remove_link_and_rules(&self, pod_id: &str) -> Result<(), NetworkError> {
+        self.unplug(pod_id, LinkEnd::Delete).await
+    }
+
+    /// Removes the pod's nftables rules and deletes or detaches its host veth (see
+    /// [`LinkEnd`]); absent is fine.
+    async fn unplug(&self, pod_id: &str, end: LinkEnd) -> Result<(), NetworkError> {
         let rules = if self.may_have_pod_chain(pod_id) {
             let r = self.nft.remove_pod(pod_id).await;
             if r.is_ok() {
@@ -438,7 +456,15 @@ impl NativeNetwork {
         match nl.link_by_name(&name).await? {
             // No alias: a half-made link of an interrupted setup.
             Some(l) if l.alias.is_none() || l.alias.as_deref() == Some(ours.as_str()) => {
-                nl.delete_link(&name).await?;
+                match end {
+                    LinkEnd::Delete => {
+                        nl.delete_link(&name).await?;
+                    }
+                    LinkEnd::Detach if l.controller.is_some() || l.up => {
+                        nl.detach_link(l.index, &name).await?;
+                    }
+                    LinkEnd::Detach => {}
+                }
             }
             Some(l) => {
                 tracing::warn!(link = %name, alias = ?l.alias, pod = %pod_id, "link belongs to another pod; left alone");
@@ -449,7 +475,7 @@ impl NativeNetwork {
     }
 
     async fn teardown_locked(&self, req: &PodNetworkRequest) -> Result<(), NetworkError> {
-        let first = self.remove_link_and_rules(&req.pod_id).await;
+        let first = self.unplug(&req.pod_id, LinkEnd::Detach).await;
         let freed = self.release(&req.pod_id).await;
         first?;
         freed.map(|_| ())
