@@ -1454,8 +1454,11 @@ impl ContainerManager {
             return Ok(());
         };
         let t0 = std::time::Instant::now();
-        std::fs::write(rec.bundle.join(REMOVING_MARK), b"")
-            .map_err(io_err("mark the container as being removed"))?;
+        // A bundle that is gone (a reboot emptied `state`) needs no mark: nothing is left in it.
+        match std::fs::write(rec.bundle.join(REMOVING_MARK), b"") {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r.map_err(io_err("mark the container as being removed"))?,
+        }
         // A stopped container: everything but the runtime's own state goes now.
         let stopped = rec.phase == Phase::Exited;
         self.undo(&rec, !stopped, false).await;

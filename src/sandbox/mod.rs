@@ -122,9 +122,13 @@ const STOPPING_MARK: &str = "stopping";
 const REMOVING_MARK: &str = "removing";
 
 /// Marks what a pod's teardown is about to do (see [`STOPPING_MARK`], [`REMOVING_MARK`]): an
-/// empty file, not fsynced, for the same reason as the intent record.
+/// empty file, not fsynced, for the same reason as the intent record. A pod whose directory
+/// is gone (a reboot emptied `state`) holds nothing a mark would guard: none is written.
 fn write_mark(dir: &Path, mark: &str) -> Result<(), SandboxError> {
-    std::fs::write(dir.join(mark), b"").map_err(io_err(format!("mark the pod as {mark}")))
+    match std::fs::write(dir.join(mark), b"") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r.map_err(io_err(format!("mark the pod as {mark}"))),
+    }
 }
 
 /// The intent record left in a pod directory, if it is whole and names that directory.
