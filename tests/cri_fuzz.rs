@@ -542,19 +542,9 @@ async fn fuzzed_cri_requests_get_defined_answers_and_leave_nothing() {
     alive(&mut d, &mut rt).await;
 
     // Only the fixtures are left; then nothing at all.
-    let pods = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
-        .await
-        .expect("list pods")
-        .into_inner()
-        .items;
+    let pods = list_pods(&mut rt).await;
     assert_eq!(pods.len(), 1, "pods left by fuzzed cases: {pods:#?}");
-    let ctrs = rt
-        .list_containers(cri::ListContainersRequest::default())
-        .await
-        .expect("list containers")
-        .into_inner()
-        .containers;
+    let ctrs = list_containers(&mut rt).await;
     assert_eq!(ctrs.len(), 1, "containers left by fuzzed cases: {ctrs:#?}");
     remove_pod(&mut rt, &pod).await;
     let total: usize = answers.0.values().sum();

@@ -37,12 +37,7 @@ async fn after_a_reboot_pods_and_containers_are_reported_stopped_and_removable()
     d.restart().await;
 
     let mut rt = d.runtime_client().await;
-    let pods = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
-        .await
-        .expect("list pods")
-        .into_inner()
-        .items;
+    let pods = list_pods(&mut rt).await;
     assert_eq!(pods.len(), 1, "{pods:?}");
     assert_eq!(pods[0].state, cri::PodSandboxState::SandboxNotready as i32);
     let s = container_status(&mut rt, &c).await;
@@ -53,12 +48,7 @@ async fn after_a_reboot_pods_and_containers_are_reported_stopped_and_removable()
     );
 
     remove_pod(&mut rt, &pod).await;
-    let left = rt
-        .list_containers(cri::ListContainersRequest::default())
-        .await
-        .expect("list containers")
-        .into_inner()
-        .containers;
+    let left = list_containers(&mut rt).await;
     assert!(left.is_empty(), "{left:?}");
     let again = run_pod(&mut rt, plain_pod_config("rb", "test", logs.path()), "").await;
     remove_pod(&mut rt, &again).await;

@@ -223,6 +223,24 @@ pub async fn start_container(rt: &mut RuntimeClient, id: &str) -> Result<(), ton
     .map(|_| ())
 }
 
+/// Every pod sandbox (ListPodSandbox without a filter); panics when it fails.
+pub async fn list_pods(rt: &mut RuntimeClient) -> Vec<berth::cri::v1::PodSandbox> {
+    rt.list_pod_sandbox(berth::cri::v1::ListPodSandboxRequest::default())
+        .await
+        .expect("list pods")
+        .into_inner()
+        .items
+}
+
+/// Every container (ListContainers without a filter); panics when it fails.
+pub async fn list_containers(rt: &mut RuntimeClient) -> Vec<berth::cri::v1::Container> {
+    rt.list_containers(berth::cri::v1::ListContainersRequest::default())
+        .await
+        .expect("list containers")
+        .into_inner()
+        .containers
+}
+
 /// ContainerStatus (not verbose); panics when it fails.
 pub async fn container_status(rt: &mut RuntimeClient, id: &str) -> berth::cri::v1::ContainerStatus {
     rt.container_status(berth::cri::v1::ContainerStatusRequest {
