@@ -48,11 +48,9 @@ for rt in "${RUNTIMES[@]}"; do
   echo "$rt: $COUNT containers in one pod ..." >&2
   mkdir -p "$T/logs/$rt"
   # shellcheck disable=SC2086
-  "$BENCH" containers ${ARGS[$rt]} --count "$COUNT" --image "$IMAGE" --command "sleep 3600" \
-    --log-dir "$T/logs/$rt" --pid-mode "$PID_MODE" --helper-at "0,1,10" \
-    >"$T/out.$rt" || { cat "$T/out.$rt" >&2; bench_fail "$rt: cri_bench containers failed"; }
-  kill -0 "$([ "$rt" = berth ] && echo "$BERTHD_PID" || echo "$CTRD_PID")" 2>/dev/null ||
-    bench_fail "$rt daemon died"
+  bench_cri "$rt" "$T/out.$rt" containers ${ARGS[$rt]} --count "$COUNT" --image "$IMAGE" \
+    --command "sleep 3600" --log-dir "$T/logs/$rt" --pid-mode "$PID_MODE" --helper-at "0,1,10"
+  bench_alive "$rt"
 done
 
 echo

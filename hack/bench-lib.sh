@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared setup for hack/bench-pods.sh and hack/bench-containers.sh (sourced, bash).
+# Shared setup for the hack/bench-*.sh scripts (sourced, bash).
 #
 # bench_init NAME       root check, Debian packages, release build, temp dir $T, cleanup trap
 # bench_registry        docker-registry on 127.0.0.1:<free port> with its own storage → $REG
@@ -23,6 +23,11 @@
 #                      BENCH_BERTH_LOG (berthd's RUST_LOG; the scripts set it for step timings),
 #                      BENCH_PREBUILT=DIR (berthd, berth-monitor and cri_bench from DIR, no
 #                      build: e.g. an older build kept for a before/after comparison)
+#
+# bench_cri RT OUT SUB ARGS...
+#                       runs `cri_bench SUB ARGS...` for runtime RT (berth, containerd) with
+#                       its output in OUT; on failure shows that output and fails
+# bench_alive RT        fails when RT's daemon has died
 #
 # bench_steps WHAT      reads berthd's log on stdin and prints, for its debug lines
 #                       `WHAT step=S ms=M` (M = ms since that RPC's work began), a table of
@@ -162,6 +167,17 @@ bench_fail() {
     [ -f "$f" ] && { echo "----- $f (tail) -----" >&2; tail -20 "$f" >&2; }
   done
   exit 1
+}
+
+bench_cri() {
+  local rt=$1 out=$2 sub=$3
+  shift 3
+  "$BENCH" "$sub" "$@" >"$out" || { cat "$out" >&2; bench_fail "$rt: cri_bench $sub failed"; }
+}
+
+bench_alive() {
+  kill -0 "$([ "$1" = berth ] && echo "$BERTHD_PID" || echo "$CTRD_PID")" 2>/dev/null ||
+    bench_fail "$1 daemon died"
 }
 
 bench_free_port() {

@@ -45,10 +45,9 @@ RUNTIMES=(berth)
 for rt in "${RUNTIMES[@]}"; do
   echo "$rt: $COUNT pods serial, then $PARALLEL in parallel ..." >&2
   # shellcheck disable=SC2086
-  "$BENCH" pods ${ARGS[$rt]} --count "$COUNT" --parallel "$PARALLEL" --pid-mode "$PID_MODE" \
-    >"$T/out.$rt" || { cat "$T/out.$rt" >&2; bench_fail "$rt: cri_bench pods failed"; }
-  kill -0 "$([ "$rt" = berth ] && echo "$BERTHD_PID" || echo "$CTRD_PID")" 2>/dev/null ||
-    bench_fail "$rt daemon died"
+  bench_cri "$rt" "$T/out.$rt" pods ${ARGS[$rt]} --count "$COUNT" --parallel "$PARALLEL" \
+    --pid-mode "$PID_MODE"
+  bench_alive "$rt"
 done
 
 echo

@@ -35,10 +35,9 @@ RUNTIMES=(berth)
 for rt in "${RUNTIMES[@]}"; do
   echo "$rt: levels $LEVELS, $PROBES probes each ..." >&2
   # shellcheck disable=SC2086
-  "$BENCH" scale ${ARGS[$rt]} --levels "$LEVELS" --probes "$PROBES" --image "$IMAGE" \
-    >"$T/out.$rt" || { cat "$T/out.$rt" >&2; bench_fail "$rt: cri_bench scale failed"; }
-  kill -0 "$([ "$rt" = berth ] && echo "$BERTHD_PID" || echo "$CTRD_PID")" 2>/dev/null ||
-    bench_fail "$rt daemon died"
+  bench_cri "$rt" "$T/out.$rt" scale ${ARGS[$rt]} --levels "$LEVELS" --probes "$PROBES" \
+    --image "$IMAGE"
+  bench_alive "$rt"
 done
 
 echo

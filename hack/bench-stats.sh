@@ -51,12 +51,10 @@ RUNTIMES=(berth containerd)
 for rt in "${RUNTIMES[@]}"; do
   echo "$rt: $CONTAINERS containers in $PODS pods, then $CALLS calls of each ..." >&2
   # shellcheck disable=SC2086
-  "$BENCH" stats ${ARGS[$rt]} --image "$IMAGE" --pods "$PODS" --containers "$CONTAINERS" \
-    --parallel "$PARALLEL" --calls "$CALLS" --interval "$INTERVAL" \
-    --cgroup-parent "/$CGROUP_ROOT/$rt" >"$T/out.$rt" ||
-    { cat "$T/out.$rt" >&2; bench_fail "$rt: cri_bench stats failed"; }
-  kill -0 "$([ "$rt" = berth ] && echo "$BERTHD_PID" || echo "$CTRD_PID")" 2>/dev/null ||
-    bench_fail "$rt daemon died"
+  bench_cri "$rt" "$T/out.$rt" stats ${ARGS[$rt]} --image "$IMAGE" --pods "$PODS" \
+    --containers "$CONTAINERS" --parallel "$PARALLEL" --calls "$CALLS" --interval "$INTERVAL" \
+    --cgroup-parent "/$CGROUP_ROOT/$rt"
+  bench_alive "$rt"
 done
 
 echo

@@ -50,15 +50,13 @@ RUNTIMES=(berth containerd)
 for rt in "${RUNTIMES[@]}"; do
   echo "$rt: $COUNT streaming execs of '$EXEC_CMD' ..." >&2
   # shellcheck disable=SC2086
-  "$BENCH" exec ${ARGS[$rt]} --image "$IMAGE" --count "$COUNT" --warmup "$WARMUP" \
-    --command "$EXEC_CMD" >"$T/exec.$rt" ||
-    { cat "$T/exec.$rt" >&2; bench_fail "$rt: cri_bench exec failed"; }
+  bench_cri "$rt" "$T/exec.$rt" exec ${ARGS[$rt]} --image "$IMAGE" --count "$COUNT" \
+    --warmup "$WARMUP" --command "$EXEC_CMD"
   echo "$rt: port-forward of $MB MB up, down and echoed, $REPEAT times each ..." >&2
   # shellcheck disable=SC2086
-  "$BENCH" port-forward ${ARGS[$rt]} --image "$IMAGE" --mb "$MB" --repeat "$REPEAT" \
-    >"$T/pf.$rt" || { cat "$T/pf.$rt" >&2; bench_fail "$rt: cri_bench port-forward failed"; }
-  kill -0 "$([ "$rt" = berth ] && echo "$BERTHD_PID" || echo "$CTRD_PID")" 2>/dev/null ||
-    bench_fail "$rt daemon died"
+  bench_cri "$rt" "$T/pf.$rt" port-forward ${ARGS[$rt]} --image "$IMAGE" --mb "$MB" \
+    --repeat "$REPEAT"
+  bench_alive "$rt"
 done
 
 echo
