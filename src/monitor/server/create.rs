@@ -189,28 +189,31 @@ impl Monitor {
             let _ = std::fs::remove_file(&c.path);
         }
         let result = match p.killed {
-            Some(Killed::Timeout) => Err(KilledCreate::Timeout(format!(
-                "{} create timed out after {}; it was killed with every process it started",
-                p.req.runtime.display(),
-                humantime::format_duration(Duration::from_millis(p.req.timeout_ms))
-            ))),
-            Some(Killed::Forgotten) => Err(KilledCreate::Forgotten(format!(
-                "container {} was forgotten while it was being created",
-                p.id
-            ))),
-            None => self.created(&mut p, status).map_err(KilledCreate::Failed),
+            Some(Killed::Timeout) => Err((
+                ErrorKind::Timeout,
+                format!(
+                    "{} create timed out after {}; it was killed with every process it started",
+                    p.req.runtime.display(),
+                    humantime::format_duration(Duration::from_millis(p.req.timeout_ms))
+                ),
+            )),
+            Some(Killed::Forgotten) => Err((
+                ErrorKind::NotFound,
+                format!(
+                    "container {} was forgotten while it was being created",
+                    p.id
+                ),
+            )),
+            None => self
+                .created(&mut p, status)
+                .map_err(|m| (ErrorKind::Runtime, m)),
         };
         let resp = match result {
             Ok(pid) => {
                 self.diag(&format!("container {} created, pid {pid}", p.id));
                 Response::Created { pid }
             }
-            Err(failure) => {
-                let (kind, message) = match failure {
-                    KilledCreate::Timeout(m) => (ErrorKind::Timeout, m),
-                    KilledCreate::Forgotten(m) => (ErrorKind::NotFound, m),
-                    KilledCreate::Failed(m) => (ErrorKind::Runtime, m),
-                };
+            Err((kind, message)) => {
                 self.diag(&format!("container {}: {message}", p.id));
                 self.containers.retain(|c| c.id != p.id);
                 Response::error(kind, message)
@@ -325,11 +328,4 @@ impl Monitor {
     }
 
     // ---- connections ----
-}
-
-/// How a create that did not give a container ended.
-enum KilledCreate {
-    Timeout(String),
-    Forgotten(String),
-    Failed(String),
 }
