@@ -1,4 +1,5 @@
-//! Generates the CRI types, servers and clients from `proto/cri-api` (see its README).
+//! Generates the CRI types, servers and clients from `proto/cri-api`, and the NRI message
+//! types from `proto/nri` (see their READMEs).
 //!
 //! Debian's `protoc` (3.21) predates the `debug_redact` field option that `api.proto` puts on
 //! `AuthConfig`'s secrets, so the file is compiled from a copy without it; the redaction it
@@ -7,6 +8,7 @@
 use std::path::PathBuf;
 
 const PROTO: &str = "proto/cri-api/runtime/v1/api.proto";
+const NRI_PROTO: &str = "proto/nri/api.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO}");
@@ -27,5 +29,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .skip_debug(["runtime.v1.AuthConfig"])
         .compile_protos(&[copy], &[out])?;
+    // NRI: messages only (its services are spoken over ttrpc by src/nri).
+    println!("cargo:rerun-if-changed={NRI_PROTO}");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(false)
+        .build_transport(false)
+        .compile_protos(&[NRI_PROTO], &["proto/nri"])?;
     Ok(())
 }

@@ -235,6 +235,8 @@ bench_berthd() {
 root = "$T/berth/root"
 state = "$T/berth/state"
 socket = "$BERTH_SOCK"
+[nri]
+socket_path = "$T/nri.sock"
 [metrics]
 address = "$metrics"
 [network]

@@ -146,6 +146,8 @@ cat >"$T/berth.toml" <<EOF
 root = "$T/berth/root"
 state = "$T/berth/state"
 socket = "$T/berth/berth.sock"
+[nri]
+socket_path = "$T/nri.sock"
 [metrics]
 address = ""
 [network]

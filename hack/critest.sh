@@ -131,6 +131,12 @@ pod_cidr = "$POD_CIDR"
 [metrics]
 address = ""
 
+# critest's NRI specs connect their plugins here (-nri-socket). Their Synchronize hook is
+# held open for 2 s on purpose, which NRI's default 2 s request timeout would cut.
+[nri]
+socket_path = "$T/nri.sock"
+plugin_request_timeout = "10s"
+
 # the mirror itself: plain HTTP (unverified TLS) allowed
 [registries."$REGISTRY"]
 insecure = true
@@ -151,5 +157,5 @@ done
 echo "critest.sh: berthd $BERTHD_PID on $SOCK (config $T/berth.toml), critest $*" >&2
 
 color=(); [ -t 1 ] || color=(-ginkgo.no-color)   # a plain log when not on a terminal
-critest -runtime-endpoint "unix://$SOCK" -image-endpoint "unix://$SOCK" "${color[@]}" "$@" 2>&1 |
+critest -runtime-endpoint "unix://$SOCK" -image-endpoint "unix://$SOCK" -nri-socket "$T/nri.sock" "${color[@]}" "$@" 2>&1 |
   tee "$LOGDIR/critest.log"

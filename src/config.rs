@@ -58,6 +58,7 @@ pub struct Config {
     pub stats: StatsConfig,
     pub events: EventsConfig,
     pub cdi: CdiConfig,
+    pub nri: NriConfig,
     pub log: LogConfig,
     /// Registry host dirs (`config_path`) and settings per registry host.
     pub registries: RegistriesConfig,
@@ -191,6 +192,43 @@ pub struct CdiConfig {
     pub spec_dirs: Vec<PathBuf>,
 }
 
+/// `[nri]`: NRI plugins, with the keys and meanings of containerd's
+/// `[plugins."io.containerd.nri.v1.nri"]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NriConfig {
+    /// No NRI at all: no socket, no plugins.
+    pub disable: bool,
+    /// The socket external plugins connect to.
+    pub socket_path: PathBuf,
+    /// Pre-installed plugins (`IDX-NAME` executables), started by berthd.
+    pub plugin_path: PathBuf,
+    /// Their configuration (`IDX-NAME.conf` or `NAME.conf`).
+    pub plugin_config_path: PathBuf,
+    /// How long a plugin may take to register once connected.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub plugin_registration_timeout: Duration,
+    /// How long a plugin may take to answer one event; one that takes longer is dropped.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub plugin_request_timeout: Duration,
+    /// Only pre-installed plugins: no socket.
+    pub disable_connections: bool,
+}
+
+impl Default for NriConfig {
+    fn default() -> Self {
+        NriConfig {
+            disable: false,
+            socket_path: PathBuf::from("/var/run/nri/nri.sock"),
+            plugin_path: PathBuf::from("/opt/nri/plugins"),
+            plugin_config_path: PathBuf::from("/etc/nri/conf.d"),
+            plugin_registration_timeout: Duration::from_secs(5),
+            plugin_request_timeout: Duration::from_secs(2),
+            disable_connections: false,
+        }
+    }
+}
+
 /// The default `[registries] config_path`: berth's own host dirs, then containerd's (an
 /// operator moving from containerd keeps its mirrors and certificates).
 pub const DEFAULT_REGISTRY_CONFIG_PATH: &str = "/etc/berth/certs.d:/etc/containerd/certs.d";
@@ -286,6 +324,7 @@ impl Default for Config {
             stats: StatsConfig::default(),
             events: EventsConfig::default(),
             cdi: CdiConfig::default(),
+            nri: NriConfig::default(),
             log: LogConfig::default(),
             registries: RegistriesConfig::default(),
             drop_in_dir: None,
@@ -464,6 +503,37 @@ impl Config {
                 && addr.parse::<std::net::SocketAddr>().is_err()
             {
                 return Err(invalid(key, addr, "not a socket address (host:port)"));
+            }
+        }
+        for (key, path) in [
+            ("nri.socket_path", &self.nri.socket_path),
+            ("nri.plugin_path", &self.nri.plugin_path),
+            ("nri.plugin_config_path", &self.nri.plugin_config_path),
+        ] {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    key,
+                    &path.display().to_string(),
+                    "must be an absolute path",
+                ));
+            }
+        }
+        for (key, d) in [
+            (
+                "nri.plugin_registration_timeout",
+                self.nri.plugin_registration_timeout,
+            ),
+            (
+                "nri.plugin_request_timeout",
+                self.nri.plugin_request_timeout,
+            ),
+        ] {
+            if d < Duration::from_millis(10) {
+                return Err(invalid(
+                    key,
+                    &humantime::format_duration(d).to_string(),
+                    "must be at least 10ms",
+                ));
             }
         }
         for dir in &self.cdi.spec_dirs {

@@ -11,6 +11,7 @@
 //! - [`image`]: registry pulls, the content store, layer snapshots, image records;
 //! - [`metrics`]: Prometheus `/metrics` over HTTP (RPCs, objects, per-container usage);
 //! - [`network`]: pod networking, native (rtnetlink + nftables) or CNI;
+//! - [`nri`]: NRI plugins: the socket, synchronization, events and adjustments;
 //! - [`node_check`]: what the node's kernel must have (overlayfs, forwarding), at start and in `Status`;
 //! - [`notify`]: systemd readiness notifications (`READY=1`, `STOPPING=1`);
 //! - [`ns`]: namespace work on dedicated threads, pinned namespaces;
@@ -35,6 +36,7 @@ pub mod monitor;
 pub mod network;
 pub mod node_check;
 pub mod notify;
+pub mod nri;
 pub mod ns;
 pub mod runtime;
 pub mod sandbox;

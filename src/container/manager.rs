@@ -44,6 +44,8 @@ use crate::store::{Batch, Store, StoreError, Table};
 /// Errors of the container piece.
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
+    #[error(transparent)]
+    Nri(#[from] crate::nri::NriError),
     #[error("container {0:?} not found")]
     NotFound(String),
     #[error("container id prefix {0:?} is ambiguous")]
@@ -273,6 +275,8 @@ fn bundle_command(bundle: &Path) -> String {
 /// What [`ContainerManager::make`] makes a container from (checked before anything is made).
 struct MakeInputs<'a> {
     sandbox: &'a SandboxRecord,
+    /// Set once NRI plugins were told of the container (they hear of its end if it fails).
+    nri_told: &'a mut Option<crate::nri::api::PodSandbox>,
     image_config: &'a serde_json::Value,
     lower: &'a [PathBuf],
     work: &'a spec::mounts::HostWork,
@@ -670,7 +674,125 @@ impl ContainerManager {
             None,
             Some(rec),
         );
+        // NRI's StopContainer for an exit however it was seen (once: see
+        // `Nri::container_stopped`); StopContainer and RemoveContainer wait for it.
+        if let Some(pod) = self.nri_pod(rec)
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let (nri, ctr) = (
+                self.nri().clone(),
+                crate::nri::convert::container(rec, None),
+            );
+            handle.spawn(async move { nri.container_stopped(&pod, &ctr).await }.in_current_span());
+        }
         Ok(())
+    }
+
+    fn nri(&self) -> &Arc<crate::nri::Nri> {
+        self.sandboxes.nri()
+    }
+
+    /// The container's pod as NRI describes it, when plugins are connected.
+    fn nri_pod(&self, rec: &ContainerRecord) -> Option<crate::nri::api::PodSandbox> {
+        if !self.nri().active() {
+            return None;
+        }
+        self.sandboxes
+            .get(&rec.sandbox_id)
+            .ok()
+            .map(|sb| crate::nri::convert::pod(&sb))
+    }
+
+    /// Tells NRI plugins that the container stopped, once; waits for it to be told.
+    async fn nri_stopped(&self, rec: &ContainerRecord) {
+        if let Some(pod) = self.nri_pod(rec) {
+            let ctr = crate::nri::convert::container(rec, None);
+            self.nri().container_stopped(&pod, &ctr).await;
+        }
+    }
+
+    /// CreateContainer's NRI hook: plugins' adjustments applied to `spec`, their updates to
+    /// other containers applied, their evictions carried out.
+    async fn nri_adjust(
+        &self,
+        rec: &mut ContainerRecord,
+        sandbox: &SandboxRecord,
+        spec: &mut oci_spec::runtime::Spec,
+        told: &mut Option<crate::nri::api::PodSandbox>,
+    ) -> Result<(), ContainerError> {
+        let pod = crate::nri::convert::pod(sandbox);
+        let ctr = crate::nri::convert::container(rec, Some(spec));
+        let result = self.nri().create_container(&pod, &ctr).await?;
+        *told = Some(pod);
+        if !result.adjust.is_empty() {
+            let applied = result
+                .adjust
+                .apply(spec, self.min_oom_score_adj)
+                .map_err(|reason| ContainerError::Invalid(format!("NRI adjustment: {reason}")))?;
+            if !applied.cdi_devices.is_empty() {
+                let registry = self.cdi.clone();
+                let names = applied.cdi_devices.clone();
+                let resolved = tokio::task::spawn_blocking(move || registry.resolve(&names))
+                    .await
+                    .map_err(|e| ContainerError::Io {
+                        context: "resolving CDI devices".to_string(),
+                        source: std::io::Error::other(e.to_string()),
+                    })??;
+                resolved.apply(spec)?;
+            }
+            if let Some(path) = applied.cgroups_path {
+                rec.cgroups_path = path;
+            }
+        }
+        if !result.updates.is_empty() {
+            self.nri_updates(result.updates).await;
+        }
+        if !result.evictions.is_empty() {
+            self.nri_evict(result.evictions).await;
+        }
+        Ok(())
+    }
+
+    /// Plugins' resource updates to existing containers; answers those that failed and
+    /// did not allow it.
+    async fn nri_updates(
+        &self,
+        updates: Vec<crate::nri::api::ContainerUpdate>,
+    ) -> Vec<crate::nri::api::ContainerUpdate> {
+        let mut failed = Vec::new();
+        for u in updates {
+            let result = async {
+                let rec = self.get(&u.container_id)?;
+                let mut res = rec
+                    .config
+                    .linux
+                    .as_ref()
+                    .and_then(|l| l.resources.clone())
+                    .unwrap_or_default();
+                if let Some(r) = u.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+                    crate::nri::adjust::update_cri_resources(r, &mut res);
+                }
+                self.apply_resources(&rec.id, res).await
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(container = %u.container_id, error = %e, "NRI: container update failed");
+                if !u.ignore_failure {
+                    failed.push(u);
+                }
+            }
+        }
+        failed
+    }
+
+    /// Plugins' evictions: each container is stopped.
+    async fn nri_evict(&self, evictions: Vec<crate::nri::api::ContainerEviction>) {
+        for e in evictions {
+            tracing::info!(container = %e.container_id, reason = %e.reason, "NRI: evicting a container");
+            if let Err(err) = self.stop(&e.container_id, 0).await {
+                tracing::warn!(container = %e.container_id, error = %err, "NRI: eviction failed");
+            }
+        }
     }
 
     /// Resolves a full id or a unique prefix.
@@ -883,11 +1005,15 @@ impl ContainerManager {
             own_pid_ns: false,
             image_volumes: Vec::new(),
         };
+        // No NRI plugin is synchronized between the container's hook and its listing.
+        let nri_sync = self.nri().block_sync().await;
+        let mut nri_told = None;
         let mut made = self
             .make(
                 &mut rec,
                 MakeInputs {
                     sandbox: &sandbox,
+                    nri_told: &mut nri_told,
                     image_config: &image_config,
                     lower: &lower,
                     work: &work,
@@ -915,6 +1041,7 @@ impl ContainerManager {
         match made {
             Ok(()) => {
                 self.index.insert(&id, rec.clone());
+                drop(nri_sync);
                 self.events.publish(
                     EventKind::Created,
                     &rec.id,
@@ -922,13 +1049,24 @@ impl ContainerManager {
                     None,
                     Some(&rec),
                 );
+                if let Some(pod) = &nri_told {
+                    let ctr = crate::nri::convert::container(&rec, None);
+                    self.nri().post_create_container(pod, &ctr).await;
+                }
                 Ok(rec)
             }
             Err(e) => {
                 tracing::warn!(id = %rec.id, error = %e, "container creation failed; undoing it");
+                // Plugins that saw it made hear that it is gone.
+                if let Some(pod) = &nri_told {
+                    let ctr = crate::nri::convert::container(&rec, None);
+                    self.nri().container_stopped(pod, &ctr).await;
+                    self.nri().remove_container(pod, &ctr).await;
+                }
                 // No record names it yet (the Created commit is the last step).
                 self.destroy(&rec).await;
                 self.index.release(&key);
+                drop(nri_sync);
                 Err(e)
             }
         }
@@ -942,6 +1080,7 @@ impl ContainerManager {
     ) -> Result<(), ContainerError> {
         let MakeInputs {
             sandbox,
+            nri_told,
             image_config,
             lower,
             work,
@@ -1046,6 +1185,10 @@ impl ContainerManager {
         };
         let mut spec = spec::build_spec(&input)?;
         cdi_devices.apply(&mut spec)?;
+        if self.nri().active() {
+            self.nri_adjust(rec, sandbox, &mut spec, nri_told).await?;
+            mark("nri");
+        }
         let command = spec
             .process()
             .as_ref()
@@ -1272,6 +1415,12 @@ impl ContainerManager {
             });
         }
         let runtime = self.runtime(&rec.runtime_handler)?;
+        // NRI plugins may refuse the start (the container stays created).
+        let nri_pod = self.nri_pod(&rec);
+        if let Some(pod) = &nri_pod {
+            let ctr = crate::nri::convert::container(&rec, None);
+            self.nri().start_container(pod, &ctr).await?;
+        }
         // Taken before `start`: a quick process may exit before `start` returns.
         let started_at = now_nanos();
         let result = runtime.start(&rec.id).await.map_err(|e| {
@@ -1289,6 +1438,10 @@ impl ContainerManager {
                 self.index.insert(&id, rec.clone());
                 self.events
                     .publish(EventKind::Started, &id, &rec.sandbox_id, None, Some(&rec));
+                if let Some(pod) = &nri_pod {
+                    let ctr = crate::nri::convert::container(&rec, None);
+                    self.nri().post_start_container(pod, &ctr).await;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -1416,7 +1569,8 @@ impl ContainerManager {
                 .await
             {
                 self.refresh(&mut rec)?;
-                self.index.insert(&rec.id.clone(), rec);
+                self.index.insert(&rec.id.clone(), rec.clone());
+                self.nri_stopped(&rec).await;
                 return Ok(());
             }
         }
@@ -1434,7 +1588,8 @@ impl ContainerManager {
         step_done("container stop", "exited", t0);
         self.refresh(&mut rec)?;
         step_done("container stop", "record", t0);
-        self.index.insert(&rec.id.clone(), rec);
+        self.index.insert(&rec.id.clone(), rec.clone());
+        self.nri_stopped(&rec).await;
         Ok(())
     }
 
@@ -1453,6 +1608,13 @@ impl ContainerManager {
         let Some(rec) = self.index.get(&id) else {
             return Ok(());
         };
+        // Read before the bundle goes.
+        let nri_event = self
+            .nri_pod(&rec)
+            .map(|pod| (pod, crate::nri::convert::container(&rec, None)));
+        if let Some((pod, ctr)) = &nri_event {
+            self.nri().container_stopped(pod, ctr).await;
+        }
         let t0 = std::time::Instant::now();
         // A bundle that is gone (a reboot emptied `state`) needs no mark: nothing is left in it.
         match std::fs::write(rec.bundle.join(REMOVING_MARK), b"") {
@@ -1480,6 +1642,9 @@ impl ContainerManager {
         self.index.release(&rec.name_key);
         self.events
             .publish(EventKind::Deleted, &id, &rec.sandbox_id, None, None);
+        if let Some((pod, ctr)) = &nri_event {
+            self.nri().remove_container(pod, ctr).await;
+        }
         Ok(())
     }
 
@@ -1733,9 +1898,50 @@ impl ContainerManager {
     pub async fn update_resources(
         &self,
         id: &str,
-        resources: cri::LinuxContainerResources,
+        mut resources: cri::LinuxContainerResources,
     ) -> Result<(), ContainerError> {
         let id = self.resolve_id(id)?;
+        let rec = self.get(&id)?;
+        // NRI plugins may change what is applied, and ask for updates of other containers.
+        let nri = match self.nri_pod(&rec) {
+            Some(pod) => {
+                let ctr = crate::nri::convert::container(&rec, None);
+                let asked = crate::nri::convert::from_cri_resources(&resources);
+                let (updates, evictions) = self.nri().update_container(&pod, &ctr, &asked).await?;
+                let (mine, others): (Vec<_>, Vec<_>) =
+                    updates.into_iter().partition(|u| u.container_id == id);
+                for u in &mine {
+                    if let Some(r) = u.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+                        crate::nri::adjust::update_cri_resources(r, &mut resources);
+                    }
+                }
+                Some((pod, others, evictions))
+            }
+            None => None,
+        };
+        self.apply_resources(&id, resources).await?;
+        if let Some((pod, others, evictions)) = nri {
+            if !others.is_empty() {
+                self.nri_updates(others).await;
+            }
+            if !evictions.is_empty() {
+                self.nri_evict(evictions).await;
+            }
+            if let Ok(rec) = self.get(&id) {
+                let ctr = crate::nri::convert::container(&rec, None);
+                self.nri().post_update_container(&pod, &ctr).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies new resources to a created or running container (no NRI hook).
+    async fn apply_resources(
+        &self,
+        id: &str,
+        resources: cri::LinuxContainerResources,
+    ) -> Result<(), ContainerError> {
+        let id = id.to_string();
         let _lock = self.locks.lock(&id).await;
         let mut rec = self.get(&id)?;
         if rec.phase != Phase::Running && rec.phase != Phase::Created {
@@ -1813,6 +2019,45 @@ fn process_in_container(pid: i32, id: &str, thorough: bool) -> bool {
         return false;
     }
     std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(id))
+}
+
+/// NRI's view of the containers (see [`crate::nri::Host`]).
+impl crate::nri::Host for ContainerManager {
+    fn snapshot(
+        &self,
+    ) -> crate::nri::BoxFuture<
+        '_,
+        (
+            Vec<crate::nri::api::PodSandbox>,
+            Vec<crate::nri::api::Container>,
+        ),
+    > {
+        Box::pin(async move {
+            let pods = self
+                .sandboxes
+                .list_map(|sb| Some(crate::nri::convert::pod(sb)));
+            let containers = self
+                .list()
+                .iter()
+                .map(|r| crate::nri::convert::container(r, None))
+                .collect();
+            (pods, containers)
+        })
+    }
+
+    fn update(
+        &self,
+        updates: Vec<crate::nri::api::ContainerUpdate>,
+    ) -> crate::nri::BoxFuture<'_, Vec<crate::nri::api::ContainerUpdate>> {
+        Box::pin(self.nri_updates(updates))
+    }
+
+    fn evict(
+        &self,
+        evictions: Vec<crate::nri::api::ContainerEviction>,
+    ) -> crate::nri::BoxFuture<'_, ()> {
+        Box::pin(self.nri_evict(evictions))
+    }
 }
 
 #[cfg(test)]

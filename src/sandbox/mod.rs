@@ -39,6 +39,7 @@ use crate::network::{
     DnsSettings, NetworkBackend, NetworkError, PodNetworkRequest, PodNetworkStatus, PortMapping,
     Protocol,
 };
+use crate::nri::Nri;
 use crate::ns::{self, NewNamespaces, NsError};
 use crate::store::{Batch, Store, StoreError, Table};
 use init::InitProcess;
@@ -70,6 +71,8 @@ pub enum SandboxError {
     Sysctl(String),
     #[error("pod cgroup: {0}")]
     Cgroup(#[from] crate::cgroups::CgroupError),
+    #[error(transparent)]
+    Nri(#[from] crate::nri::NriError),
 }
 
 /// Whether the sandbox-level security settings are usable here. The ones that shape a pause
@@ -258,6 +261,8 @@ pub struct SandboxManager {
     locks: KeyedLocks,
     /// Where lifecycle events go.
     events: Arc<EventHub>,
+    /// NRI plugins hooked into pod lifecycle.
+    nri: Arc<Nri>,
 }
 
 fn name_key(m: &cri::PodSandboxMetadata) -> String {
@@ -275,6 +280,7 @@ impl SandboxManager {
         network: Arc<dyn NetworkBackend>,
         state: &Path,
         events: Arc<EventHub>,
+        nri: Arc<Nri>,
     ) -> Result<SandboxManager, SandboxError> {
         let pods_dir = state.join("pods");
         std::fs::create_dir_all(&pods_dir)
@@ -287,6 +293,7 @@ impl SandboxManager {
             index: Index::default(),
             locks: KeyedLocks::default(),
             events,
+            nri,
         };
         for (_, mut rec) in records {
             let removing = rec.dir.join(REMOVING_MARK).exists();
@@ -420,6 +427,11 @@ impl SandboxManager {
     }
 
     /// Notes the pod of a full id (its id and name) in the current RPC's span.
+    /// The NRI host (for the container manager).
+    pub fn nri(&self) -> &Arc<Nri> {
+        &self.nri
+    }
+
     pub fn note_in_span(&self, id: &str) {
         if let Some(rec) = self.index.get(id) {
             rec.note_in_span();
@@ -505,6 +517,8 @@ impl SandboxManager {
             });
         }
         let _lock = self.locks.lock(&id).await;
+        // No NRI plugin is synchronized between the pod's hook and its listing.
+        let _nri_sync = self.nri.block_sync().await;
         let mut rec = SandboxRecord {
             id: id.clone(),
             name_key: key.clone(),
@@ -728,8 +742,20 @@ impl SandboxManager {
         }
 
         rec.phase = Phase::Ready;
+        // NRI plugins see the pod ready, before anyone else can: one that fails it fails
+        // RunPodSandbox (and the pod is undone).
+        let nri_pod = self.nri.active().then(|| crate::nri::convert::pod(rec));
+        if let Some(pod) = &nri_pod {
+            self.nri.run_pod_sandbox(pod).await?;
+            mark("nri");
+        }
         // The one durable commit: from here on the record names the pod.
-        self.persist(rec)?;
+        if let Err(e) = self.persist(rec) {
+            if let Some(pod) = &nri_pod {
+                self.nri.remove_pod_sandbox(pod).await;
+            }
+            return Err(e);
+        }
         mark("ready");
         // The intent record stays (stale, ignored) until the directory goes with the pod:
         // removing it would cost this RPC one more metadata operation.
@@ -791,6 +817,14 @@ impl SandboxManager {
         }
         let t0 = std::time::Instant::now();
         write_mark(&rec.dir, STOPPING_MARK)?;
+        // Its containers are stopped (the caller did that); plugins hear of it while the pod
+        // is still whole, once: a pod already stopped does not get here.
+        if rec.phase == Phase::Ready && self.nri.active() {
+            self.nri
+                .stop_pod_sandbox(&crate::nri::convert::pod(&rec))
+                .await;
+            step_done("pod stop", "nri", t0);
+        }
         self.release_runtime_resources(&rec).await?;
         step_done("pod stop", "released", t0);
         rec.phase = Phase::NotReady;
@@ -830,6 +864,11 @@ impl SandboxManager {
         self.index.release(&rec.name_key);
         self.events
             .publish(EventKind::Deleted, &id, &id, None, None);
+        if self.nri.active() {
+            self.nri
+                .remove_pod_sandbox(&crate::nri::convert::pod(&rec))
+                .await;
+        }
         Ok(())
     }
 }

@@ -102,6 +102,7 @@ impl From<SandboxError> for Status {
                 },
                 CgroupError::Remove { .. } => Status::internal(msg),
             },
+            SandboxError::Nri(n) => nri_status(&n, msg),
             SandboxError::Ns(_) | SandboxError::Store(_) | SandboxError::Io { .. } => {
                 Status::internal(msg)
             }
@@ -167,6 +168,7 @@ impl From<ContainerError> for Status {
                 ..
             }) => Status::deadline_exceeded(msg),
             ContainerError::Cancelled => Status::cancelled(msg),
+            ContainerError::Nri(n) => nri_status(&n, msg),
             ContainerError::Undeleted { error, .. } => match *error {
                 RuntimeError::Timeout { .. } => Status::deadline_exceeded(msg),
                 _ => Status::internal(msg),
@@ -196,5 +198,14 @@ impl From<StreamError> for Status {
             | StreamError::Io { .. }
             | StreamError::ClientGone => Status::internal(msg),
         }
+    }
+}
+
+/// An NRI plugin's refusal is the node's policy: FailedPrecondition; an adjustment berth
+/// cannot carry out, or two plugins at odds, too (the request itself was fine).
+fn nri_status(e: &crate::nri::NriError, msg: String) -> Status {
+    match e {
+        crate::nri::NriError::Io { .. } => Status::internal(msg),
+        _ => Status::failed_precondition(msg),
     }
 }

@@ -61,6 +61,8 @@ pub enum ServerError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error("loading containers: {0}")]
     Container(#[from] crate::container::manager::ContainerError),
+    #[error("starting NRI: {0}")]
+    Nri(#[from] crate::nri::NriError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
@@ -140,12 +142,20 @@ impl Daemon {
                 })??
         };
         let events = Arc::new(EventHub::with_capacity(config.events.subscriber_buffer));
+        let nri = crate::nri::Nri::new(config.nri.clone());
         let network = crate::network::from_config(&config, store.clone()).await?;
         // After the network backend's own setup (native turns forwarding on): logs once
         // what the node still lacks; `Status` reports it.
         crate::node_check::check_at_start(config.network.mode);
         let sandboxes = Arc::new(
-            SandboxManager::open(store.clone(), network, &config.state, events.clone()).await?,
+            SandboxManager::open(
+                store.clone(),
+                network,
+                &config.state,
+                events.clone(),
+                nri.clone(),
+            )
+            .await?,
         );
         let images = Arc::new(images);
         let containers = Arc::new(
@@ -159,6 +169,10 @@ impl Daemon {
             .await?,
         );
         events.set_sources(&sandboxes, &containers);
+        {
+            let host: std::sync::Arc<dyn crate::nri::Host> = containers.clone();
+            nri.set_host(Arc::downgrade(&host));
+        }
         events.ready();
         // Disk usage of images and writable layers: sampled once now (so ImageFsInfo never
         // answers an empty cache), then in the background.
@@ -195,6 +209,8 @@ impl Daemon {
             .local_addr()
             .map_err(io_err(Path::new(&stream_addr)))?;
         let streamer = Arc::new(Streamer::new(bound, containers.clone(), sandboxes.clone()));
+        // Plugins are synchronized with the state loaded above.
+        nri.start().await?;
         // Bound last: a client that can connect finds a daemon whose state is ready.
         let listener = bind_socket(&config.socket).await?;
         Ok(Daemon {
@@ -318,6 +334,7 @@ impl Daemon {
         for t in metrics_task.into_iter().chain(reload_task) {
             t.abort();
         }
+        self.sandboxes.nri().stop().await;
         tracing::info!("stopped");
         Ok(())
     }

@@ -39,6 +39,8 @@ pub struct BerthdConfig {
     daemon_default_network: bool,
     /// Extra `key = value` lines of the `[network]` table (e.g. `mode = "cni"`).
     network_lines: Vec<String>,
+    /// Extra `key = value` lines of the `[nri]` table.
+    nri_lines: Vec<String>,
     env: Vec<(String, String)>,
     /// Extra command-line arguments after `--config FILE` (e.g. `--log-format json`).
     args: Vec<String>,
@@ -131,6 +133,13 @@ impl BerthdConfig {
         self
     }
 
+    /// An extra `key = value` line in the `[nri]` table (its `socket_path` is the daemon's
+    /// own `<state>/nri.sock` and its plugin dirs are under the daemon's dir unless set).
+    pub fn nri_line(mut self, line: &str) -> Self {
+        self.nri_lines.push(line.to_string());
+        self
+    }
+
     /// An extra `key = value` line in the `[network]` table (e.g. `mode = "cni"`).
     pub fn network_line(mut self, line: &str) -> Self {
         self.network_lines.push(line.to_string());
@@ -185,6 +194,27 @@ impl BerthdConfig {
             s.push_str("\n[network]\n");
         }
         for l in &self.network_lines {
+            s.push_str(l);
+            s.push('\n');
+        }
+        // Each test daemon has its own NRI socket and plugin dirs (never the node's).
+        s.push_str("\n[nri]\n");
+        let nri_set = |key: &str| {
+            self.nri_lines
+                .iter()
+                .any(|l| l.trim_start().starts_with(key))
+        };
+        let base = state.parent().unwrap_or(state);
+        for (key, path) in [
+            ("socket_path", state.join("nri.sock")),
+            ("plugin_path", base.join("nri-plugins")),
+            ("plugin_config_path", base.join("nri-conf")),
+        ] {
+            if !nri_set(key) {
+                s.push_str(&format!("{key} = {}\n", toml_str(&path.to_string_lossy())));
+            }
+        }
+        for l in &self.nri_lines {
             s.push_str(l);
             s.push('\n');
         }
@@ -345,6 +375,11 @@ impl Berthd {
     pub fn state(&self) -> PathBuf {
         self.dir.path().join("state")
     }
+    /// The daemon's NRI socket (`<state>/nri.sock`, unless its config says otherwise).
+    pub fn nri_socket(&self) -> PathBuf {
+        self.state().join("nri.sock")
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("state/berth.sock")
     }

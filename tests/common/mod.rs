@@ -19,6 +19,7 @@
 pub mod berthd;
 pub mod cri;
 pub mod image;
+pub mod nri_plugin;
 pub mod proxy;
 pub mod registry;
 pub mod stream;
