@@ -71,6 +71,17 @@ async fn events_arrive_in_order_with_what_plugins_need() {
     let configured = plugin.configured().expect("configured");
     assert_eq!(configured.runtime_name, "berth");
     assert_eq!(configured.request_timeout, 2000);
+    // `crictl info` names the connected plugins.
+    let info = rt
+        .status(cri::StatusRequest { verbose: true })
+        .await
+        .expect("status")
+        .into_inner()
+        .info;
+    let nri: serde_json::Value =
+        serde_json::from_str(info.get("nri").expect("nri info")).expect("json");
+    assert_eq!(nri["enabled"], true);
+    assert_eq!(nri["plugins"], serde_json::json!(["10-order"]));
 
     let pod = run_pod(
         &mut rt,
@@ -237,6 +248,10 @@ async fn a_failing_hook_fails_the_call_leaves_nothing_and_a_retry_works() {
                     "no containers today".to_string(),
                 ),
                 ("StartContainer".to_string(), "no starts today".to_string()),
+                (
+                    "UpdatePodSandbox".to_string(),
+                    "no resizing today".to_string(),
+                ),
             ]),
             ..Default::default()
         },
@@ -262,6 +277,19 @@ async fn a_failing_hook_fails_the_call_leaves_nothing_and_a_retry_works() {
     assert!(list_pods(&mut rt).await.is_empty());
     assert_eq!(count(&pods_dir), 0, "nothing left of the refused pod");
     let pod = run_pod(&mut rt, config, "").await;
+    let err = rt
+        .update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest {
+            pod_sandbox_id: pod.clone(),
+            resources: Some(cri::LinuxContainerResources {
+                cpu_shares: 512,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the plugin refuses");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("no resizing today"), "{err:?}");
 
     let err = create_container(&mut rt, &pod, sh_container("main", &image, "sleep 3600"))
         .await
@@ -496,4 +524,52 @@ async fn a_preinstalled_plugin_is_started_with_its_config() {
     drop(rt);
     // The plugin goes with the daemon.
     drop(d);
+}
+
+#[tokio::test]
+async fn plugins_go_in_index_order_and_may_not_adjust_the_same_thing() {
+    let BusyboxDaemon {
+        reg: _reg,
+        d,
+        mut rt,
+        image,
+        logs,
+    } = busybox_daemon("test/nri-two", BerthdConfig::new()).await;
+    let env = |v: &str| Behavior {
+        adjust: Some(api::ContainerAdjustment {
+            env: vec![api::KeyValue {
+                key: "WHO".to_string(),
+                value: v.to_string(),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Connected in the other order than they are called.
+    let second = TestPlugin::connect(&d.nri_socket(), "second", "60", env("second")).await;
+    let first = TestPlugin::connect(&d.nri_socket(), "first", "05", env("first")).await;
+    let pod = run_pod(&mut rt, plain_pod_config("nri-two", "nri", logs.path()), "").await;
+    let at = |p: &TestPlugin| {
+        p.seen()
+            .iter()
+            .find(|s| s.event == "RunPodSandbox" && s.pod == pod)
+            .map(|s| s.at)
+            .expect("seen")
+    };
+    assert!(at(&first) < at(&second));
+    let err = create_container(&mut rt, &pod, sh_container("main", &image, "sleep 3600"))
+        .await
+        .expect_err("both set WHO");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("05-first and 60-second both adjust env WHO"),
+        "{err:?}"
+    );
+    assert!(list_containers(&mut rt).await.is_empty());
+    // Each plugin that saw the failed container hears that it is gone.
+    for p in [&first, &second] {
+        assert!(p.seen().iter().any(|s| s.event == "RemoveContainer"));
+    }
+    remove_pod(&mut rt, &pod).await;
 }

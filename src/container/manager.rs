@@ -722,8 +722,9 @@ impl ContainerManager {
     ) -> Result<(), ContainerError> {
         let pod = crate::nri::convert::pod(sandbox);
         let ctr = crate::nri::convert::container(rec, Some(spec));
+        // From here plugins may hold something for it: a failure tells them it is gone.
+        *told = Some(pod.clone());
         let result = self.nri().create_container(&pod, &ctr).await?;
-        *told = Some(pod);
         if !result.adjust.is_empty() {
             let applied = result
                 .adjust

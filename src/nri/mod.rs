@@ -485,6 +485,41 @@ impl Nri {
         .await
     }
 
+    /// UpdatePodSandboxResources: a plugin may refuse it.
+    pub async fn update_pod_sandbox(
+        &self,
+        pod: &api::PodSandbox,
+        overhead: Option<api::LinuxResources>,
+        resources: Option<api::LinuxResources>,
+    ) -> Result<(), NriError> {
+        let req = api::UpdatePodSandboxRequest {
+            pod: Some(pod.clone()),
+            overhead_linux_resources: overhead,
+            linux_resources: resources,
+        };
+        self.relay::<_, api::UpdatePodSandboxResponse>(
+            Event::UpdatePodSandbox,
+            "UpdatePodSandbox",
+            &req,
+            || state(Event::UpdatePodSandbox, pod, None),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn post_update_pod_sandbox(&self, pod: &api::PodSandbox) {
+        let req = api::PostUpdatePodSandboxRequest {
+            pod: Some(pod.clone()),
+        };
+        self.notify(
+            Event::PostUpdatePodSandbox,
+            "PostUpdatePodSandbox",
+            &req,
+            || state(Event::PostUpdatePodSandbox, pod, None),
+        )
+        .await
+    }
+
     /// CreateContainer: every plugin's adjustment, merged (two plugins adjusting the same
     /// thing is an error), then checked by the validating plugins.
     pub async fn create_container(
@@ -505,7 +540,7 @@ impl Nri {
         let mut consulted = Vec::new();
         for (p, r) in answers {
             consulted.push(api::PluginInstance {
-                name: p.name[3..].to_string(),
+                name: p.base.clone(),
                 index: p.idx.clone(),
             });
             if let Some(a) = r.adjust {

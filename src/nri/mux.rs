@@ -20,8 +20,10 @@ pub const PLUGIN_SERVICE_CONN: u32 = 1;
 pub const RUNTIME_SERVICE_CONN: u32 = 2;
 
 const HEADER_LEN: usize = 8;
-/// The largest frame written (NRI's own: a ttrpc header and its largest message).
-const MAX_WRITE: usize = 10 + (4 << 20);
+/// The largest frame payload written. NRI's Go multiplexer hands each frame whole to a
+/// reader whose buffer may be as small as 4 KiB (ttrpc's `bufio.Reader`) and fails with
+/// ENOMEM on a bigger one, so messages go out in frames of at most that.
+const MAX_WRITE: usize = 4096;
 /// The largest frame accepted from a peer.
 const MAX_READ: usize = 16 << 20;
 
@@ -90,5 +92,55 @@ impl MuxReader {
                 let _ = tx.send(Bytes::from(payload));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_stay_small_and_reassemble() {
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        let (writer, _reader) = split(a);
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        writer
+            .write(PLUGIN_SERVICE_CONN, &data)
+            .await
+            .expect("write");
+        writer.shutdown().await;
+        // Raw frames as a Go peer reads them: none bigger than its 4 KiB buffer.
+        let mut raw = Vec::new();
+        let mut b = b;
+        b.read_to_end(&mut raw).await.expect("read");
+        let mut payload = Vec::new();
+        let mut rest = raw.as_slice();
+        while !rest.is_empty() {
+            let conn = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            let len = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
+            assert_eq!(conn, PLUGIN_SERVICE_CONN);
+            assert!(len <= 4096, "a frame of {len} bytes");
+            payload.extend_from_slice(&rest[8..8 + len]);
+            rest = &rest[8 + len..];
+        }
+        assert_eq!(payload, data);
+    }
+
+    #[tokio::test]
+    async fn payloads_are_routed_by_connection() {
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        let (writer, _r) = split(a);
+        let (_w, reader) = split(b);
+        let (tx1, mut rx1) = mpsc::unbounded_channel();
+        let (tx2, mut rx2) = mpsc::unbounded_channel();
+        let task = tokio::spawn(reader.run(HashMap::from([(1, tx1), (2, tx2)])));
+        writer.write(2, b"two").await.expect("write");
+        writer.write(9, b"nobody's").await.expect("write");
+        writer.write(1, b"one").await.expect("write");
+        assert_eq!(rx1.recv().await.as_deref(), Some(&b"one"[..]));
+        assert_eq!(rx2.recv().await.as_deref(), Some(&b"two"[..]));
+        writer.shutdown().await;
+        task.await.expect("reader ends at EOF");
+        assert!(rx1.recv().await.is_none());
     }
 }

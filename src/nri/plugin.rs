@@ -18,6 +18,8 @@ pub struct Plugin {
     pub name: String,
     /// Its two-digit invocation index: plugins are called in ascending order.
     pub idx: String,
+    /// The name it registered with (or its file's, for a pre-installed plugin).
+    pub base: String,
     endpoint: Endpoint,
     /// Bit `event - 1` set for each event it subscribed to.
     events: u32,
@@ -120,6 +122,7 @@ impl Plugin {
         let mut plugin = Plugin {
             name: format!("{idx}-{base}"),
             idx,
+            base,
             endpoint,
             events: 0,
             child: Mutex::new(origin.child),

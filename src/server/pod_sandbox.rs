@@ -133,6 +133,22 @@ pub async fn update_resources(
     req: cri::UpdatePodSandboxResourcesRequest,
 ) -> Result<cri::UpdatePodSandboxResourcesResponse, Status> {
     let rec = sandboxes.get(&req.pod_sandbox_id)?;
+    // NRI plugins may refuse the change; they hear of it once applied.
+    let nri = sandboxes.nri();
+    let nri_pod = nri.active().then(|| crate::nri::convert::pod(&rec));
+    if let Some(pod) = &nri_pod {
+        nri.update_pod_sandbox(
+            pod,
+            req.overhead
+                .as_ref()
+                .map(crate::nri::convert::from_cri_resources),
+            req.resources
+                .as_ref()
+                .map(crate::nri::convert::from_cri_resources),
+        )
+        .await
+        .map_err(crate::sandbox::SandboxError::from)?;
+    }
     let systemd = config.cgroup_driver == crate::config::CgroupDriver::Systemd;
     tokio::task::spawn_blocking(move || {
         crate::sandbox::resources::update(
@@ -144,6 +160,9 @@ pub async fn update_resources(
     })
     .await
     .map_err(|e| Status::internal(format!("updating pod resources: {e}")))??;
+    if let Some(pod) = &nri_pod {
+        nri.post_update_pod_sandbox(pod).await;
+    }
     Ok(cri::UpdatePodSandboxResourcesResponse {})
 }
 

@@ -139,12 +139,24 @@ impl RuntimeServiceImpl {
             obj.insert("ready".into(), network_ready.0.into());
             obj.insert("message".into(), network_ready.1.into());
         }
-        status_info(
+        let mut info = status_info(
             &self.config,
             serde_json::Value::Array(handlers),
             features,
             network,
-        )
+        );
+        // NRI as an operator checks it: on or off, where plugins connect, who is connected.
+        let nri = &self.config.nri;
+        info.insert(
+            "nri".to_string(),
+            serde_json::json!({
+                "enabled": !nri.disable,
+                "socketPath": (!nri.disable && !nri.disable_connections).then_some(&nri.socket_path),
+                "plugins": self.sandboxes.nri().plugin_names(),
+            })
+            .to_string(),
+        );
+        info
     }
 }
 
