@@ -1063,6 +1063,7 @@ impl ContainerManager {
                     let ctr = crate::nri::convert::container(&rec, None);
                     self.nri().container_stopped(pod, &ctr).await;
                     self.nri().remove_container(pod, &ctr).await;
+                    self.nri().forget(&rec.id);
                 }
                 // No record names it yet (the Created commit is the last step).
                 self.destroy(&rec).await;
@@ -1646,6 +1647,7 @@ impl ContainerManager {
         if let Some((pod, ctr)) = &nri_event {
             self.nri().remove_container(pod, ctr).await;
         }
+        self.nri().forget(&id);
         Ok(())
     }
 

@@ -171,7 +171,13 @@ impl Nri {
         let path = &self.config.socket_path;
         let io = |context: String| move |source| NriError::Io { context, source };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+            use std::os::unix::fs::DirBuilderExt;
+            // Only root may reach the socket (a plugin can change every container).
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io(format!("create {}", dir.display())))?;
         }
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -713,10 +719,14 @@ impl Nri {
             state(Event::RemoveContainer, pod, Some(container))
         })
         .await;
+    }
+
+    /// Forgets a removed container (whether or not plugins were told of its removal).
+    pub fn forget(&self, container_id: &str) {
         self.stopped
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&container.id);
+            .remove(container_id);
     }
 
     /// A plugin's unsolicited `UpdateContainers`: answers the updates that failed.
