@@ -1057,7 +1057,8 @@ fn rss_pss_kib(pid: u32) -> Option<(u64, u64)> {
     Some((rss, pss))
 }
 
-/// Sums memory over `pids`; prints `rss <what> <when> <procs> <rss_kib> <pss_kib> <comms>`.
+/// Sums memory over `pids`; prints `rss <what> <when> <procs> <rss_kib> <pss_kib> <comms>`,
+/// and for one process `rssparts <what> <when> <anon_kib> <file_kib>`.
 fn print_rss(what: &str, when: &str, pids: &[u32], procs: &[Proc]) {
     let mut n = 0;
     let (mut rss, mut pss) = (0, 0);
@@ -1088,6 +1089,24 @@ fn print_rss(what: &str, when: &str, pids: &[u32], procs: &[Proc]) {
             .join("+")
     };
     println!("rss {what} {when} {n} {rss} {pss} {comms}");
+    // Where a daemon's RSS is: its heap and stacks (RssAnon) or mapped files, mostly its own
+    // binary's code (RssFile).
+    if let [pid] = pids
+        && let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+    {
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        println!(
+            "rssparts {what} {when} {} {}",
+            field("RssAnon:"),
+            field("RssFile:")
+        );
+    }
 }
 
 /// The processes whose command line holds one of `patterns`, and all their descendants

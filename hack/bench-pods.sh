@@ -66,11 +66,12 @@ for rt in "${RUNTIMES[@]}"; do
   done
 done
 echo
-printf '%-11s %-26s %11s %12s %12s %8s  %s\n' runtime "memory (MiB)" "daemon RSS" "helpers RSS" "helpers Pss" "per pod" "helper processes"
+printf '%-11s %-26s %11s %11s %12s %12s %8s  %s\n' runtime "memory (MiB)" "daemon RSS" "(anon/file)" "helpers RSS" "helpers Pss" "per pod" "helper processes"
 for rt in "${RUNTIMES[@]}"; do
   awk -v rt="$rt" -v count="$COUNT" '
     $1 == "rss" { k = $3; if (!(k in seen)) { seen[k] = 1; keys[++n] = k } }
     $1 == "rss" && $2 == "daemon" { d[$3] = $5 }
+    $1 == "rssparts" && $2 == "daemon" { da[$3] = $4; df[$3] = $5 }
     $1 == "rss" && $2 == "helpers" { h[$3] = $5; hp[$3] = $6; hc[$3] = $7 }
     END {
       for (i = 1; i <= n; i++) {
@@ -79,8 +80,9 @@ for rt in "${RUNTIMES[@]}"; do
         else if (k == "after") label = "after removing all"
         else if (split(k, a, "pods-") == 2) label = a[1] " pods up (" a[2] ")"
         per = (k ~ /pods-/) ? sprintf("%.2f", (d[k] - d["idle"] + h[k] - h["idle"]) / 1024 / count) : "-"
-        printf "%-11s %-26s %11.1f %12.1f %12.1f %8s  %s\n", rt, label, d[k] / 1024, h[k] / 1024,
-          hp[k] / 1024, per, hc[k]
+        parts = (k in da) ? sprintf("%.1f/%.1f", da[k] / 1024, df[k] / 1024) : "-"
+        printf "%-11s %-26s %11.1f %11s %12.1f %12.1f %8s  %s\n", rt, label, d[k] / 1024, parts,
+          h[k] / 1024, hp[k] / 1024, per, hc[k]
       }
     }' "$T/out.$rt"
 done
@@ -88,7 +90,8 @@ echo "(p50/p95 nearest-rank over $COUNT pods; pods/s = pods / wall time of the p
 echo " helpers = for berth every process with berth's state dir on its command line and their"
 echo " descendants, for containerd every containerd-shim-runc-v2 (comm containerd-shim) with its"
 echo " socket as -address and their descendants (the pause processes); RSS sums count a shared page"
-echo " in every process mapping it, Pss splits it; per pod = (daemon + helpers RSS - idle) / $COUNT in MiB;"
+echo " in every process mapping it, Pss splits it; anon/file = the daemon's heap and stacks / its mapped"
+echo " files (mostly its own binary's code); per pod = (daemon + helpers RSS - idle) / $COUNT in MiB;"
 echo " $(bench_versions))"
 if [ "$STEPS" = 1 ]; then
   echo
