@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -161,7 +161,9 @@ type Pending = Mutex<HashMap<u32, oneshot::Sender<Result<Vec<u8>, TtrpcError>>>>
 struct Inner {
     writer: Arc<MuxWriter>,
     conn: u32,
-    next_stream: AtomicU32,
+    /// The next call's stream id. Held while the call's request is written: ttrpc's Go
+    /// server refuses an id not above the last one it saw, so ids go out in order.
+    next_stream: tokio::sync::Mutex<u32>,
     pending: Pending,
     closed: AtomicBool,
     closed_tx: watch::Sender<bool>,
@@ -203,7 +205,7 @@ impl Endpoint {
         let inner = Arc::new(Inner {
             writer: writer.clone(),
             conn: client_conn,
-            next_stream: AtomicU32::new(1),
+            next_stream: tokio::sync::Mutex::new(1),
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             closed_tx,
@@ -308,18 +310,23 @@ impl Endpoint {
                 message: format!("a request of {} bytes (at most {MAX_MESSAGE})", body.len()),
             });
         }
-        let stream = self.inner.next_stream.fetch_add(2, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(stream, tx);
-        let sent = self
-            .inner
-            .writer
-            .write(self.inner.conn, &frame(stream, TYPE_REQUEST, &body))
-            .await;
+        let (stream, sent) = {
+            let mut next = self.inner.next_stream.lock().await;
+            let stream = *next;
+            *next = next.wrapping_add(2);
+            self.inner
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(stream, tx);
+            let sent = self
+                .inner
+                .writer
+                .write(self.inner.conn, &frame(stream, TYPE_REQUEST, &body))
+                .await;
+            (stream, sent)
+        };
         let answer = match sent {
             Err(_) => Err(TtrpcError::Closed),
             Ok(()) => match tokio::time::timeout(timeout, rx).await {
@@ -454,6 +461,60 @@ mod tests {
             a.call::<_, RpcStatus>("s", "Echo", &msg, Duration::from_secs(5))
         );
         assert!(x.is_ok() && y.is_ok());
+    }
+
+    /// A Go ttrpc server refuses a stream id not above the last one: concurrent calls must
+    /// still put their requests on the wire in id order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_calls_go_out_in_stream_id_order() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, mut raw) = UnixStream::pair().expect("socketpair");
+        let client = Endpoint::open(a, 1, 2, echo());
+        let peer = tokio::spawn(async move {
+            let (mut ids, mut buf) = (Vec::new(), Vec::new());
+            let mut header = [0u8; 8];
+            while ids.len() < 50 {
+                raw.read_exact(&mut header).await.expect("mux header");
+                let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+                let mut payload = vec![0u8; len as usize];
+                raw.read_exact(&mut payload).await.expect("mux payload");
+                buf.extend_from_slice(&payload);
+                while buf.len() >= HEADER_LEN {
+                    let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                    if buf.len() < HEADER_LEN + n {
+                        break;
+                    }
+                    let id = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                    buf.drain(..HEADER_LEN + n);
+                    ids.push(id);
+                    let resp = Response {
+                        status: None,
+                        payload: Vec::new(),
+                    }
+                    .encode_to_vec();
+                    let msg = frame(id, TYPE_RESPONSE, &resp);
+                    let mut out = Vec::new();
+                    out.extend_from_slice(&1u32.to_be_bytes());
+                    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                    out.extend_from_slice(&msg);
+                    raw.write_all(&out).await.expect("answer");
+                }
+            }
+            ids
+        });
+        let calls = (0..50).map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move {
+                c.call::<_, RpcStatus>("s", "Echo", &RpcStatus::default(), Duration::from_secs(5))
+                    .await
+            })
+        });
+        for r in futures_util::future::join_all(calls).await {
+            r.expect("task").expect("answered");
+        }
+        let ids = peer.await.expect("peer");
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        assert!(ids.iter().all(|i| i % 2 == 1));
     }
 
     #[tokio::test]
