@@ -563,7 +563,7 @@ async fn plugins_go_in_index_order_and_may_not_adjust_the_same_thing() {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(
         err.message()
-            .contains("05-first and 60-second both adjust env WHO"),
+            .contains("05-first and 60-second both adjust Env WHO"),
         "{err:?}"
     );
     assert!(list_containers(&mut rt).await.is_empty());

@@ -275,12 +275,23 @@ fn bundle_command(bundle: &Path) -> String {
 /// What [`ContainerManager::make`] makes a container from (checked before anything is made).
 struct MakeInputs<'a> {
     sandbox: &'a SandboxRecord,
-    /// Set once NRI plugins were told of the container (they hear of its end if it fails).
-    nri_told: &'a mut Option<crate::nri::api::PodSandbox>,
+    /// What NRI plugins were told and asked at CreateContainer.
+    nri: &'a mut NriCreate,
     image_config: &'a serde_json::Value,
     lower: &'a [PathBuf],
     work: &'a spec::mounts::HostWork,
     cdi_devices: &'a cdi::Resolved,
+}
+
+/// What CreateContainer's NRI hook leaves to do once the container is listed (or gone).
+#[derive(Default)]
+struct NriCreate {
+    /// Set once plugins were told of the container (they hear of its end if it fails).
+    pod: Option<crate::nri::api::PodSandbox>,
+    /// Their updates to other containers and evictions: carried out after the sync block
+    /// is released, since they wait for other containers' locks and NRI events.
+    updates: Vec<crate::nri::api::ContainerUpdate>,
+    evictions: Vec<crate::nri::api::ContainerEviction>,
 }
 
 /// A removed container whose runtime delete failed.
@@ -718,13 +729,15 @@ impl ContainerManager {
         rec: &mut ContainerRecord,
         sandbox: &SandboxRecord,
         spec: &mut oci_spec::runtime::Spec,
-        told: &mut Option<crate::nri::api::PodSandbox>,
+        nri: &mut NriCreate,
     ) -> Result<(), ContainerError> {
         let pod = crate::nri::convert::pod(sandbox);
         let ctr = crate::nri::convert::container(rec, Some(spec));
         // From here plugins may hold something for it: a failure tells them it is gone.
-        *told = Some(pod.clone());
+        nri.pod = Some(pod.clone());
         let result = self.nri().create_container(&pod, &ctr).await?;
+        nri.updates = result.updates;
+        nri.evictions = result.evictions;
         if !result.adjust.is_empty() {
             let applied = result
                 .adjust
@@ -745,13 +758,17 @@ impl ContainerManager {
                 rec.cgroups_path = path;
             }
         }
-        if !result.updates.is_empty() {
-            self.nri_updates(result.updates).await;
-        }
-        if !result.evictions.is_empty() {
-            self.nri_evict(result.evictions).await;
-        }
         Ok(())
+    }
+
+    /// The updates and evictions plugins asked for at a CreateContainer.
+    async fn nri_aftermath(&self, nri: NriCreate) {
+        if !nri.updates.is_empty() {
+            self.nri_updates(nri.updates).await;
+        }
+        if !nri.evictions.is_empty() {
+            self.nri_evict(nri.evictions).await;
+        }
     }
 
     /// Plugins' resource updates to existing containers; answers those that failed and
@@ -1008,13 +1025,13 @@ impl ContainerManager {
         };
         // No NRI plugin is synchronized between the container's hook and its listing.
         let nri_sync = self.nri().block_sync().await;
-        let mut nri_told = None;
+        let mut nri_create = NriCreate::default();
         let mut made = self
             .make(
                 &mut rec,
                 MakeInputs {
                     sandbox: &sandbox,
-                    nri_told: &mut nri_told,
+                    nri: &mut nri_create,
                     image_config: &image_config,
                     lower: &lower,
                     work: &work,
@@ -1050,25 +1067,27 @@ impl ContainerManager {
                     None,
                     Some(&rec),
                 );
-                if let Some(pod) = &nri_told {
+                if let Some(pod) = &nri_create.pod {
                     let ctr = crate::nri::convert::container(&rec, None);
                     self.nri().post_create_container(pod, &ctr).await;
                 }
+                self.nri_aftermath(nri_create).await;
                 Ok(rec)
             }
             Err(e) => {
                 tracing::warn!(id = %rec.id, error = %e, "container creation failed; undoing it");
+                // No record names it yet (the Created commit is the last step).
+                self.destroy(&rec).await;
+                self.index.release(&key);
+                drop(nri_sync);
                 // Plugins that saw it made hear that it is gone.
-                if let Some(pod) = &nri_told {
+                if let Some(pod) = &nri_create.pod {
                     let ctr = crate::nri::convert::container(&rec, None);
                     self.nri().container_stopped(pod, &ctr).await;
                     self.nri().remove_container(pod, &ctr).await;
                     self.nri().forget(&rec.id);
                 }
-                // No record names it yet (the Created commit is the last step).
-                self.destroy(&rec).await;
-                self.index.release(&key);
-                drop(nri_sync);
+                self.nri_aftermath(nri_create).await;
                 Err(e)
             }
         }
@@ -1082,7 +1101,7 @@ impl ContainerManager {
     ) -> Result<(), ContainerError> {
         let MakeInputs {
             sandbox,
-            nri_told,
+            nri,
             image_config,
             lower,
             work,
@@ -1188,7 +1207,7 @@ impl ContainerManager {
         let mut spec = spec::build_spec(&input)?;
         cdi_devices.apply(&mut spec)?;
         if self.nri().active() {
-            self.nri_adjust(rec, sandbox, &mut spec, nri_told).await?;
+            self.nri_adjust(rec, sandbox, &mut spec, nri).await?;
             mark("nri");
         }
         let command = spec

@@ -18,7 +18,9 @@ use crate::cri::v1 as cri;
 #[derive(Debug, Default)]
 pub struct Merged {
     pub adjustment: api::ContainerAdjustment,
-    owners: HashMap<String, String>,
+    /// `(field, entry)` → the plugin that set it, or `-plugin` for one that removed it (the
+    /// entry is "" for fields that are one value), as NRI's `FieldOwners` keeps them.
+    owners: HashMap<(api::Field, String), String>,
 }
 
 /// What applying left for the caller: CDI devices to resolve, a new cgroups path.
@@ -35,45 +37,122 @@ fn removal(key: &str) -> (&str, bool) {
     }
 }
 
+/// A claim on one adjustable thing: a field, and the entry within it for lists and maps.
+struct Claim {
+    field: api::Field,
+    entry: String,
+    /// A removal: it clears earlier plugins' values rather than conflicting with them.
+    remove: bool,
+}
+
+fn set(field: api::Field, entry: &str) -> Claim {
+    Claim {
+        field,
+        entry: entry.to_string(),
+        remove: false,
+    }
+}
+
+/// A claim on a keyed entry, a removal when the key carries NRI's `-` marker.
+fn keyed(field: api::Field, key: &str) -> Claim {
+    let (entry, remove) = removal(key);
+    Claim {
+        field,
+        entry: entry.to_string(),
+        remove,
+    }
+}
+
 impl Merged {
     pub fn is_empty(&self) -> bool {
         self.adjustment == api::ContainerAdjustment::default()
     }
 
-    /// Marks `what` as `plugin`'s; another plugin's earlier claim is a conflict.
-    fn claim(&mut self, plugin: &str, what: String) -> Result<(), NriError> {
-        match self.owners.get(&what) {
-            Some(first) if first != plugin => Err(NriError::Conflict {
-                first: first.clone(),
+    /// Marks a claim as `plugin`'s. Setting what another plugin set or removed is a
+    /// conflict; a removal takes the entry over (what earlier plugins set for it is dropped
+    /// by the caller).
+    fn claim(&mut self, plugin: &str, c: &Claim) -> Result<(), NriError> {
+        let key = (c.field, c.entry.clone());
+        if c.remove {
+            self.owners.insert(key, format!("-{plugin}"));
+            return Ok(());
+        }
+        match self.owners.get(&key) {
+            Some(first) if first.trim_start_matches('-') != plugin => Err(NriError::Conflict {
+                first: first.trim_start_matches('-').to_string(),
                 second: plugin.to_string(),
-                what,
+                what: if c.entry.is_empty() {
+                    c.field.as_str_name().to_string()
+                } else {
+                    format!("{} {}", c.field.as_str_name(), c.entry)
+                },
             }),
             _ => {
-                self.owners.insert(what, plugin.to_string());
+                self.owners.insert(key, plugin.to_string());
                 Ok(())
             }
         }
     }
 
+    /// The owners in NRI's form, for validating plugins.
+    pub fn owning_plugins(&self, container_id: &str) -> api::OwningPlugins {
+        let mut f = api::FieldOwners::default();
+        for ((field, entry), plugin) in &self.owners {
+            if entry.is_empty() {
+                f.simple.insert(*field as i32, plugin.clone());
+            } else {
+                f.compound
+                    .entry(*field as i32)
+                    .or_default()
+                    .owners
+                    .insert(entry.clone(), plugin.clone());
+            }
+        }
+        api::OwningPlugins {
+            owners: HashMap::from([(container_id.to_string(), f)]),
+        }
+    }
+
     /// Adds one plugin's adjustment.
     pub fn add(&mut self, plugin: &str, a: api::ContainerAdjustment) -> Result<(), NriError> {
+        use api::Field;
         let unsupported = |reason: &str| NriError::Unsupported {
             plugin: plugin.to_string(),
             reason: reason.to_string(),
         };
         for (k, v) in a.annotations {
-            self.claim(plugin, format!("annotation {}", removal(&k).0))?;
-            self.adjustment.annotations.insert(k, v);
+            let c = keyed(Field::Annotations, &k);
+            self.claim(plugin, &c)?;
+            let merged = &mut self.adjustment.annotations;
+            if c.remove {
+                merged.remove(&c.entry);
+            }
+            merged.insert(k, v);
         }
         for m in a.mounts {
-            self.claim(plugin, format!("mount {}", removal(&m.destination).0))?;
+            let c = keyed(Field::Mounts, &m.destination);
+            self.claim(plugin, &c)?;
+            if c.remove {
+                self.adjustment.mounts.retain(|x| x.destination != c.entry);
+            }
             self.adjustment.mounts.push(m);
         }
         for e in a.env {
-            self.claim(plugin, format!("env {}", removal(&e.key).0))?;
+            let c = keyed(Field::Env, &e.key);
+            self.claim(plugin, &c)?;
+            if c.remove {
+                self.adjustment.env.retain(|x| x.key != c.entry);
+            }
             self.adjustment.env.push(e);
         }
         if let Some(h) = a.hooks {
+            // Hooks add up: every plugin may inject its own.
+            let key = (Field::OciHooks, String::new());
+            let owners = match self.owners.get(&key) {
+                Some(o) => format!("{o},{plugin}"),
+                None => plugin.to_string(),
+            };
+            self.owners.insert(key, owners);
             let mine = self.adjustment.hooks.get_or_insert_with(Default::default);
             mine.prestart.extend(h.prestart);
             mine.create_runtime.extend(h.create_runtime);
@@ -83,16 +162,31 @@ impl Merged {
             mine.poststop.extend(h.poststop);
         }
         for r in a.rlimits {
-            self.claim(plugin, format!("rlimit {}", r.r#type))?;
+            self.claim(plugin, &set(Field::Rlimits, &r.r#type))?;
+            self.adjustment.rlimits.retain(|x| x.r#type != r.r#type);
             self.adjustment.rlimits.push(r);
         }
         for d in a.cdi_devices {
-            self.claim(plugin, format!("CDI device {}", d.name))?;
+            self.claim(plugin, &set(Field::CdiDevices, &d.name))?;
             self.adjustment.cdi_devices.push(d);
         }
         if !a.args.is_empty() {
-            self.claim(plugin, "args".to_string())?;
-            self.adjustment.args = a.args;
+            // A leading "" (the stub's UpdateArgs) takes the args over from another plugin.
+            let (args, take_over) = match a.args.split_first() {
+                Some((first, rest)) if first.is_empty() => (rest.to_vec(), true),
+                _ => (a.args, false),
+            };
+            let c = Claim {
+                field: Field::Args,
+                entry: String::new(),
+                remove: take_over,
+            };
+            self.claim(plugin, &c)?;
+            if take_over {
+                self.owners
+                    .insert((Field::Args, String::new()), plugin.to_string());
+            }
+            self.adjustment.args = args;
         }
         let Some(l) = a.linux else { return Ok(()) };
         if l.io_priority.is_some() {
@@ -112,44 +206,65 @@ impl Merged {
         if l.memory_policy.is_some() {
             return Err(unsupported("berth cannot apply a memory policy"));
         }
-        let mine = self.adjustment.linux.get_or_insert_with(Default::default);
-        let mut claims = Vec::new();
-        for d in l.devices {
-            claims.push(format!("device {}", removal(&d.path).0));
-            mine.devices.push(d);
-        }
-        for n in l.namespaces {
-            claims.push(format!("namespace {}", removal(&n.r#type).0));
-            mine.namespaces.push(n);
-        }
-        for (k, v) in l.sysctl {
-            claims.push(format!("sysctl {}", removal(&k).0));
-            mine.sysctl.insert(k, v);
-        }
-        if !l.cgroups_path.is_empty() {
-            claims.push("cgroups path".to_string());
-            mine.cgroups_path = l.cgroups_path;
-        }
-        if l.oom_score_adj.is_some() {
-            claims.push("oom_score_adj".to_string());
-            mine.oom_score_adj = l.oom_score_adj;
-        }
-        if l.seccomp_policy.is_some() {
-            claims.push("seccomp policy".to_string());
-            mine.seccomp_policy = l.seccomp_policy;
-        }
-        if let Some(r) = l.resources {
+        if let Some(r) = &l.resources {
             if r.blockio_class.is_some() {
                 return Err(unsupported("berth has no block I/O classes"));
             }
             if r.rdt_class.is_some() {
                 return Err(unsupported("berth has no RDT classes"));
             }
-            let res = mine.resources.get_or_insert_with(Default::default);
-            merge_resources(&mut claims, &r, res);
         }
-        for c in claims {
+        let mut claims = Vec::new();
+        for d in &l.devices {
+            claims.push(keyed(Field::Devices, &d.path));
+        }
+        for n in &l.namespaces {
+            claims.push(keyed(Field::Namespace, &n.r#type));
+        }
+        for k in l.sysctl.keys() {
+            claims.push(keyed(Field::Sysctl, k));
+        }
+        if !l.cgroups_path.is_empty() {
+            claims.push(set(Field::CgroupsPath, ""));
+        }
+        if l.oom_score_adj.is_some() {
+            claims.push(set(Field::OomScoreAdj, ""));
+        }
+        if l.seccomp_policy.is_some() {
+            claims.push(set(Field::SeccompPolicy, ""));
+        }
+        if let Some(r) = &l.resources {
+            resource_claims(&mut claims, r);
+        }
+        for c in &claims {
             self.claim(plugin, c)?;
+        }
+        let mine = self.adjustment.linux.get_or_insert_with(Default::default);
+        for c in claims.iter().filter(|c| c.remove) {
+            match c.field {
+                Field::Devices => mine.devices.retain(|d| d.path != c.entry),
+                Field::Namespace => mine.namespaces.retain(|n| n.r#type != c.entry),
+                Field::Sysctl => {
+                    mine.sysctl.remove(&c.entry);
+                }
+                _ => {}
+            }
+        }
+        mine.devices.extend(l.devices);
+        mine.namespaces.extend(l.namespaces);
+        mine.sysctl.extend(l.sysctl);
+        if !l.cgroups_path.is_empty() {
+            mine.cgroups_path = l.cgroups_path;
+        }
+        if l.oom_score_adj.is_some() {
+            mine.oom_score_adj = l.oom_score_adj;
+        }
+        if l.seccomp_policy.is_some() {
+            mine.seccomp_policy = l.seccomp_policy;
+        }
+        if let Some(r) = l.resources {
+            let res = mine.resources.get_or_insert_with(Default::default);
+            merge_resources(&r, res);
         }
         Ok(())
     }
@@ -381,54 +496,89 @@ fn seccomp(s: &api::LinuxSeccomp) -> Result<oci_spec::runtime::LinuxSeccomp, Str
     from_json(v)
 }
 
-/// Copies the set fields of `from` into `into`, noting each as a claim.
-fn merge_resources(
-    claims: &mut Vec<String>,
-    from: &api::LinuxResources,
-    into: &mut api::LinuxResources,
-) {
+/// The claims of a resources adjustment: one per field it sets.
+fn resource_claims(claims: &mut Vec<Claim>, r: &api::LinuxResources) {
+    use api::Field;
+    if let Some(m) = &r.memory {
+        for (is_set, field) in [
+            (m.limit.is_some(), Field::MemLimit),
+            (m.reservation.is_some(), Field::MemReservation),
+            (m.swap.is_some(), Field::MemSwapLimit),
+            (m.kernel.is_some(), Field::MemKernelLimit),
+            (m.kernel_tcp.is_some(), Field::MemTcpLimit),
+            (m.swappiness.is_some(), Field::MemSwappiness),
+            (m.disable_oom_killer.is_some(), Field::MemDisableOomKiller),
+            (m.use_hierarchy.is_some(), Field::MemUseHierarchy),
+        ] {
+            if is_set {
+                claims.push(set(field, ""));
+            }
+        }
+    }
+    if let Some(c) = &r.cpu {
+        for (is_set, field) in [
+            (c.shares.is_some(), Field::CpuShares),
+            (c.quota.is_some(), Field::CpuQuota),
+            (c.period.is_some(), Field::CpuPeriod),
+            (c.realtime_runtime.is_some(), Field::CpuRealtimeRuntime),
+            (c.realtime_period.is_some(), Field::CpuRealtimePeriod),
+            (!c.cpus.is_empty(), Field::CpuSetCpUs),
+            (!c.mems.is_empty(), Field::CpuSetMems),
+        ] {
+            if is_set {
+                claims.push(set(field, ""));
+            }
+        }
+    }
+    for h in &r.hugepage_limits {
+        claims.push(set(Field::HugepageLimits, &h.page_size));
+    }
+    for k in r.unified.keys() {
+        claims.push(set(Field::CgroupsUnified, k));
+    }
+    if r.pids.is_some() {
+        claims.push(set(Field::PidsLimit, ""));
+    }
+}
+
+/// Copies the set fields of `from` into `into`.
+fn merge_resources(from: &api::LinuxResources, into: &mut api::LinuxResources) {
     macro_rules! field {
-        ($part:ident, $field:ident, $name:expr) => {
+        ($part:ident, $field:ident) => {
             if let Some(src) = from.$part.as_ref().and_then(|p| p.$field.clone()) {
-                claims.push($name.to_string());
                 into.$part.get_or_insert_with(Default::default).$field = Some(src);
             }
         };
     }
-    field!(memory, limit, "memory limit");
-    field!(memory, reservation, "memory reservation");
-    field!(memory, swap, "memory swap limit");
-    field!(memory, kernel, "kernel memory limit");
-    field!(memory, kernel_tcp, "kernel TCP memory limit");
-    field!(memory, swappiness, "memory swappiness");
-    field!(memory, disable_oom_killer, "OOM killer");
-    field!(memory, use_hierarchy, "memory hierarchy");
-    field!(cpu, shares, "CPU shares");
-    field!(cpu, quota, "CPU quota");
-    field!(cpu, period, "CPU period");
-    field!(cpu, realtime_runtime, "CPU realtime runtime");
-    field!(cpu, realtime_period, "CPU realtime period");
+    field!(memory, limit);
+    field!(memory, reservation);
+    field!(memory, swap);
+    field!(memory, kernel);
+    field!(memory, kernel_tcp);
+    field!(memory, swappiness);
+    field!(memory, disable_oom_killer);
+    field!(memory, use_hierarchy);
+    field!(cpu, shares);
+    field!(cpu, quota);
+    field!(cpu, period);
+    field!(cpu, realtime_runtime);
+    field!(cpu, realtime_period);
     if let Some(cpu) = &from.cpu {
         if !cpu.cpus.is_empty() {
-            claims.push("cpuset CPUs".to_string());
             into.cpu.get_or_insert_with(Default::default).cpus = cpu.cpus.clone();
         }
         if !cpu.mems.is_empty() {
-            claims.push("cpuset memory nodes".to_string());
             into.cpu.get_or_insert_with(Default::default).mems = cpu.mems.clone();
         }
     }
     for h in &from.hugepage_limits {
-        claims.push(format!("hugepage limit {}", h.page_size));
         into.hugepage_limits.retain(|x| x.page_size != h.page_size);
         into.hugepage_limits.push(h.clone());
     }
     for (k, v) in &from.unified {
-        claims.push(format!("unified {k}"));
         into.unified.insert(k.clone(), v.clone());
     }
     if let Some(p) = &from.pids {
-        claims.push("pids limit".to_string());
         into.pids = Some(*p);
     }
     into.devices.extend(from.devices.iter().cloned());

@@ -404,16 +404,26 @@ impl Nri {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let timeout = self.config.plugin_request_timeout;
+        // A plugin being synchronized gets every event that its snapshot does not hold: the
+        // events of creations wait for it in their callers (`block_sync`), the others here.
+        let _sync = match event {
+            Event::RunPodSandbox | Event::CreateContainer | Event::ValidateContainerAdjustment => {
+                None
+            }
+            _ => Some(self.sync.read().await),
+        };
         let mut out = Vec::new();
         for p in plugins {
             if !p.subscribed(event) || p.is_closed() {
                 continue;
             }
             let mut answer: Result<Resp, TtrpcError> = p.call(method, req, timeout).await;
+            // Only the events NRI used to send as StateChange fall back to it.
             if let Err(TtrpcError::Status {
                 code: code::UNIMPLEMENTED,
                 ..
             }) = &answer
+                && has_state_change_form(event)
             {
                 answer = p
                     .call::<_, api::Empty>("StateChange", &state_change(), timeout)
@@ -422,7 +432,8 @@ impl Nri {
             }
             match answer {
                 Ok(r) => out.push((p, r)),
-                Err(e) if e.is_fatal() => {
+                // A validator that cannot answer rejects: nothing unvalidated is created.
+                Err(e) if e.is_fatal() && event != Event::ValidateContainerAdjustment => {
                     tracing::warn!(plugin = %p.name, event = method, error = %e, "NRI: plugin dropped");
                     self.drop_plugin(&p).await;
                 }
@@ -543,12 +554,17 @@ impl Nri {
             })
             .await?;
         let mut result = CreateResult::default();
-        let mut consulted = Vec::new();
-        for (p, r) in answers {
-            consulted.push(api::PluginInstance {
+        let consulted = self
+            .plugins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|p| api::PluginInstance {
                 name: p.base.clone(),
                 index: p.idx.clone(),
-            });
+            })
+            .collect();
+        for (p, r) in answers {
             if let Some(a) = r.adjust {
                 result.adjust.add(&p.name, a)?;
             }
@@ -560,7 +576,7 @@ impl Nri {
             container: Some(container.clone()),
             adjust: Some(result.adjust.adjustment.clone()),
             update: result.updates.clone(),
-            owners: None,
+            owners: Some(result.adjust.owning_plugins(&container.id)),
             plugins: consulted,
         };
         let verdicts: Vec<(Arc<Plugin>, api::ValidateContainerAdjustmentResponse)> = self
@@ -696,12 +712,16 @@ impl Nri {
                 Ok(answers) => {
                     let updates: Vec<api::ContainerUpdate> =
                         answers.into_iter().flat_map(|(_, r)| r.update).collect();
+                    // Applied apart: the caller may hold this container's lock, and an update
+                    // waits for the lock of the container it changes.
                     if !updates.is_empty()
                         && let Some(host) = self.host()
                     {
-                        for f in host.update(updates).await {
-                            tracing::warn!(container = %f.container_id, "NRI: update asked at a container's stop failed");
-                        }
+                        tokio::spawn(async move {
+                            for f in host.update(updates).await {
+                                tracing::warn!(container = %f.container_id, "NRI: update asked at a container's stop failed");
+                            }
+                        });
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "NRI: event not handled"),
@@ -743,6 +763,23 @@ impl Nri {
         }
         failed
     }
+}
+
+/// Whether NRI sent this event as a `StateChange` before it had its own method (an older
+/// plugin gets it so).
+fn has_state_change_form(event: Event) -> bool {
+    matches!(
+        event,
+        Event::RunPodSandbox
+            | Event::StopPodSandbox
+            | Event::RemovePodSandbox
+            | Event::PostCreateContainer
+            | Event::StartContainer
+            | Event::PostStartContainer
+            | Event::PostUpdateContainer
+            | Event::PostUpdatePodSandbox
+            | Event::RemoveContainer
+    )
 }
 
 fn state(

@@ -3,7 +3,8 @@
 //! Every frame on the socket is `conn id (u32, big endian) | length (u32, big endian) |
 //! payload`. Connection 1 carries the plugin's service (the runtime calls it), connection 2
 //! the runtime's service (the plugin calls it); each is a byte stream that ttrpc messages are
-//! read from ([`super::ttrpc`]), and a message may span frames.
+//! read from ([`super::ttrpc`]), and a message may span frames (see [`frames`] for how berth
+//! cuts them).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,35 +21,86 @@ pub const PLUGIN_SERVICE_CONN: u32 = 1;
 pub const RUNTIME_SERVICE_CONN: u32 = 2;
 
 const HEADER_LEN: usize = 8;
-/// The largest frame payload written. NRI's Go multiplexer hands each frame whole to a
-/// reader whose buffer may be as small as 4 KiB (ttrpc's `bufio.Reader`) and fails with
-/// ENOMEM on a bigger one, so messages go out in frames of at most that.
-const MAX_WRITE: usize = 4096;
+/// The size of the first frame of a message that does not fit in one (see [`frames`]).
+const FIRST_FRAME: usize = 4096;
 /// The largest frame accepted from a peer.
 const MAX_READ: usize = 16 << 20;
 
-/// The sending side: frames for any connection, one writer at a time.
+/// A message as frames for NRI's Go multiplexer, which hands each frame whole to a reader:
+/// ttrpc's `bufio.Reader` (4 KiB) fails with ENOMEM on a bigger one, except where it reads
+/// straight into the rest of a message. So a message bigger than 4 KiB goes out as Go's own
+/// `bufio.Writer` sends it: a first frame of 4 KiB, then the rest in one frame (the Go side
+/// queues at most 256 frames per connection, so small frames are no answer either).
+fn frames(conn: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 * HEADER_LEN + data.len());
+    let parts = if data.len() > FIRST_FRAME {
+        vec![&data[..FIRST_FRAME], &data[FIRST_FRAME..]]
+    } else {
+        vec![data]
+    };
+    for part in parts {
+        out.extend_from_slice(&conn.to_be_bytes());
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+enum Command {
+    Send(Vec<u8>),
+    Shutdown,
+}
+
+/// The sending side: one task writes every message whole, in the order given, so a caller
+/// that stops waiting (a deadline) never leaves half a message on the socket.
 pub struct MuxWriter {
-    half: tokio::sync::Mutex<OwnedWriteHalf>,
+    tx: mpsc::UnboundedSender<Command>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl MuxWriter {
-    /// Writes `data` to connection `conn`, in as many frames as it takes.
-    pub async fn write(&self, conn: u32, data: &[u8]) -> std::io::Result<()> {
-        let mut half = self.half.lock().await;
-        for chunk in data.chunks(MAX_WRITE) {
-            let mut frame = Vec::with_capacity(HEADER_LEN + chunk.len());
-            frame.extend_from_slice(&conn.to_be_bytes());
-            frame.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
-            frame.extend_from_slice(chunk);
-            half.write_all(&frame).await?;
+    fn new(mut half: OwnedWriteHalf) -> MuxWriter {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Some(cmd) = rx.recv().await {
+                match cmd {
+                    Command::Send(bytes) => {
+                        if half.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    Command::Shutdown => {
+                        let _ = half.shutdown().await;
+                        return;
+                    }
+                }
+            }
+        });
+        MuxWriter {
+            tx,
+            task: std::sync::Mutex::new(Some(task)),
         }
-        Ok(())
     }
 
-    /// Shuts the socket down for writing (the peer reads EOF).
+    /// Queues `data` for connection `conn`; fails once the socket is gone.
+    pub fn write(&self, conn: u32, data: &[u8]) -> std::io::Result<()> {
+        self.tx
+            .send(Command::Send(frames(conn, data)))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+
+    /// Shuts the socket down for writing once what is queued is written (the peer reads
+    /// EOF); a peer that reads nothing more gets it cut after a second.
     pub async fn shutdown(&self) {
-        let _ = self.half.lock().await.shutdown().await;
+        let _ = self.tx.send(Command::Shutdown);
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut task) = task
+            && tokio::time::timeout(std::time::Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+        }
     }
 }
 
@@ -60,12 +112,7 @@ pub struct MuxReader {
 /// Splits a socket into its multiplexed writer and reader.
 pub fn split(stream: UnixStream) -> (Arc<MuxWriter>, MuxReader) {
     let (r, w) = stream.into_split();
-    (
-        Arc::new(MuxWriter {
-            half: tokio::sync::Mutex::new(w),
-        }),
-        MuxReader { half: r },
-    )
+    (Arc::new(MuxWriter::new(w)), MuxReader { half: r })
 }
 
 impl MuxReader {
@@ -100,30 +147,34 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn frames_stay_small_and_reassemble() {
+    async fn big_messages_go_in_two_frames_and_reassemble() {
         let (a, b) = UnixStream::pair().expect("socketpair");
         let (writer, _reader) = split(a);
         let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        writer.write(PLUGIN_SERVICE_CONN, &data).expect("write");
         writer
-            .write(PLUGIN_SERVICE_CONN, &data)
-            .await
+            .write(PLUGIN_SERVICE_CONN, &data[..100])
             .expect("write");
         writer.shutdown().await;
-        // Raw frames as a Go peer reads them: none bigger than its 4 KiB buffer.
+        // Raw frames as a Go peer reads them: a message's first frame fits its 4 KiB
+        // buffer, the rest of the message comes in one frame.
         let mut raw = Vec::new();
         let mut b = b;
         b.read_to_end(&mut raw).await.expect("read");
         let mut payload = Vec::new();
+        let mut sizes = Vec::new();
         let mut rest = raw.as_slice();
         while !rest.is_empty() {
             let conn = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
             let len = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
             assert_eq!(conn, PLUGIN_SERVICE_CONN);
-            assert!(len <= 4096, "a frame of {len} bytes");
+            sizes.push(len);
             payload.extend_from_slice(&rest[8..8 + len]);
             rest = &rest[8 + len..];
         }
-        assert_eq!(payload, data);
+        assert_eq!(sizes, [4096, 10_000 - 4096, 100]);
+        assert_eq!(&payload[..10_000], &data[..]);
+        assert_eq!(&payload[10_000..], &data[..100]);
     }
 
     #[tokio::test]
@@ -134,9 +185,9 @@ mod tests {
         let (tx1, mut rx1) = mpsc::unbounded_channel();
         let (tx2, mut rx2) = mpsc::unbounded_channel();
         let task = tokio::spawn(reader.run(HashMap::from([(1, tx1), (2, tx2)])));
-        writer.write(2, b"two").await.expect("write");
-        writer.write(9, b"nobody's").await.expect("write");
-        writer.write(1, b"one").await.expect("write");
+        writer.write(2, b"two").expect("write");
+        writer.write(9, b"nobody's").expect("write");
+        writer.write(1, b"one").expect("write");
         assert_eq!(rx1.recv().await.as_deref(), Some(&b"one"[..]));
         assert_eq!(rx2.recv().await.as_deref(), Some(&b"two"[..]));
         writer.shutdown().await;

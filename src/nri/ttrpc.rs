@@ -271,12 +271,10 @@ impl Endpoint {
                                 payload: Vec::new(),
                             },
                         };
-                        let _ = writer
-                            .write(
-                                server_conn,
-                                &frame(m.stream, TYPE_RESPONSE, &resp.encode_to_vec()),
-                            )
-                            .await;
+                        let _ = writer.write(
+                            server_conn,
+                            &frame(m.stream, TYPE_RESPONSE, &resp.encode_to_vec()),
+                        );
                     });
                 }
             })
@@ -320,11 +318,11 @@ impl Endpoint {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(stream, tx);
+            // Queued whole, in id order; the writer task puts it on the socket.
             let sent = self
                 .inner
                 .writer
-                .write(self.inner.conn, &frame(stream, TYPE_REQUEST, &body))
-                .await;
+                .write(self.inner.conn, &frame(stream, TYPE_REQUEST, &body));
             (stream, sent)
         };
         let answer = match sent {

@@ -751,8 +751,10 @@ impl SandboxManager {
         }
         // The one durable commit: from here on the record names the pod.
         if let Err(e) = self.persist(rec) {
-            if let Some(pod) = &nri_pod {
-                self.nri.remove_pod_sandbox(pod).await;
+            // Told apart: the caller holds the sync block that the event waits behind.
+            if let Some(pod) = nri_pod {
+                let nri = self.nri.clone();
+                tokio::spawn(async move { nri.remove_pod_sandbox(&pod).await });
             }
             return Err(e);
         }
@@ -851,6 +853,12 @@ impl SandboxManager {
         };
         let t0 = std::time::Instant::now();
         write_mark(&rec.dir, REMOVING_MARK)?;
+        // A pod removed without a stop was still ready: plugins hear of its stop first.
+        if rec.phase == Phase::Ready && self.nri.active() {
+            self.nri
+                .stop_pod_sandbox(&crate::nri::convert::pod(&rec))
+                .await;
+        }
         self.destroy(&rec).await?;
         step_done("pod removal", "destroyed", t0);
         let mut b = Batch::new();

@@ -82,7 +82,7 @@ fn two_plugins_adjusting_one_thing_conflict() {
     m.add("01-a", env("1")).expect("first");
     let err = m.add("02-b", env("2")).expect_err("conflict");
     assert!(
-        err.to_string().contains("01-a and 02-b both adjust env X"),
+        err.to_string().contains("01-a and 02-b both adjust Env X"),
         "{err}"
     );
     let mem = |limit: i64| api::ContainerAdjustment {
@@ -241,4 +241,49 @@ fn updates_keep_what_they_leave_out() {
     );
     assert_eq!(cri_res.memory_limit_in_bytes, 1 << 29);
     assert_eq!(cri_res.cpu_shares, 512);
+}
+
+#[test]
+fn a_removal_takes_over_and_a_third_plugin_conflicts() {
+    let mut m = Merged::default();
+    let env = |k: &str, v: &str| api::ContainerAdjustment {
+        env: vec![kv(k, v)],
+        ..Default::default()
+    };
+    m.add("01-a", env("X", "1")).expect("a sets X");
+    // b removes what a set: no conflict, a's value is gone.
+    m.add("02-b", env("-X", "")).expect("b removes X");
+    assert_eq!(m.adjustment.env, vec![kv("-X", "")]);
+    // b may set it again; c may not.
+    m.add("02-b", env("X", "2")).expect("b sets X");
+    assert!(m.add("03-c", env("X", "3")).is_err());
+    let mut spec = base_spec();
+    m.apply(&mut spec, -1000).expect("apply");
+    let env = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.env().clone())
+        .unwrap_or_default();
+    assert!(env.contains(&"X=2".to_string()), "{env:?}");
+    // The owners as validators see them.
+    let owners = m.owning_plugins("ctr");
+    let f = &owners.owners["ctr"];
+    assert_eq!(f.compound[&(api::Field::Env as i32)].owners["X"], "02-b");
+}
+
+#[test]
+fn args_with_the_take_over_marker_replace_another_plugins() {
+    let mut m = Merged::default();
+    let args = |v: &[&str]| api::ContainerAdjustment {
+        args: v.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    m.add("01-a", args(&["/bin/a"])).expect("a");
+    assert!(
+        m.add("02-b", args(&["/bin/b"])).is_err(),
+        "plain args conflict"
+    );
+    m.add("02-b", args(&["", "/bin/b", "x"]))
+        .expect("take over");
+    assert_eq!(m.adjustment.args, ["/bin/b", "x"]);
 }
