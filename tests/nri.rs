@@ -535,12 +535,14 @@ async fn plugins_go_in_index_order_and_may_not_adjust_the_same_thing() {
         image,
         logs,
     } = busybox_daemon("test/nri-two", BerthdConfig::new()).await;
+    // Each sets an env var of its own (no conflict) and the same annotation (a conflict).
     let env = |v: &str| Behavior {
         adjust: Some(api::ContainerAdjustment {
             env: vec![api::KeyValue {
-                key: "WHO".to_string(),
+                key: format!("WHO_{v}"),
                 value: v.to_string(),
             }],
+            annotations: HashMap::from([("who".to_string(), v.to_string())]),
             ..Default::default()
         }),
         ..Default::default()
@@ -559,12 +561,23 @@ async fn plugins_go_in_index_order_and_may_not_adjust_the_same_thing() {
     assert!(at(&first) < at(&second));
     let err = create_container(&mut rt, &pod, sh_container("main", &image, "sleep 3600"))
         .await
-        .expect_err("both set WHO");
+        .expect_err("both set the annotation");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(
         err.message()
-            .contains("05-first and 60-second both adjust Env WHO"),
+            .contains("05-first and 60-second both adjust Annotations who"),
         "{err:?}"
+    );
+    // The second saw the container as the first adjusted it.
+    let seen = second.seen();
+    let create = seen
+        .iter()
+        .find(|s| s.event == "CreateContainer")
+        .expect("second saw CreateContainer");
+    assert!(
+        create.env.contains(&"WHO_first=first".to_string()),
+        "{:?}",
+        create.env
     );
     assert!(list_containers(&mut rt).await.is_empty());
     // Each plugin that saw the failed container hears that it is gone.

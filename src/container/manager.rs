@@ -735,7 +735,16 @@ impl ContainerManager {
         let ctr = crate::nri::convert::container(rec, Some(spec));
         // From here plugins may hold something for it: a failure tells them it is gone.
         nri.pod = Some(pod.clone());
-        let result = self.nri().create_container(&pod, &ctr).await?;
+        let result = {
+            let (base, record, min) = (&*spec, &*rec, self.min_oom_score_adj);
+            self.nri()
+                .create_container(&pod, &ctr, |merged| {
+                    let mut s = base.clone();
+                    merged.apply(&mut s, min).ok()?;
+                    Some(crate::nri::convert::container(record, Some(&s)))
+                })
+                .await?
+        };
         nri.updates = result.updates;
         nri.evictions = result.evictions;
         if !result.adjust.is_empty() {

@@ -398,6 +398,21 @@ impl Nri {
         req: &Req,
         state_change: impl Fn() -> api::StateChangeEvent,
     ) -> Result<Vec<(Arc<Plugin>, Resp)>, NriError> {
+        self.relay_each(event, method, req, state_change, |_, _| Ok(None))
+            .await
+    }
+
+    /// [`Nri::relay`], with `after` called on each answer before the next plugin is asked:
+    /// the request it returns is what the next plugins get.
+    async fn relay_each<Req: Message, Resp: Message + Default>(
+        &self,
+        event: Event,
+        method: &'static str,
+        req: &Req,
+        state_change: impl Fn() -> api::StateChangeEvent,
+        mut after: impl FnMut(&Arc<Plugin>, &Resp) -> Result<Option<Req>, NriError>,
+    ) -> Result<Vec<(Arc<Plugin>, Resp)>, NriError> {
+        let mut changed: Option<Req> = None;
         let plugins: Vec<Arc<Plugin>> = self
             .plugins
             .read()
@@ -417,7 +432,8 @@ impl Nri {
             if !p.subscribed(event) || p.is_closed() {
                 continue;
             }
-            let mut answer: Result<Resp, TtrpcError> = p.call(method, req, timeout).await;
+            let current = changed.as_ref().unwrap_or(req);
+            let mut answer: Result<Resp, TtrpcError> = p.call(method, current, timeout).await;
             // Only the events NRI used to send as StateChange fall back to it.
             if let Err(TtrpcError::Status {
                 code: code::UNIMPLEMENTED,
@@ -431,7 +447,12 @@ impl Nri {
                     .map(|_| Resp::default());
             }
             match answer {
-                Ok(r) => out.push((p, r)),
+                Ok(r) => {
+                    if let Some(next) = after(&p, &r)? {
+                        changed = Some(next);
+                    }
+                    out.push((p, r));
+                }
                 // A validator that cannot answer rejects: nothing unvalidated is created.
                 Err(e) if e.is_fatal() && event != Event::ValidateContainerAdjustment => {
                     tracing::warn!(plugin = %p.name, event = method, error = %e, "NRI: plugin dropped");
@@ -539,21 +560,40 @@ impl Nri {
 
     /// CreateContainer: every plugin's adjustment, merged (two plugins adjusting the same
     /// thing is an error), then checked by the validating plugins.
+    ///
+    /// Each plugin sees the container as the plugins before it adjusted it: `adjusted`
+    /// gives the container with a merged adjustment applied.
     pub async fn create_container(
         &self,
         pod: &api::PodSandbox,
         container: &api::Container,
+        adjusted: impl Fn(&adjust::Merged) -> Option<api::Container>,
     ) -> Result<CreateResult, NriError> {
         let req = api::CreateContainerRequest {
             pod: Some(pod.clone()),
             container: Some(container.clone()),
         };
+        let mut merged = adjust::Merged::default();
         let answers: Vec<(Arc<Plugin>, api::CreateContainerResponse)> = self
-            .relay(Event::CreateContainer, "CreateContainer", &req, || {
-                state(Event::CreateContainer, pod, Some(container))
-            })
+            .relay_each(
+                Event::CreateContainer,
+                "CreateContainer",
+                &req,
+                || state(Event::CreateContainer, pod, Some(container)),
+                |p, r: &api::CreateContainerResponse| {
+                    let Some(a) = &r.adjust else { return Ok(None) };
+                    merged.add(&p.name, a.clone())?;
+                    Ok(adjusted(&merged).map(|c| api::CreateContainerRequest {
+                        pod: Some(pod.clone()),
+                        container: Some(c),
+                    }))
+                },
+            )
             .await?;
-        let mut result = CreateResult::default();
+        let mut result = CreateResult {
+            adjust: merged,
+            ..Default::default()
+        };
         let consulted = self
             .plugins
             .read()
@@ -564,10 +604,7 @@ impl Nri {
                 index: p.idx.clone(),
             })
             .collect();
-        for (p, r) in answers {
-            if let Some(a) = r.adjust {
-                result.adjust.add(&p.name, a)?;
-            }
+        for (_, r) in answers {
             result.updates.extend(r.update);
             result.evictions.extend(r.evict);
         }

@@ -22,6 +22,8 @@ pub struct Seen {
     pub pod: String,
     pub container: String,
     pub container_name: String,
+    /// The container's env as the plugin got it.
+    pub env: Vec<String>,
     pub at: Instant,
 }
 
@@ -54,16 +56,19 @@ pub struct TestPlugin {
     state: Arc<Mutex<State>>,
 }
 
-fn ids(req: &[u8], method: &str) -> (String, String, String) {
+/// Pod id, container id, name and env of an event request.
+fn ids(req: &[u8], method: &str) -> (String, String, String, Vec<String>) {
     // Every event request is (pod = 1, container = 2) or (pod = 1).
     let r = api::CreateContainerRequest::decode(req).unwrap_or_default();
     let pod = r.pod.map(|p| p.id).unwrap_or_default();
-    let (ctr, name) = if method.contains("Container") {
-        r.container.map(|c| (c.id, c.name)).unwrap_or_default()
+    let (ctr, name, env) = if method.contains("Container") {
+        r.container
+            .map(|c| (c.id, c.name, c.env))
+            .unwrap_or_default()
     } else {
-        (String::new(), String::new())
+        Default::default()
     };
-    (pod, ctr, name)
+    (pod, ctr, name, env)
 }
 
 impl TestPlugin {
@@ -129,7 +134,7 @@ impl TestPlugin {
                     "Shutdown" => return Ok(Vec::new()),
                     _ => {}
                 }
-                let (pod, container, container_name) = ids(&payload, &method);
+                let (pod, container, container_name, env) = ids(&payload, &method);
                 let fail = {
                     let mut s = st.lock().expect("state");
                     s.seen.push(Seen {
@@ -137,6 +142,7 @@ impl TestPlugin {
                         pod,
                         container,
                         container_name,
+                        env,
                         at: Instant::now(),
                     });
                     s.fail_once.remove(&method)
