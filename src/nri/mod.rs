@@ -109,6 +109,18 @@ pub struct Nri {
     /// Containers whose StopContainer event went out (or is going out): exactly once each.
     stopped: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<()>>>>,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Plugins between their registration and their place in `plugins`: events raised
+    /// meanwhile are built (and wait for the synchronization), so none is missed.
+    synchronizing: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a plugin as being synchronized while it lives.
+struct Synchronizing<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Synchronizing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Nri {
@@ -120,6 +132,7 @@ impl Nri {
             host: OnceLock::new(),
             stopped: Mutex::new(HashMap::new()),
             listener: Mutex::new(None),
+            synchronizing: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -132,13 +145,15 @@ impl Nri {
         self.host.get().and_then(Weak::upgrade)
     }
 
-    /// Whether any plugin is connected (events are built and sent only then).
+    /// Whether any plugin is connected or being synchronized (events are built and sent
+    /// only then).
     pub fn active(&self) -> bool {
-        !self
-            .plugins
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+        self.synchronizing.load(std::sync::atomic::Ordering::SeqCst) > 0
+            || !self
+                .plugins
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
     }
 
     /// Names of the connected plugins, in invocation order.
@@ -316,6 +331,9 @@ impl Nri {
                 return false;
             }
         };
+        self.synchronizing
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let counted = Synchronizing(&self.synchronizing);
         let guard = self.sync.write().await;
         let updates = match self.synchronize(&plugin).await {
             Ok(u) => u,
@@ -331,6 +349,7 @@ impl Nri {
             plugins.sort_by(|a, b| a.idx.cmp(&b.idx));
         }
         drop(guard);
+        drop(counted);
         tracing::info!(plugin = %plugin.name, order = ?self.plugin_names(), "NRI: plugin connected and synchronized");
         if !updates.is_empty()
             && let Some(host) = self.host()
@@ -413,20 +432,21 @@ impl Nri {
         mut after: impl FnMut(&Arc<Plugin>, &Resp) -> Result<Option<Req>, NriError>,
     ) -> Result<Vec<(Arc<Plugin>, Resp)>, NriError> {
         let mut changed: Option<Req> = None;
-        let plugins: Vec<Arc<Plugin>> = self
-            .plugins
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let timeout = self.config.plugin_request_timeout;
         // A plugin being synchronized gets every event that its snapshot does not hold: the
-        // events of creations wait for it in their callers (`block_sync`), the others here.
+        // events of creations wait for it in their callers (`block_sync`), the others here,
+        // before the plugins are listed (so that it is among them).
         let _sync = match event {
             Event::RunPodSandbox | Event::CreateContainer | Event::ValidateContainerAdjustment => {
                 None
             }
             _ => Some(self.sync.read().await),
         };
+        let plugins: Vec<Arc<Plugin>> = self
+            .plugins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let timeout = self.config.plugin_request_timeout;
         let mut out = Vec::new();
         for p in plugins {
             if !p.subscribed(event) || p.is_closed() {
