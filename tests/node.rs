@@ -292,7 +292,8 @@ async fn install_twice_then_the_installed_berthd_serves() {
     let cni_dir = root.join("etc/cni/net.d");
     let operator_config = format!(
         "root = \"{r}/var/lib/berth\"\nstate = \"{r}/run/berth\"\nsocket = \"{r}/run/berth/berth.sock\"\n\
-         [network]\nmode = \"cni\"\n[cni]\nconf_dir = \"/etc/cni/net.d\"\n[metrics]\naddress = \"\"\n",
+         [network]\nmode = \"cni\"\n[cni]\nconf_dir = \"/etc/cni/net.d\"\n[metrics]\naddress = \"\"\n\
+         [nri]\nsocket_path = \"{r}/run/nri/nri.sock\"\nplugin_path = \"{r}/opt/nri/plugins\"\n",
         r = root.display()
     );
     std::fs::write(&config, &operator_config).expect("edit config");
