@@ -211,8 +211,14 @@ impl Nri {
         let me = Arc::downgrade(self);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    // Out of fds, say: plugins may connect again in a moment.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NRI: accepting a plugin connection");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
                 let Some(nri) = me.upgrade() else { return };
                 tokio::spawn(async move {
@@ -297,7 +303,14 @@ impl Nri {
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(move || {
-                if libc::dup2(fd, 3) < 0 {
+                // dup2 leaves the copy without close-on-exec; an fd that is 3 already keeps
+                // its flag, so it is cleared by hand.
+                let r = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if r < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
