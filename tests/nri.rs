@@ -491,6 +491,21 @@ async fn a_preinstalled_plugin_is_started_with_its_config() {
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
     std::fs::write(confs.join("marker.conf"), "from-conf").expect("conf");
+    // One that never registers is killed when its registration times out.
+    let silent = plugins.join("09-silent");
+    std::fs::write(&silent, "#!/bin/sh\nexec sleep 36017\n").expect("script");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&silent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let silent_alive = || {
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .any(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x0036017\x00")
+            })
+    };
     let BusyboxDaemon {
         reg: _reg,
         d,
@@ -507,9 +522,11 @@ async fn a_preinstalled_plugin_is_started_with_its_config() {
             .nri_line(&format!(
                 "plugin_config_path = {}",
                 toml_str(&confs.to_string_lossy())
-            )),
+            ))
+            .nri_line("plugin_registration_timeout = \"1s\""),
     )
     .await;
+    assert!(!silent_alive(), "the silent plugin was not killed");
     let pod = run_pod(&mut rt, plain_pod_config("nri-pre", "nri", logs.path()), "").await;
     let c = create_container(&mut rt, &pod, sh_container("main", &image, "sleep 3600"))
         .await

@@ -114,6 +114,11 @@ impl Plugin {
             Ok(r) => r,
             Err(e) => {
                 endpoint.close().await;
+                // A plugin berthd started does not outlive its failed registration.
+                if let Some(mut child) = origin.child {
+                    let _ = child.kill();
+                    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+                }
                 return Err(e);
             }
         };
