@@ -56,8 +56,8 @@ pub struct Origin {
 
 impl Plugin {
     /// Waits for the plugin on `stream` to register, then configures it. The runtime's
-    /// service on the connection serves `RegisterPlugin` and `UpdateContainers` (the latter
-    /// once the plugin is synchronized).
+    /// service on the connection serves `RegisterPlugin` and `UpdateContainers` (whenever
+    /// the plugin sends it).
     pub async fn connect(
         nri: &Arc<Nri>,
         stream: UnixStream,
