@@ -694,7 +694,11 @@ impl ContainerManager {
                 self.nri().clone(),
                 crate::nri::convert::container(rec, None),
             );
-            handle.spawn(async move { nri.container_stopped(&pod, &ctr).await }.in_current_span());
+            let id = rec.id.clone();
+            handle.spawn(
+                async move { nri.container_stopped(&id, move || Some((pod, ctr))).await }
+                    .in_current_span(),
+            );
         }
         Ok(())
     }
@@ -714,12 +718,18 @@ impl ContainerManager {
             .map(|sb| crate::nri::convert::pod(&sb))
     }
 
-    /// Tells NRI plugins that the container stopped, once; waits for it to be told.
+    /// Tells NRI plugins that the container stopped, once; waits for it to be told. The
+    /// event is built only if it was not told yet (its exit notice usually told it).
     async fn nri_stopped(&self, rec: &ContainerRecord) {
-        if let Some(pod) = self.nri_pod(rec) {
-            let ctr = crate::nri::convert::container(rec, None);
-            self.nri().container_stopped(&pod, &ctr).await;
+        if !self.nri().active() {
+            return;
         }
+        self.nri()
+            .container_stopped(&rec.id, || {
+                let pod = self.nri_pod(rec)?;
+                Some((pod, crate::nri::convert::container(rec, None)))
+            })
+            .await;
     }
 
     /// CreateContainer's NRI hook: plugins' adjustments applied to `spec`, their updates to
@@ -1092,7 +1102,9 @@ impl ContainerManager {
                 // Plugins that saw it made hear that it is gone.
                 if let Some(pod) = &nri_create.pod {
                     let ctr = crate::nri::convert::container(&rec, None);
-                    self.nri().container_stopped(pod, &ctr).await;
+                    self.nri()
+                        .container_stopped(&rec.id, || Some((pod.clone(), ctr.clone())))
+                        .await;
                     self.nri().remove_container(pod, &ctr).await;
                     self.nri().forget(&rec.id);
                 }
@@ -1446,9 +1458,13 @@ impl ContainerManager {
         }
         let runtime = self.runtime(&rec.runtime_handler)?;
         // NRI plugins may refuse the start (the container stays created).
-        let nri_pod = self.nri_pod(&rec);
-        if let Some(pod) = &nri_pod {
-            let ctr = crate::nri::convert::container(&rec, None);
+        // The spec is read once for both of its NRI events.
+        let nri_event = self.nri_pod(&rec).map(|pod| {
+            let spec = oci_spec::runtime::Spec::load(rec.bundle.join("config.json")).ok();
+            (pod, spec)
+        });
+        if let Some((pod, spec)) = &nri_event {
+            let ctr = crate::nri::convert::container(&rec, spec.as_ref());
             self.nri().start_container(pod, &ctr).await?;
         }
         // Taken before `start`: a quick process may exit before `start` returns.
@@ -1468,8 +1484,8 @@ impl ContainerManager {
                 self.index.insert(&id, rec.clone());
                 self.events
                     .publish(EventKind::Started, &id, &rec.sandbox_id, None, Some(&rec));
-                if let Some(pod) = &nri_pod {
-                    let ctr = crate::nri::convert::container(&rec, None);
+                if let Some((pod, spec)) = &nri_event {
+                    let ctr = crate::nri::convert::container(&rec, spec.as_ref());
                     self.nri().post_start_container(pod, &ctr).await;
                 }
                 Ok(())
@@ -1643,7 +1659,9 @@ impl ContainerManager {
             .nri_pod(&rec)
             .map(|pod| (pod, crate::nri::convert::container(&rec, None)));
         if let Some((pod, ctr)) = &nri_event {
-            self.nri().container_stopped(pod, ctr).await;
+            self.nri()
+                .container_stopped(&id, || Some((pod.clone(), ctr.clone())))
+                .await;
         }
         let t0 = std::time::Instant::now();
         // A bundle that is gone (a reboot emptied `state`) needs no mark: nothing is left in it.

@@ -426,11 +426,11 @@ impl Nri {
     async fn relay<Req: Message, Resp: Message + Default>(
         &self,
         event: Event,
-        method: &'static str,
         req: &Req,
-        state_change: impl Fn() -> api::StateChangeEvent,
+        pod: &api::PodSandbox,
+        container: Option<&api::Container>,
     ) -> Result<Vec<(Arc<Plugin>, Resp)>, NriError> {
-        self.relay_each(event, method, req, state_change, |_, _| Ok(None))
+        self.relay_each(event, req, pod, container, |_, _| Ok(None))
             .await
     }
 
@@ -439,11 +439,12 @@ impl Nri {
     async fn relay_each<Req: Message, Resp: Message + Default>(
         &self,
         event: Event,
-        method: &'static str,
         req: &Req,
-        state_change: impl Fn() -> api::StateChangeEvent,
+        pod: &api::PodSandbox,
+        container: Option<&api::Container>,
         mut after: impl FnMut(&Arc<Plugin>, &Resp) -> Result<Option<Req>, NriError>,
     ) -> Result<Vec<(Arc<Plugin>, Resp)>, NriError> {
+        let method = method_of(event);
         let mut changed: Option<Req> = None;
         // A plugin being synchronized gets every event that its snapshot does not hold: the
         // events of creations wait for it in their callers (`block_sync`), the others here,
@@ -475,7 +476,7 @@ impl Nri {
                 && has_state_change_form(event)
             {
                 answer = p
-                    .call::<_, api::Empty>("StateChange", &state_change(), timeout)
+                    .call::<_, api::Empty>("StateChange", &state(event, pod, container), timeout)
                     .await
                     .map(|_| Resp::default());
             }
@@ -510,12 +511,12 @@ impl Nri {
     async fn notify<Req: Message>(
         &self,
         event: Event,
-        method: &'static str,
         req: &Req,
-        state_change: impl Fn() -> api::StateChangeEvent,
+        pod: &api::PodSandbox,
+        container: Option<&api::Container>,
     ) {
         if let Err(e) = self
-            .relay::<Req, api::Empty>(event, method, req, state_change)
+            .relay::<Req, api::Empty>(event, req, pod, container)
             .await
         {
             tracing::warn!(error = %e, "NRI: event not handled");
@@ -526,34 +527,23 @@ impl Nri {
         let req = api::RunPodSandboxRequest {
             pod: Some(pod.clone()),
         };
-        self.relay::<_, api::RunPodSandboxResponse>(
-            Event::RunPodSandbox,
-            "RunPodSandbox",
-            &req,
-            || state(Event::RunPodSandbox, pod, None),
-        )
-        .await
-        .map(|_| ())
+        self.relay::<_, api::RunPodSandboxResponse>(Event::RunPodSandbox, &req, pod, None)
+            .await
+            .map(|_| ())
     }
 
     pub async fn stop_pod_sandbox(&self, pod: &api::PodSandbox) {
         let req = api::StopPodSandboxRequest {
             pod: Some(pod.clone()),
         };
-        self.notify(Event::StopPodSandbox, "StopPodSandbox", &req, || {
-            state(Event::StopPodSandbox, pod, None)
-        })
-        .await
+        self.notify(Event::StopPodSandbox, &req, pod, None).await
     }
 
     pub async fn remove_pod_sandbox(&self, pod: &api::PodSandbox) {
         let req = api::RemovePodSandboxRequest {
             pod: Some(pod.clone()),
         };
-        self.notify(Event::RemovePodSandbox, "RemovePodSandbox", &req, || {
-            state(Event::RemovePodSandbox, pod, None)
-        })
-        .await
+        self.notify(Event::RemovePodSandbox, &req, pod, None).await
     }
 
     /// UpdatePodSandboxResources: a plugin may refuse it.
@@ -568,27 +558,17 @@ impl Nri {
             overhead_linux_resources: overhead,
             linux_resources: resources,
         };
-        self.relay::<_, api::UpdatePodSandboxResponse>(
-            Event::UpdatePodSandbox,
-            "UpdatePodSandbox",
-            &req,
-            || state(Event::UpdatePodSandbox, pod, None),
-        )
-        .await
-        .map(|_| ())
+        self.relay::<_, api::UpdatePodSandboxResponse>(Event::UpdatePodSandbox, &req, pod, None)
+            .await
+            .map(|_| ())
     }
 
     pub async fn post_update_pod_sandbox(&self, pod: &api::PodSandbox) {
         let req = api::PostUpdatePodSandboxRequest {
             pod: Some(pod.clone()),
         };
-        self.notify(
-            Event::PostUpdatePodSandbox,
-            "PostUpdatePodSandbox",
-            &req,
-            || state(Event::PostUpdatePodSandbox, pod, None),
-        )
-        .await
+        self.notify(Event::PostUpdatePodSandbox, &req, pod, None)
+            .await
     }
 
     /// CreateContainer: every plugin's adjustment, merged (two plugins adjusting the same
@@ -610,9 +590,9 @@ impl Nri {
         let answers: Vec<(Arc<Plugin>, api::CreateContainerResponse)> = self
             .relay_each(
                 Event::CreateContainer,
-                "CreateContainer",
                 &req,
-                || state(Event::CreateContainer, pod, Some(container)),
+                pod,
+                Some(container),
                 |p, r: &api::CreateContainerResponse| {
                     let Some(a) = &r.adjust else { return Ok(None) };
                     merged.add(&p.name, a.clone())?;
@@ -652,15 +632,15 @@ impl Nri {
         let verdicts: Vec<(Arc<Plugin>, api::ValidateContainerAdjustmentResponse)> = self
             .relay(
                 Event::ValidateContainerAdjustment,
-                "ValidateContainerAdjustment",
                 &validate,
-                || state(Event::ValidateContainerAdjustment, pod, Some(container)),
+                pod,
+                Some(container),
             )
             .await?;
         if let Some((p, v)) = verdicts.into_iter().find(|(_, v)| v.reject) {
             return Err(NriError::Plugin {
                 plugin: p.name.clone(),
-                event: "ValidateContainerAdjustment",
+                event: method_of(Event::ValidateContainerAdjustment),
                 message: format!("rejected the adjustment: {}", v.reason),
             });
         }
@@ -672,13 +652,8 @@ impl Nri {
             pod: Some(pod.clone()),
             container: Some(container.clone()),
         };
-        self.notify(
-            Event::PostCreateContainer,
-            "PostCreateContainer",
-            &req,
-            || state(Event::PostCreateContainer, pod, Some(container)),
-        )
-        .await
+        self.notify(Event::PostCreateContainer, &req, pod, Some(container))
+            .await
     }
 
     pub async fn start_container(
@@ -692,9 +667,9 @@ impl Nri {
         };
         self.relay::<_, api::StartContainerResponse>(
             Event::StartContainer,
-            "StartContainer",
             &req,
-            || state(Event::StartContainer, pod, Some(container)),
+            pod,
+            Some(container),
         )
         .await
         .map(|_| ())
@@ -705,13 +680,8 @@ impl Nri {
             pod: Some(pod.clone()),
             container: Some(container.clone()),
         };
-        self.notify(
-            Event::PostStartContainer,
-            "PostStartContainer",
-            &req,
-            || state(Event::PostStartContainer, pod, Some(container)),
-        )
-        .await
+        self.notify(Event::PostStartContainer, &req, pod, Some(container))
+            .await
     }
 
     /// UpdateContainerResources: the updates plugins ask for (to this container, changing
@@ -728,9 +698,7 @@ impl Nri {
             linux_resources: Some(resources.clone()),
         };
         let answers: Vec<(Arc<Plugin>, api::UpdateContainerResponse)> = self
-            .relay(Event::UpdateContainer, "UpdateContainer", &req, || {
-                state(Event::UpdateContainer, pod, Some(container))
-            })
+            .relay(Event::UpdateContainer, &req, pod, Some(container))
             .await?;
         let mut updates = Vec::new();
         let mut evictions = Vec::new();
@@ -746,26 +714,29 @@ impl Nri {
             pod: Some(pod.clone()),
             container: Some(container.clone()),
         };
-        self.notify(
-            Event::PostUpdateContainer,
-            "PostUpdateContainer",
-            &req,
-            || state(Event::PostUpdateContainer, pod, Some(container)),
-        )
-        .await
+        self.notify(Event::PostUpdateContainer, &req, pod, Some(container))
+            .await
     }
 
     /// StopContainer, once per container however its stop was seen (StopContainer, its own
     /// exit, a pod's stop, RemoveContainer): a second call waits for the first to finish.
-    pub async fn container_stopped(&self, pod: &api::PodSandbox, container: &api::Container) {
+    /// `event` gives the pod and container to send; it is called only by the first call.
+    pub async fn container_stopped(
+        &self,
+        container_id: &str,
+        event: impl FnOnce() -> Option<(api::PodSandbox, api::Container)>,
+    ) {
         let cell = self
             .stopped
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(container.id.clone())
+            .entry(container_id.to_string())
             .or_default()
             .clone();
         cell.get_or_init(|| async {
+            let Some((pod, container)) = event() else {
+                return;
+            };
             let req = api::StopContainerRequest {
                 pod: Some(pod.clone()),
                 container: Some(container.clone()),
@@ -773,9 +744,9 @@ impl Nri {
             let answers = self
                 .relay::<_, api::StopContainerResponse>(
                     Event::StopContainer,
-                    "StopContainer",
                     &req,
-                    || state(Event::StopContainer, pod, Some(container)),
+                    &pod,
+                    Some(&container),
                 )
                 .await;
             match answers {
@@ -805,10 +776,8 @@ impl Nri {
             pod: Some(pod.clone()),
             container: Some(container.clone()),
         };
-        self.notify(Event::RemoveContainer, "RemoveContainer", &req, || {
-            state(Event::RemoveContainer, pod, Some(container))
-        })
-        .await;
+        self.notify(Event::RemoveContainer, &req, pod, Some(container))
+            .await;
     }
 
     /// Forgets a removed container (whether or not plugins were told of its removal).
@@ -850,6 +819,27 @@ fn has_state_change_form(event: Event) -> bool {
             | Event::PostUpdatePodSandbox
             | Event::RemoveContainer
     )
+}
+
+/// The name of the Plugin service's method for an event.
+fn method_of(event: Event) -> &'static str {
+    match event {
+        Event::RunPodSandbox => "RunPodSandbox",
+        Event::StopPodSandbox => "StopPodSandbox",
+        Event::RemovePodSandbox => "RemovePodSandbox",
+        Event::UpdatePodSandbox => "UpdatePodSandbox",
+        Event::PostUpdatePodSandbox => "PostUpdatePodSandbox",
+        Event::CreateContainer => "CreateContainer",
+        Event::PostCreateContainer => "PostCreateContainer",
+        Event::StartContainer => "StartContainer",
+        Event::PostStartContainer => "PostStartContainer",
+        Event::UpdateContainer => "UpdateContainer",
+        Event::PostUpdateContainer => "PostUpdateContainer",
+        Event::StopContainer => "StopContainer",
+        Event::RemoveContainer => "RemoveContainer",
+        Event::ValidateContainerAdjustment => "ValidateContainerAdjustment",
+        Event::Unknown | Event::Last => "StateChange",
+    }
 }
 
 fn state(
