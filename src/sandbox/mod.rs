@@ -820,11 +820,8 @@ impl SandboxManager {
         let t0 = std::time::Instant::now();
         write_mark(&rec.dir, STOPPING_MARK)?;
         // Its containers are stopped (the caller did that); plugins hear of it while the pod
-        // is still whole, once: a pod already stopped does not get here.
-        if rec.phase == Phase::Ready && self.nri.active() {
-            self.nri
-                .stop_pod_sandbox(&crate::nri::convert::pod(&rec))
-                .await;
+        // is still whole.
+        if self.nri_stopping(&rec).await {
             step_done("pod stop", "nri", t0);
         }
         self.release_runtime_resources(&rec).await?;
@@ -838,6 +835,18 @@ impl SandboxManager {
         self.events
             .publish(EventKind::Stopped, &id, &id, Some(&rec), None);
         Ok(())
+    }
+
+    /// Tells NRI plugins that a ready pod stops (once, since a stopped pod is not ready);
+    /// whether there were plugins to tell.
+    async fn nri_stopping(&self, rec: &SandboxRecord) -> bool {
+        let tell = rec.phase == Phase::Ready && self.nri.active();
+        if tell {
+            self.nri
+                .stop_pod_sandbox(&crate::nri::convert::pod(rec))
+                .await;
+        }
+        tell
     }
 
     /// RemovePodSandbox: stops it if needed and removes it; an unknown id is fine.
@@ -854,11 +863,7 @@ impl SandboxManager {
         let t0 = std::time::Instant::now();
         write_mark(&rec.dir, REMOVING_MARK)?;
         // A pod removed without a stop was still ready: plugins hear of its stop first.
-        if rec.phase == Phase::Ready && self.nri.active() {
-            self.nri
-                .stop_pod_sandbox(&crate::nri::convert::pod(&rec))
-                .await;
-        }
+        self.nri_stopping(&rec).await;
         self.destroy(&rec).await?;
         step_done("pod removal", "destroyed", t0);
         let mut b = Batch::new();
