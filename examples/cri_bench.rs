@@ -854,13 +854,16 @@ fn rss_kib(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status"))?;
     let field = |name: &str| -> Result<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+        kib_field(&status, name).with_context(|| format!("no {name} in /proc/{pid}/status"))
     };
     Ok((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// The value of a `Name:   123 kB` line of a `/proc/PID/status`-like text, in KiB.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 // ----- pods, containers, cleanup -----
@@ -1043,16 +1046,11 @@ fn list_procs() -> Vec<Proc> {
 
 /// `(VmRSS, Pss)` of a process in KiB; `None` when it is gone (or a kernel thread).
 fn rss_pss_kib(pid: u32) -> Option<(u64, u64)> {
-    let field = |text: &str, name: &str| -> Option<u64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-    };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = field(&status, "VmRSS:")?;
+    let rss = kib_field(&status, "VmRSS:")?;
     let pss = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
-        .and_then(|s| field(&s, "Pss:"))
+        .and_then(|s| kib_field(&s, "Pss:"))
         .unwrap_or(0);
     Some((rss, pss))
 }
@@ -1094,13 +1092,7 @@ fn print_rss(what: &str, when: &str, pids: &[u32], procs: &[Proc]) {
     if let [pid] = pids
         && let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
     {
-        let field = |name: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        };
+        let field = |name: &str| kib_field(&status, name).unwrap_or(0);
         println!(
             "rssparts {what} {when} {} {}",
             field("RssAnon:"),
