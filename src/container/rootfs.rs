@@ -1,9 +1,17 @@
 //! A container's root filesystem: an overlay mount of its image's layer snapshots (read-only
 //! lower dirs) with a private upper dir, mounted at `<bundle>/rootfs` and removed with the
-//! container. The upper and work dirs live under `root/containers/<id>` so a container's
-//! writes survive a reboot like containerd's snapshots do.
+//! container. The upper and work dirs live under `root/containers/<id>`, on disk beside the
+//! record, so an exited container's writes can still be looked at.
+//!
+//! The writable overlay is mounted `volatile` where the kernel has it (5.10+), as CRI-O does:
+//! a container's writable layer is never mounted again once its container is gone (the CRI
+//! has no restart; after a reboot the kubelet makes new containers), so syncing the whole
+//! backing filesystem at every unmount, which a plain overlay does, buys nothing and puts a
+//! `syncfs` of the node's disk on every RemoveContainer.
 
 use std::path::{Path, PathBuf};
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
@@ -48,12 +56,53 @@ pub fn mount_rootfs(
             source,
         })?;
     }
-    mount_overlay(lower_dirs, Some((&upper, &work)), target, MsFlags::empty()).map_err(|source| {
-        RootfsError::Mount {
-            path: target.to_path_buf(),
-            source,
+    let mount = |volatile| {
+        mount_overlay(
+            lower_dirs,
+            Some(UpperDir {
+                upper: &upper,
+                work: &work,
+                volatile,
+            }),
+            target,
+            MsFlags::empty(),
+        )
+    };
+    let result = if VOLATILE_REFUSED.load(Ordering::Relaxed) {
+        mount(false)
+    } else {
+        match mount(true) {
+            // A kernel before 5.10 does not know the option: once it says so, it is not
+            // offered again.
+            Err(nix::Error::EINVAL) => {
+                let plain = mount(false);
+                if plain.is_ok() {
+                    VOLATILE_REFUSED.store(true, Ordering::Relaxed);
+                    tracing::info!(
+                        "this kernel's overlayfs has no `volatile`; writable layers are synced at unmount"
+                    );
+                }
+                plain
+            }
+            r => r,
         }
+    };
+    result.map_err(|source| RootfsError::Mount {
+        path: target.to_path_buf(),
+        source,
     })
+}
+
+/// Set once the kernel refused `volatile`.
+static VOLATILE_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// A writable overlay's upper and work dirs, and whether it is mounted `volatile` (no sync of
+/// the upper filesystem at unmount or on `syncfs`).
+#[derive(Debug, Clone, Copy)]
+pub struct UpperDir<'a> {
+    pub upper: &'a Path,
+    pub work: &'a Path,
+    pub volatile: bool,
 }
 
 /// The longest mount options string the kernel takes (one page, minus room to spare).
@@ -65,12 +114,17 @@ const MAX_OPTIONS: usize = 4000;
 /// (resolved at mount time; the fds are closed after), so images of up to ~200 layers mount.
 pub fn mount_overlay(
     lower_dirs: &[PathBuf],
-    upper_work: Option<(&Path, &Path)>,
+    upper_dir: Option<UpperDir<'_>>,
     target: &Path,
     flags: MsFlags,
 ) -> Result<(), nix::Error> {
-    let tail = match upper_work {
-        Some((upper, work)) => format!(",upperdir={},workdir={}", upper.display(), work.display()),
+    let tail = match upper_dir {
+        Some(u) => format!(
+            ",upperdir={},workdir={}{}",
+            u.upper.display(),
+            u.work.display(),
+            if u.volatile { ",volatile" } else { "" }
+        ),
         None => String::new(),
     };
     // overlayfs wants the uppermost lower dir first.
@@ -193,6 +247,16 @@ mod tests {
         let rootfs = t.path().join("rootfs");
         mount_rootfs(t.path(), "c1", &lower, &rootfs).expect("rootfs");
         std::fs::write(rootfs.join("new"), "x").expect("writable");
+        // The writable layer is volatile: its unmount does not sync the node's disk.
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let line = mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(rootfs.to_str().expect("utf-8")))
+            .expect("the rootfs is in mountinfo");
+        assert!(
+            line.contains(",volatile") || VOLATILE_REFUSED.load(Ordering::Relaxed),
+            "{line}"
+        );
         assert_eq!(read(&rootfs.join("f45")), "45");
         unmount_rootfs(&rootfs).expect("unmount");
     }
