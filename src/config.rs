@@ -267,8 +267,8 @@ impl std::ops::Deref for RegistriesConfig {
 pub struct LogConfig {
     /// `text` or `json`; berthd's `--log-format` overrides it.
     pub format: LogFormat,
-    /// The filter (`info`, `berth=debug`, ... as `RUST_LOG`); `--log` and `RUST_LOG`
-    /// override it. SIGHUP applies a change.
+    /// The filter (`info`, `berth=debug,info`, ...: `RUST_LOG`'s level and target
+    /// directives); `--log` and `RUST_LOG` override it. SIGHUP applies a change.
     pub level: String,
 }
 
@@ -441,7 +441,11 @@ impl Config {
             value: value.to_string(),
             reason: reason.to_string(),
         };
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+        if let Err(e) = self
+            .log
+            .level
+            .parse::<tracing_subscriber::filter::Targets>()
+        {
             return Err(invalid("log.level", &self.log.level, &e.to_string()));
         }
         for (key, path) in [

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 use std::sync::Arc;
 
 use berth::server::reload::LogFilterSetter;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use berth::config::Config;
 use berth::sandbox::init::POD_INIT_FLAG;
@@ -107,16 +109,16 @@ fn main() -> anyhow::Result<()> {
     // --log, then RUST_LOG, then [log] level; only the last changes on SIGHUP.
     let (filter, from_config) = match &args.log {
         Some(f) => (
-            EnvFilter::try_new(f).with_context(|| format!("bad --log filter {f:?}"))?,
+            parse_filter(f).with_context(|| format!("bad --log filter {f:?}"))?,
             false,
         ),
         None => match std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()) {
             Some(f) => (
-                EnvFilter::try_new(&f).with_context(|| format!("bad RUST_LOG {f:?}"))?,
+                parse_filter(&f).with_context(|| format!("bad RUST_LOG {f:?}"))?,
                 false,
             ),
             None => (
-                EnvFilter::try_new(&config.log.level)
+                parse_filter(&config.log.level)
                     .with_context(|| format!("bad [log] level {:?}", config.log.level))?,
                 true,
             ),
@@ -126,32 +128,33 @@ fn main() -> anyhow::Result<()> {
         berth::config::LogFormat::Text => LogFormat::Text,
         berth::config::LogFormat::Json => LogFormat::Json,
     });
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let set_filter: LogFilterSetter = match format {
-        LogFormat::Text => {
-            let logs = logs
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_filter_reloading();
-            let handle = logs.reload_handle();
-            logs.init();
-            filter_setter(handle)
-        }
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let logs = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => logs
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .init(),
         // Fields at the top level of each object; the current span and the span list
         // carry the RPC's method, pod and container.
-        LogFormat::Json => {
-            let logs = logs
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_span_list(true)
-                .with_filter_reloading();
-            let handle = logs.reload_handle();
-            logs.init();
-            filter_setter(handle)
-        }
-    };
+        LogFormat::Json => logs
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+    }
+    let set_filter: LogFilterSetter = Arc::new(move |f: &str| {
+        let filter = parse_filter(f).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
     // reqwest's rustls needs a process-wide crypto provider; berth uses ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Blocking threads (mounts, file trees, cgroups, namespace work) come in bursts with pod
@@ -173,17 +176,10 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// A log filter changer over a tracing reload handle (SIGHUP's `[log] level`).
-fn filter_setter<S: 'static>(
-    handle: tracing_subscriber::reload::Handle<EnvFilter, S>,
-) -> LogFilterSetter
-where
-    tracing_subscriber::reload::Handle<EnvFilter, S>: Send + Sync,
-{
-    Arc::new(move |f: &str| {
-        let filter = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
-        handle.reload(filter).map_err(|e| e.to_string())
-    })
+/// A `RUST_LOG`-style filter: `level`, `target=level`, comma-separated (tracing's
+/// `Targets`, which needs no regex engine, unlike `EnvFilter`'s span and field directives).
+fn parse_filter(f: &str) -> Result<Targets, tracing_subscriber::filter::ParseError> {
+    f.parse()
 }
 
 /// Completes on the first SIGTERM or SIGINT.
