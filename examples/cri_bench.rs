@@ -1214,12 +1214,22 @@ async fn pods(endpoint: &str, opts: &PodsOpts) -> Result<()> {
         ensure_image(&channel, image).await?;
     }
     read_memory(opts, "idle");
+    let cpu = || runtime_cpu_ms(opts.daemon_pid, &opts.helpers_cmdline);
     for (mode, parallel) in [("serial", 1), ("parallel", opts.parallel)] {
         let start = Instant::now();
+        let cpu0 = cpu();
         let made = run_pods(&channel, &format!("bench-{mode}"), opts, parallel).await?;
+        // Helpers that exit before the second reading (none do while their pods run) would
+        // take their time with them.
+        let cpu_run = cpu() - cpu0;
         let wall = start.elapsed().as_secs_f64();
         let secs: Vec<f64> = made.iter().map(|(_, s)| *s).collect();
         print_lat("run", mode, &secs);
+        println!(
+            "cpu run_{mode} {} {:.2}",
+            made.len(),
+            cpu_run / made.len().max(1) as f64
+        );
         println!("wall run {mode} {} {wall:.3}", made.len());
         eprintln!("{mode}: {} pods running after {wall:.1}s", made.len());
         tokio::time::sleep(opts.settle).await;
@@ -2335,9 +2345,14 @@ struct StatsOpts {
 
 /// CPU time (user + system) in milliseconds of the daemon and the helper processes.
 fn cpu_ms(opts: &StatsOpts) -> f64 {
+    runtime_cpu_ms(opts.daemon_pid, &opts.helpers_cmdline)
+}
+
+/// CPU time (user + system) in milliseconds of a daemon and its helpers (those alive now).
+fn runtime_cpu_ms(daemon_pid: Option<u32>, helpers_cmdline: &[String]) -> f64 {
     let procs = list_procs();
-    let mut pids = helper_tree(&procs, &opts.helpers_cmdline, opts.daemon_pid);
-    pids.extend(opts.daemon_pid);
+    let mut pids = helper_tree(&procs, helpers_cmdline, daemon_pid);
+    pids.extend(daemon_pid);
     // SAFETY: sysconf has no memory safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let mut ticks = 0u64;

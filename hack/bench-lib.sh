@@ -4,10 +4,11 @@
 # bench_init NAME       root check, Debian packages, release build, temp dir $T, cleanup trap
 # bench_registry        docker-registry on 127.0.0.1:<free port> with its own storage → $REG
 # bench_critest_images  ../shared/critest-images/build-and-push.sh $REG (pause, busybox, …)
-# bench_berthd          berthd on $T/berth (bridge bbench0, 10.99.0.0/16, mirrors → $REG)
+# bench_berthd          berthd on $T/berth (bridge bbench0, 10.99.0.0/16, mirrors → $REG),
+#                       started cold (bench_cold: its binaries out of the page cache)
 #                       → $BERTH_SOCK $BERTHD_PID; with BENCH_BERTH_METRICS=1 its /metrics
 #                       listens on 127.0.0.1:<free port> → $BERTH_METRICS_URL
-# bench_containerd      ../shared/baseline/containerd-up.sh $T/containerd $REG
+# bench_containerd      ../shared/baseline/containerd-up.sh $T/containerd $REG, cold too
 #                       → $CTRD_SOCK $CTRD_PID
 #
 # On exit (any exit): every pod and container of both runtimes is stopped and removed, berthd
@@ -251,6 +252,7 @@ mirrors = ["http://$REG"]
 [registries."$REG"]
 insecure = true
 EOF
+  bench_cold "$BERTHD" "$(dirname "$BERTHD")/berth-monitor"
   RUST_LOG=${BENCH_BERTH_LOG:-${RUST_LOG:-}} "$BERTHD" --config "$T/berth.toml" >"$T/berthd.log" 2>&1 &
   BERTHD_PID=$!
   for _ in $(seq 100); do
@@ -263,6 +265,9 @@ EOF
 
 bench_containerd() {
   CTRD_UP=1
+  local ctrd
+  ctrd=$(command -v "${CONTAINERD:-containerd}") || bench_fail "no containerd binary"
+  bench_cold "$ctrd" "$(dirname "$ctrd")/containerd-shim-runc-v2"
   CTRD_SOCK=$("$BASELINE/containerd-up.sh" "$T/containerd" "$REG") || bench_fail "containerd-up.sh failed"
   CTRD_PID=$(cat "$T/containerd/containerd.pid")
   [ "$(cat "/proc/$CTRD_PID/comm" 2>/dev/null)" = containerd ] ||
@@ -273,6 +278,18 @@ bench_versions() {
   echo "containerd $("${CONTAINERD:-containerd}" --version 2>/dev/null | awk '{print $3}')," \
     "runc $(runc --version 2>/dev/null | awk 'NR == 1 {print $3}')," \
     "berthd $("$BERTHD" --version 2>/dev/null | awk '{print $2}'), $(nproc) CPUs"
+}
+
+# Drops the given executables from the page cache, so that a daemon's code is read from disk
+# as at boot. How much of a binary's text ends up resident depends on how its pages entered
+# the cache (a file just written or copied is cached in large folios, each mapped whole on
+# its first fault); starting cold makes RSS figures comparable between runs and runtimes.
+bench_cold() {
+  local f
+  for f in "$@"; do
+    [ -f "$f" ] && dd if="$f" iflag=nocache count=0 status=none
+  done
+  return 0
 }
 
 bench_steps() {

@@ -51,20 +51,22 @@ for rt in "${RUNTIMES[@]}"; do
 done
 
 echo
-printf '%-11s %-9s %-28s %-28s\n' "" "" "RunPodSandbox (ms)" "Stop+RemovePodSandbox (ms)"
-printf '%-11s %-9s %8s %8s %8s %8s %8s %8s %8s %8s\n' runtime mode p50 p95 max "pods/s" p50 p95 max "pods/s"
+printf '%-11s %-9s %-37s %-28s\n' "" "" "RunPodSandbox (ms)" "Stop+RemovePodSandbox (ms)"
+printf '%-11s %-9s %8s %8s %8s %8s %8s %8s %8s %8s %8s\n' runtime mode p50 p95 max "pods/s" "CPU/pod" p50 p95 max "pods/s"
 for rt in "${RUNTIMES[@]}"; do
   for mode in serial parallel; do
     awk -v rt="$rt" -v mode="$mode" '
       $1 == "lat" && $3 == mode { p50[$2] = $5; p95[$2] = $6; mx[$2] = $7 }
       $1 == "wall" && $3 == mode { rate[$2] = $4 / $5 }
+      $1 == "cpu" && $2 == "run_" mode { cpu = $4 }
       END {
-        printf "%-11s %-9s %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f\n", rt, mode,
-          p50["run"], p95["run"], mx["run"], rate["run"],
+        printf "%-11s %-9s %8.1f %8.1f %8.1f %8.1f %8.2f %8.1f %8.1f %8.1f %8.1f\n", rt, mode,
+          p50["run"], p95["run"], mx["run"], rate["run"], cpu,
           p50["stop_remove"], p95["stop_remove"], mx["stop_remove"], rate["stop_remove"]
       }' "$T/out.$rt"
   done
 done
+echo "(CPU/pod: user + system CPU ms of the daemon and its helpers per RunPodSandbox, over the phase)"
 echo
 printf '%-11s %-26s %11s %11s %12s %12s %8s  %s\n' runtime "memory (MiB)" "daemon RSS" "(anon/file)" "helpers RSS" "helpers Pss" "per pod" "helper processes"
 for rt in "${RUNTIMES[@]}"; do
