@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use super::cdi::{self, CdiError};
+use super::quiet;
 use super::rootfs::{self, RootfsError};
 use super::spec::{self, SpecError, SpecInput};
 use super::volumes::{self, VolumeError};
@@ -240,9 +241,11 @@ pub struct ContainerManager {
     cdi: Arc<cdi::Registry>,
     /// Where lifecycle events go.
     events: Arc<EventHub>,
-    /// The runtime deletes of removed containers, still running, with their pod's id (see
-    /// [`ContainerManager::remove`]).
-    deleting: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
+    /// The runtime deletes of removed containers, waiting or running, with their pod's id
+    /// and what hurries them (see [`ContainerManager::delete_later`]).
+    deleting: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>, quiet::Hurry)>>,
+    /// When deferred deletes may run: container stops and removals touch it.
+    quiet: Arc<quiet::QuietGate>,
     /// Removed containers whose runtime delete failed (a stuck or broken runtime): tried
     /// again by their pod's removal, which fails while one does.
     undeleted: Arc<std::sync::Mutex<Vec<Undeleted>>>,
@@ -441,6 +444,7 @@ impl ContainerManager {
             exec_seq: std::sync::atomic::AtomicU64::new(0),
             events,
             deleting: std::sync::Mutex::new(Vec::new()),
+            quiet: Arc::new(quiet::QuietGate::default()),
             undeleted: Arc::new(std::sync::Mutex::new(Vec::new())),
         };
         for (_, mut rec) in records {
@@ -1603,6 +1607,7 @@ impl ContainerManager {
         if rec.phase != Phase::Running && rec.phase != Phase::Created {
             return Ok(());
         }
+        self.quiet.touch();
         let t0 = std::time::Instant::now();
         let runtime = self.runtime(&rec.runtime_handler)?;
         if timeout_secs > 0 && rec.phase == Phase::Running {
@@ -1663,6 +1668,7 @@ impl ContainerManager {
                 .container_stopped(&id, || Some((pod.clone(), ctr.clone())))
                 .await;
         }
+        self.quiet.touch();
         let t0 = std::time::Instant::now();
         // A bundle that is gone (a reboot emptied `state`) needs no mark: nothing is left in it.
         match std::fs::write(rec.bundle.join(REMOVING_MARK), b"") {
@@ -1699,19 +1705,23 @@ impl ContainerManager {
 
     /// The runtime's delete of a removed, stopped container (its state dir and cgroups: what
     /// runc's `delete` takes 10 ms or more to remove) and the removal of its cgroup, after
-    /// RemoveContainer answered. Nothing observes them meanwhile: the container is gone from
-    /// the index and the store, its id is never reused, and RemovePodSandbox waits for the
-    /// pod's deletes before it goes on (and fails while one of them does, see
-    /// [`Self::deletes_done`]). A crash before they ran is repaired at start (the runtime's
-    /// root holds a container no record names).
+    /// RemoveContainer answered, once container stops and removals pause (see
+    /// [`quiet`]). Nothing observes them meanwhile: the container is gone from the index and
+    /// the store, its id is never reused, and RemovePodSandbox hurries the pod's deletes and
+    /// waits for them before it goes on (and fails while one of them does, see
+    /// [`Self::deletes_done`]). A crash or a stop of berthd before they ran is repaired at
+    /// start (the runtime's root holds a container no record names).
     fn delete_later(&self, rec: &ContainerRecord) {
         let Ok(runtime) = self.runtime(&rec.runtime_handler) else {
             return;
         };
         let (id, cgroups_path, layout) = (rec.id.clone(), rec.cgroups_path.clone(), self.layout);
         let (undeleted, sandbox_id) = (self.undeleted.clone(), rec.sandbox_id.clone());
+        let (gate, hurry) = (self.quiet.clone(), quiet::Hurry::default());
+        let hurried = hurry.clone();
         let task = tokio::spawn(
             async move {
+                gate.wait(hurried.notified()).await;
                 if let Err(e) = runtime.delete(&id).await {
                     tracing::warn!(%id, error = %e, "runtime delete; retried when the pod is removed");
                     undeleted
@@ -1730,8 +1740,22 @@ impl ContainerManager {
             .in_current_span(),
         );
         let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
-        deleting.retain(|(_, t)| !t.is_finished());
-        deleting.push((rec.sandbox_id.clone(), task));
+        deleting.retain(|(_, t, _)| !t.is_finished());
+        deleting.push((rec.sandbox_id.clone(), task, hurry));
+    }
+
+    /// Hurries every deferred runtime delete and waits for them (berthd is stopping).
+    pub async fn finish_deletes(&self) {
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.deleting.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, task, hurry) in &tasks {
+            if !task.is_finished() {
+                hurry.notify();
+            }
+        }
+        for (_, task, _) in tasks {
+            let _ = task.await;
+        }
     }
 
     /// Waits for the runtime deletes of the pod's removed containers; those that failed
@@ -1762,9 +1786,14 @@ impl ContainerManager {
             let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
             let (mine, rest) = std::mem::take(&mut *deleting)
                 .into_iter()
-                .partition(|(pod, _)| pod == sandbox_id);
+                .partition(|(pod, _, _)| pod == sandbox_id);
             *deleting = rest;
-            mine.into_iter().map(|(_, t)| t).collect()
+            mine.into_iter()
+                .map(|(_, t, hurry)| {
+                    hurry.notify();
+                    t
+                })
+                .collect()
         };
         for t in tasks {
             let _ = t.await;

@@ -4,6 +4,7 @@
 //! signals ([`signal`]).
 pub mod cdi;
 pub mod manager;
+pub mod quiet;
 pub mod rootfs;
 pub mod seccomp;
 pub mod signal;

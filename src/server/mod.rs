@@ -334,6 +334,8 @@ impl Daemon {
         for t in metrics_task.into_iter().chain(reload_task) {
             t.abort();
         }
+        // Deletes deferred until the node was quiet run now rather than at the next start.
+        self.containers.finish_deletes().await;
         self.sandboxes.nri().stop().await;
         tracing::info!("stopped");
         Ok(())
