@@ -253,8 +253,11 @@ mod tests {
             .lines()
             .find(|l| l.split(' ').nth(4) == Some(rootfs.to_str().expect("utf-8")))
             .expect("the rootfs is in mountinfo");
+        // (shown as `fsync=volatile` by kernels that have the `fsync=` option)
         assert!(
-            line.contains(",volatile") || VOLATILE_REFUSED.load(Ordering::Relaxed),
+            line.contains(",volatile")
+                || line.contains("fsync=volatile")
+                || VOLATILE_REFUSED.load(Ordering::Relaxed),
             "{line}"
         );
         assert_eq!(read(&rootfs.join("f45")), "45");
