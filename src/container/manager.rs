@@ -1709,8 +1709,8 @@ impl ContainerManager {
     /// [`quiet`]). Nothing observes them meanwhile: the container is gone from the index and
     /// the store, its id is never reused, and RemovePodSandbox hurries the pod's deletes and
     /// waits for them before it goes on (and fails while one of them does, see
-    /// [`Self::deletes_done`]). A crash or a stop of berthd before they ran is repaired at
-    /// start (the runtime's root holds a container no record names).
+    /// [`Self::deletes_done`]). berthd's stop runs those still waiting; a crash before they
+    /// ran is repaired at start (the runtime's root holds a container no record names).
     fn delete_later(&self, rec: &ContainerRecord) {
         let Ok(runtime) = self.runtime(&rec.runtime_handler) else {
             return;
