@@ -16,6 +16,7 @@
 #                      BENCH_TMPDIR=/tmp (where the temp dirs go; must support overlayfs)
 #                      CONTAINERD=containerd (another build, see containerd-up.sh)
 #                      BENCH_KEEP_LOGS=DIR (copy the registry and daemon logs there on exit)
+#                      BENCH_PREBUILT=DIR (berthd, berth-monitor and cri_bench from DIR, no build)
 #                      PROFILE_DIR=DIR (record berthd with `perf record -g` during each of its
 #                        pulls: DIR/berthd.N.perf.data, and DIR/berthd.N.perf.txt, its report
 #                        by symbol; needs Debian's linux-perf)
@@ -45,10 +46,15 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null || { echo "cargo (Rust toolchain) is required" >&2; exit 1; }
 
-cargo build --release --bin berthd --bin berth-monitor --example cri_bench
-target=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
-BERTHD=$target/release/berthd
-BENCH=$target/release/examples/cri_bench
+if [ -n "${BENCH_PREBUILT:-}" ]; then
+  BERTHD=$BENCH_PREBUILT/berthd
+  BENCH=$BENCH_PREBUILT/cri_bench
+else
+  cargo build --release --bin berthd --bin berth-monitor --example cri_bench
+  target=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
+  BERTHD=$target/release/berthd
+  BENCH=$target/release/examples/cri_bench
+fi
 
 # berthd's own bridge (not the default berth0, which a real berthd on this host may own)
 PULL_BRIDGE=bpull0
