@@ -441,12 +441,8 @@ impl Config {
             value: value.to_string(),
             reason: reason.to_string(),
         };
-        if let Err(e) = self
-            .log
-            .level
-            .parse::<tracing_subscriber::filter::Targets>()
-        {
-            return Err(invalid("log.level", &self.log.level, &e.to_string()));
+        if let Err(e) = parse_log_filter(&self.log.level) {
+            return Err(invalid("log.level", &self.log.level, &e));
         }
         for (key, path) in [
             ("root", &self.root),
@@ -648,6 +644,28 @@ fn valid_cidr(s: &str) -> bool {
     }
 }
 
+/// A log filter (`--log`, `RUST_LOG`, `[log] level`): a default level and `target=level`
+/// directives, comma-separated, as tracing's `Targets` takes them. Checked here first: an
+/// empty entry (`info,`) would be taken as the target `""` at TRACE, which every target
+/// matches, and span or field directives (`[span{field}]`, which `EnvFilter` knows) would
+/// be taken as target names that never match.
+pub fn parse_log_filter(filter: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    let mut entries = Vec::new();
+    for entry in filter.split(',') {
+        let entry = entry.trim();
+        if entry.is_empty() {
+            return Err(format!("an empty entry in the log filter {filter:?}"));
+        }
+        if entry.contains(['[', ']', '{', '}']) || entry.contains(char::is_whitespace) {
+            return Err(format!(
+                "{entry:?}: only `level` and `target=level` entries are taken (no span or field directives)"
+            ));
+        }
+        entries.push(entry);
+    }
+    entries.join(",").parse().map_err(|e| format!("{e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -724,6 +742,24 @@ mod tests {
         let c = Config::parse("[log]\nlevel = \"berth=debug,info\"").expect("parses");
         assert_eq!(c.log.level, "berth=debug,info");
         let e = Config::parse("[log]\nlevel = \"berth=loud\"").expect_err("bad level");
+        for bad in [
+            "",
+            "info,",
+            "a=debug,,info",
+            "foo[{x}]=debug",
+            "foo[span]=debug",
+            " berth=debug x",
+        ] {
+            assert!(parse_log_filter(bad).is_err(), "{bad:?} was taken");
+        }
+        for good in [
+            "info",
+            "info,berth=debug",
+            " berth=debug , warn",
+            "berth::nri=trace",
+        ] {
+            assert!(parse_log_filter(good).is_ok(), "{good:?} was refused");
+        }
         assert!(e.to_string().contains("log.level"), "{e}");
         let e = Config::parse("[log]\nformat = \"xml\"").expect_err("bad format");
         let m = e.to_string();

@@ -178,8 +178,8 @@ fn main() -> anyhow::Result<()> {
 
 /// A `RUST_LOG`-style filter: `level`, `target=level`, comma-separated (tracing's
 /// `Targets`, which needs no regex engine, unlike `EnvFilter`'s span and field directives).
-fn parse_filter(f: &str) -> Result<Targets, tracing_subscriber::filter::ParseError> {
-    f.parse()
+fn parse_filter(f: &str) -> anyhow::Result<Targets> {
+    berth::config::parse_log_filter(f).map_err(anyhow::Error::msg)
 }
 
 /// Completes on the first SIGTERM or SIGINT.

@@ -1741,6 +1741,7 @@ impl ContainerManager {
         let task = tokio::spawn(
             async move {
                 gate.wait(hurried.notified()).await;
+                let _slot = gate.slot().await;
                 if let Err(e) = runtime.delete(&id).await {
                     tracing::warn!(%id, error = %e, "runtime delete; retried when the pod is removed");
                     undeleted

@@ -19,6 +19,9 @@ use tokio::time::Instant;
 pub const QUIET: Duration = Duration::from_millis(100);
 /// The longest a delete waits for quiet under steady churn.
 pub const MAX_DEFER: Duration = Duration::from_secs(5);
+/// How many deferred deletes run at once: after a drain, a hundred runc processes started
+/// together would make each of them slow enough to hit the runtime's timeout.
+pub const AT_ONCE: usize = 4;
 
 /// The last container stop or removal, and the pause the deferred deletes wait for.
 #[derive(Debug)]
@@ -26,6 +29,7 @@ pub struct QuietGate {
     last: std::sync::Mutex<Instant>,
     quiet: Duration,
     max_defer: Duration,
+    slots: tokio::sync::Semaphore,
 }
 
 impl Default for QuietGate {
@@ -40,6 +44,7 @@ impl QuietGate {
             last: std::sync::Mutex::new(Instant::now()),
             quiet,
             max_defer,
+            slots: tokio::sync::Semaphore::new(AT_ONCE),
         }
     }
 
@@ -66,6 +71,14 @@ impl QuietGate {
                 _ = hurry.notified() => return,
             }
         }
+    }
+}
+
+impl QuietGate {
+    /// One of the [`AT_ONCE`] places for a deferred delete to run in, held while it runs.
+    pub async fn slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // The semaphore is never closed: `None` cannot happen, and would only mean no limit.
+        self.slots.acquire().await.ok()
     }
 }
 
