@@ -243,7 +243,7 @@ pub struct ContainerManager {
     events: Arc<EventHub>,
     /// The runtime deletes of removed containers, waiting or running, with their pod's id
     /// and what hurries them (see [`ContainerManager::delete_later`]).
-    deleting: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>, quiet::Hurry)>>,
+    deleting: std::sync::Mutex<Vec<DeferredDelete>>,
     /// When deferred deletes may run: container stops and removals touch it.
     quiet: Arc<quiet::QuietGate>,
     /// Removed containers whose runtime delete failed (a stuck or broken runtime): tried
@@ -295,6 +295,15 @@ struct NriCreate {
     /// is released, since they wait for other containers' locks and NRI events.
     updates: Vec<crate::nri::api::ContainerUpdate>,
     evictions: Vec<crate::nri::api::ContainerEviction>,
+}
+
+/// A removed container's runtime delete, waiting for quiet or running (see
+/// [`ContainerManager::delete_later`]).
+struct DeferredDelete {
+    sandbox_id: String,
+    task: tokio::task::JoinHandle<()>,
+    /// Notified to run it at once (a permit when it is not waiting yet).
+    hurry: Arc<tokio::sync::Notify>,
 }
 
 /// A removed container whose runtime delete failed.
@@ -1736,12 +1745,11 @@ impl ContainerManager {
         };
         let (id, cgroups_path, layout) = (rec.id.clone(), rec.cgroups_path.clone(), self.layout);
         let (undeleted, sandbox_id) = (self.undeleted.clone(), rec.sandbox_id.clone());
-        let (gate, hurry) = (self.quiet.clone(), quiet::Hurry::default());
+        let (gate, hurry) = (self.quiet.clone(), Arc::new(tokio::sync::Notify::new()));
         let hurried = hurry.clone();
         let task = tokio::spawn(
             async move {
-                gate.wait(hurried.notified()).await;
-                let _slot = gate.slot().await;
+                let _slot = gate.wait(&hurried).await;
                 if let Err(e) = runtime.delete(&id).await {
                     tracing::warn!(%id, error = %e, "runtime delete; retried when the pod is removed");
                     undeleted
@@ -1760,22 +1768,35 @@ impl ContainerManager {
             .in_current_span(),
         );
         let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
-        deleting.retain(|(_, t, _)| !t.is_finished());
-        deleting.push((rec.sandbox_id.clone(), task, hurry));
+        deleting.retain(|d| !d.task.is_finished());
+        deleting.push(DeferredDelete {
+            sandbox_id: rec.sandbox_id.clone(),
+            task,
+            hurry,
+        });
     }
 
     /// Hurries every deferred runtime delete and waits for them (berthd is stopping).
     pub async fn finish_deletes(&self) {
-        let tasks: Vec<_> =
-            std::mem::take(&mut *self.deleting.lock().unwrap_or_else(|p| p.into_inner()));
-        for (_, task, hurry) in &tasks {
-            if !task.is_finished() {
-                hurry.notify();
-            }
+        for t in self.hurry_deletes(|_| true) {
+            let _ = t.await;
         }
-        for (_, task, _) in tasks {
-            let _ = task.await;
-        }
+    }
+
+    /// Takes the deferred runtime deletes of the pods `which` picks out of the list and
+    /// hurries them (one not waiting yet keeps the permit); the caller waits for them.
+    fn hurry_deletes(&self, which: impl Fn(&str) -> bool) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
+        let (mine, rest) = std::mem::take(&mut *deleting)
+            .into_iter()
+            .partition(|d: &DeferredDelete| which(&d.sandbox_id));
+        *deleting = rest;
+        mine.into_iter()
+            .map(|d| {
+                d.hurry.notify_one();
+                d.task
+            })
+            .collect()
     }
 
     /// Waits for the runtime deletes of the pod's removed containers; those that failed
@@ -1802,20 +1823,7 @@ impl ContainerManager {
                 }
             }
         }
-        let tasks: Vec<tokio::task::JoinHandle<()>> = {
-            let mut deleting = self.deleting.lock().unwrap_or_else(|p| p.into_inner());
-            let (mine, rest) = std::mem::take(&mut *deleting)
-                .into_iter()
-                .partition(|(pod, _, _)| pod == sandbox_id);
-            *deleting = rest;
-            mine.into_iter()
-                .map(|(_, t, hurry)| {
-                    hurry.notify();
-                    t
-                })
-                .collect()
-        };
-        for t in tasks {
+        for t in self.hurry_deletes(|pod| pod == sandbox_id) {
             let _ = t.await;
         }
         let undeleted = self.undeleted.lock().unwrap_or_else(|p| p.into_inner());

@@ -9,7 +9,6 @@
 //! [`QUIET`] (at most [`MAX_DEFER`]), or until a pod removal, which waits for its pod's
 //! deletes, hurries them.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -58,42 +57,23 @@ impl QuietGate {
     }
 
     /// Completes once stops and removals have paused for the quiet time, once `max_defer`
-    /// has passed since the call, or once `hurry` is notified, whichever comes first.
-    pub async fn wait(&self, hurry: &Notify) {
+    /// has passed since the call, or once `hurry` is notified (a permit stored before the
+    /// call counts), whichever comes first; then waits for one of the [`AT_ONCE`] places,
+    /// which the deferred work holds while it runs.
+    pub async fn wait(&self, hurry: &Notify) -> Option<tokio::sync::SemaphorePermit<'_>> {
         let give_up = Instant::now() + self.max_defer;
         loop {
             let due = (self.last() + self.quiet).min(give_up);
             if Instant::now() >= due {
-                return;
+                break;
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(due) => {}
-                _ = hurry.notified() => return,
+                _ = hurry.notified() => break,
             }
         }
-    }
-}
-
-impl QuietGate {
-    /// One of the [`AT_ONCE`] places for a deferred delete to run in, held while it runs.
-    pub async fn slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
         // The semaphore is never closed: `None` cannot happen, and would only mean no limit.
         self.slots.acquire().await.ok()
-    }
-}
-
-/// A deferred delete's handle: hurried by the pod removal that waits for it.
-#[derive(Debug, Default, Clone)]
-pub struct Hurry(Arc<Notify>);
-
-impl Hurry {
-    pub fn notify(&self) {
-        // Kept as a permit when the delete is not waiting yet.
-        self.0.notify_one();
-    }
-
-    pub fn notified(&self) -> &Notify {
-        &self.0
     }
 }
 
@@ -104,10 +84,10 @@ mod tests {
     /// How long a wait on `gate` takes while a stop or removal touches it every 50 ms,
     /// `touches` times.
     async fn wait_during_activity(gate: &QuietGate, touches: usize) -> Duration {
-        let hurry = Hurry::default();
+        let hurry = Notify::new();
         let t0 = Instant::now();
         let waiting = async {
-            gate.wait(hurry.notified()).await;
+            gate.wait(&hurry).await;
             t0.elapsed()
         };
         let activity = async {
@@ -142,10 +122,10 @@ mod tests {
     async fn a_hurry_ends_the_wait_even_when_it_came_first() {
         let gate = QuietGate::new(Duration::from_secs(10), Duration::from_secs(60));
         gate.touch();
-        let hurry = Hurry::default();
-        hurry.notify();
+        let hurry = Notify::new();
+        hurry.notify_one();
         let t0 = Instant::now();
-        gate.wait(hurry.notified()).await;
+        gate.wait(&hurry).await;
         assert_eq!(t0.elapsed(), Duration::ZERO);
     }
 }
