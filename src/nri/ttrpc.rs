@@ -161,9 +161,9 @@ type Pending = Mutex<HashMap<u32, oneshot::Sender<Result<Vec<u8>, TtrpcError>>>>
 struct Inner {
     writer: Arc<MuxWriter>,
     conn: u32,
-    /// The next call's stream id. Held while the call's request is written: ttrpc's Go
+    /// The next call's stream id. Held while the call's request is queued: ttrpc's Go
     /// server refuses an id not above the last one it saw, so ids go out in order.
-    next_stream: tokio::sync::Mutex<u32>,
+    next_stream: Mutex<u32>,
     pending: Pending,
     closed: AtomicBool,
     closed_tx: watch::Sender<bool>,
@@ -205,7 +205,7 @@ impl Endpoint {
         let inner = Arc::new(Inner {
             writer: writer.clone(),
             conn: client_conn,
-            next_stream: tokio::sync::Mutex::new(1),
+            next_stream: Mutex::new(1),
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             closed_tx,
@@ -310,7 +310,11 @@ impl Endpoint {
         }
         let (tx, rx) = oneshot::channel();
         let (stream, sent) = {
-            let mut next = self.inner.next_stream.lock().await;
+            let mut next = self
+                .inner
+                .next_stream
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let stream = *next;
             *next = next.wrapping_add(2);
             self.inner
