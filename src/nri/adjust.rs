@@ -176,15 +176,11 @@ impl Merged {
                 Some((first, rest)) if first.is_empty() => (rest.to_vec(), true),
                 _ => (a.args, false),
             };
-            let c = Claim {
-                field: Field::Args,
-                entry: String::new(),
-                remove: take_over,
-            };
-            self.claim(plugin, &c)?;
             if take_over {
                 self.owners
                     .insert((Field::Args, String::new()), plugin.to_string());
+            } else {
+                self.claim(plugin, &set(Field::Args, ""))?;
             }
             self.adjustment.args = args;
         }
@@ -496,38 +492,43 @@ fn seccomp(s: &api::LinuxSeccomp) -> Result<oci_spec::runtime::LinuxSeccomp, Str
     from_json(v)
 }
 
+/// The resource fields that hold one optional value each, with the NRI field that owns
+/// them: `$each!(part, field, Field variant)` for every one.
+macro_rules! single_resource_fields {
+    ($each:ident) => {
+        $each!(memory, limit, MemLimit);
+        $each!(memory, reservation, MemReservation);
+        $each!(memory, swap, MemSwapLimit);
+        $each!(memory, kernel, MemKernelLimit);
+        $each!(memory, kernel_tcp, MemTcpLimit);
+        $each!(memory, swappiness, MemSwappiness);
+        $each!(memory, disable_oom_killer, MemDisableOomKiller);
+        $each!(memory, use_hierarchy, MemUseHierarchy);
+        $each!(cpu, shares, CpuShares);
+        $each!(cpu, quota, CpuQuota);
+        $each!(cpu, period, CpuPeriod);
+        $each!(cpu, realtime_runtime, CpuRealtimeRuntime);
+        $each!(cpu, realtime_period, CpuRealtimePeriod);
+    };
+}
+
 /// The claims of a resources adjustment: one per field it sets.
 fn resource_claims(claims: &mut Vec<Claim>, r: &api::LinuxResources) {
     use api::Field;
-    if let Some(m) = &r.memory {
-        for (is_set, field) in [
-            (m.limit.is_some(), Field::MemLimit),
-            (m.reservation.is_some(), Field::MemReservation),
-            (m.swap.is_some(), Field::MemSwapLimit),
-            (m.kernel.is_some(), Field::MemKernelLimit),
-            (m.kernel_tcp.is_some(), Field::MemTcpLimit),
-            (m.swappiness.is_some(), Field::MemSwappiness),
-            (m.disable_oom_killer.is_some(), Field::MemDisableOomKiller),
-            (m.use_hierarchy.is_some(), Field::MemUseHierarchy),
-        ] {
-            if is_set {
-                claims.push(set(field, ""));
+    macro_rules! claim {
+        ($part:ident, $field:ident, $owner:ident) => {
+            if r.$part.as_ref().is_some_and(|p| p.$field.is_some()) {
+                claims.push(set(Field::$owner, ""));
             }
-        }
+        };
     }
+    single_resource_fields!(claim);
     if let Some(c) = &r.cpu {
-        for (is_set, field) in [
-            (c.shares.is_some(), Field::CpuShares),
-            (c.quota.is_some(), Field::CpuQuota),
-            (c.period.is_some(), Field::CpuPeriod),
-            (c.realtime_runtime.is_some(), Field::CpuRealtimeRuntime),
-            (c.realtime_period.is_some(), Field::CpuRealtimePeriod),
-            (!c.cpus.is_empty(), Field::CpuSetCpUs),
-            (!c.mems.is_empty(), Field::CpuSetMems),
-        ] {
-            if is_set {
-                claims.push(set(field, ""));
-            }
+        if !c.cpus.is_empty() {
+            claims.push(set(Field::CpuSetCpUs, ""));
+        }
+        if !c.mems.is_empty() {
+            claims.push(set(Field::CpuSetMems, ""));
         }
     }
     for h in &r.hugepage_limits {
@@ -544,25 +545,13 @@ fn resource_claims(claims: &mut Vec<Claim>, r: &api::LinuxResources) {
 /// Copies the set fields of `from` into `into`.
 fn merge_resources(from: &api::LinuxResources, into: &mut api::LinuxResources) {
     macro_rules! field {
-        ($part:ident, $field:ident) => {
+        ($part:ident, $field:ident, $owner:ident) => {
             if let Some(src) = from.$part.as_ref().and_then(|p| p.$field.clone()) {
                 into.$part.get_or_insert_with(Default::default).$field = Some(src);
             }
         };
     }
-    field!(memory, limit);
-    field!(memory, reservation);
-    field!(memory, swap);
-    field!(memory, kernel);
-    field!(memory, kernel_tcp);
-    field!(memory, swappiness);
-    field!(memory, disable_oom_killer);
-    field!(memory, use_hierarchy);
-    field!(cpu, shares);
-    field!(cpu, quota);
-    field!(cpu, period);
-    field!(cpu, realtime_runtime);
-    field!(cpu, realtime_period);
+    single_resource_fields!(field);
     if let Some(cpu) = &from.cpu {
         if !cpu.cpus.is_empty() {
             into.cpu.get_or_insert_with(Default::default).cpus = cpu.cpus.clone();
