@@ -434,6 +434,13 @@ async fn a_late_plugin_is_synchronized_and_a_gone_one_is_dropped() {
     assert!(t0.elapsed() < Duration::from_secs(5));
 }
 
+/// Writes an executable script (a pre-installed plugin).
+fn write_script(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("script");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
 /// Run by berthd as a pre-installed plugin (through a script in `plugin_path`): a plugin on
 /// fd 3 that sets `PREINSTALLED=<its config>` in every container. Does nothing as a test.
 #[tokio::test]
@@ -476,28 +483,17 @@ async fn a_preinstalled_plugin_is_started_with_its_config() {
     std::fs::create_dir_all(&plugins).expect("plugins dir");
     std::fs::create_dir_all(&confs).expect("conf dir");
     let me = std::env::current_exe().expect("test binary");
-    let script = plugins.join("05-marker");
-    std::fs::write(
-        &script,
-        format!(
+    write_script(
+        &plugins.join("05-marker"),
+        &format!(
             "#!/bin/sh\nexport PLUGIN_MARK=\"$(cat {})\"\nexec {} --exact nri_plugin_process --nocapture --test-threads=1 >/dev/null 2>&1\n",
             confs.join("marker.conf").display(),
             me.display()
         ),
-    )
-    .expect("script");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
+    );
     std::fs::write(confs.join("marker.conf"), "from-conf").expect("conf");
     // One that never registers is killed when its registration times out.
-    let silent = plugins.join("09-silent");
-    std::fs::write(&silent, "#!/bin/sh\nexec sleep 36017\n").expect("script");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&silent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
+    write_script(&plugins.join("09-silent"), "#!/bin/sh\nexec sleep 36017\n");
     let silent_alive = || {
         std::fs::read_dir("/proc")
             .expect("/proc")
