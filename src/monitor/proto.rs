@@ -44,7 +44,7 @@ pub struct CreateRequest {
     /// Pass `--systemd-cgroup` to the runtime.
     #[serde(default)]
     pub systemd_cgroup: bool,
-    /// The OCI bundle (holds `config.json`); `init.pid` and `runtime.log` are written there.
+    /// The OCI bundle (holds `config.json`); the runtime writes `init.pid` there.
     pub bundle: PathBuf,
     /// The CRI log file.
     pub log_path: PathBuf,

@@ -3,6 +3,9 @@
 
 use std::os::unix::process::CommandExt as _;
 
+use nix::fcntl::FdFlag;
+use nix::sys::memfd::{MFdFlags, memfd_create};
+
 use super::conns::{push_response, receive_fd};
 use super::exits::parent_of;
 use super::io::{output, pipe};
@@ -29,7 +32,12 @@ impl Monitor {
             ));
         }
         match self.spawn_create(&req) {
-            Ok((runtime_pid, container, console)) => {
+            Ok(Spawned {
+                runtime_pid,
+                container,
+                console,
+                runtime_log,
+            }) => {
                 self.diag(&format!(
                     "container {}: {} create (pid {runtime_pid})",
                     req.id,
@@ -44,6 +52,7 @@ impl Monitor {
                     id: req.id.clone(),
                     req,
                     console,
+                    runtime_log,
                     deadline,
                     killed: None,
                     forget_conns: Vec::new(),
@@ -54,29 +63,30 @@ impl Monitor {
         }
     }
 
-    pub(super) fn spawn_create(
-        &mut self,
-        req: &CreateRequest,
-    ) -> Result<(i32, Container, Option<Console>), Response> {
+    pub(super) fn spawn_create(&mut self, req: &CreateRequest) -> Result<Spawned, Response> {
         let io_err = |what: &str, e: &dyn std::fmt::Display| {
             Response::error(ErrorKind::Io, format!("{what}: {e}"))
         };
         let log = CriLog::open(&req.log_path)
             .map_err(|e| io_err(&format!("opening {}", req.log_path.display()), &e))?;
         let pid_file = req.bundle.join("init.pid");
-        let runtime_log = req.bundle.join("runtime.log");
-        for f in [&pid_file, &runtime_log, &req.exit_file] {
+        for f in [&pid_file, &req.exit_file] {
             match std::fs::remove_file(f) {
                 Ok(()) => {}
                 Err(e) if e.kind() == IoErrorKind::NotFound => {}
                 Err(e) => return Err(io_err(&format!("removing {}", f.display()), &e)),
             }
         }
+        // The runtime logs into memory, not a file: a memfd that it opens by its /proc link
+        // (inherited at that number, and closed on exec in the container's init). Read for
+        // its errors once it ended; nothing reaches the disk (runc writes its log O_SYNC).
+        let runtime_log = memfd_create(c"runtime-log", MFdFlags::empty())
+            .map_err(|e| io_err("memfd_create", &e))?;
         let mut cmd = Command::new(&req.runtime);
         cmd.arg("--root")
             .arg(&req.runtime_root)
             .arg("--log")
-            .arg(&runtime_log)
+            .arg(format!("/proc/self/fd/{}", runtime_log.as_raw_fd()))
             .arg("--log-format")
             .arg("json");
         if req.systemd_cgroup {
@@ -142,6 +152,10 @@ impl Monitor {
         })?;
         // Our copies of the child's ends of the pipes close here.
         drop(cmd);
+        // Inherited by this runtime only: no later child gets it (single-threaded, so no
+        // other spawn came in between).
+        fcntl(&runtime_log, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+            .map_err(|e| io_err("fcntl", &e))?;
         let container = Container {
             id: req.id.clone(),
             pid: 0,
@@ -154,7 +168,12 @@ impl Monitor {
             reaped: None,
             exited: None,
         };
-        Ok((child.id() as i32, container, console))
+        Ok(Spawned {
+            runtime_pid: child.id() as i32,
+            container,
+            console,
+            runtime_log: File::from(runtime_log),
+        })
     }
 
     pub(super) fn accept_console(&mut self, i: usize) {
@@ -269,8 +288,8 @@ impl Monitor {
     ) -> Result<i32, String> {
         let runtime = p.req.runtime.display().to_string();
         if !matches!(status, WaitStatus::Exited(_, 0)) {
-            let log = std::fs::read(p.req.bundle.join("runtime.log")).unwrap_or_default();
-            let log = String::from_utf8_lossy(&log[log.len().saturating_sub(16384)..]);
+            let log = log_tail(&p.runtime_log, 16384);
+            let log = String::from_utf8_lossy(&log);
             // The runtime's errors alone (its warnings are noise to a user).
             let said = crate::runtime::log::errors(&log);
             if !said.is_empty() {
@@ -328,4 +347,24 @@ impl Monitor {
     }
 
     // ---- connections ----
+}
+
+/// A create's runtime, just started.
+pub(super) struct Spawned {
+    runtime_pid: i32,
+    container: Container,
+    console: Option<Console>,
+    runtime_log: File,
+}
+
+/// The last `max` bytes written to `log` (empty when unreadable).
+fn log_tail(log: &File, max: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt as _;
+    let len = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max);
+    let mut buf = vec![0; (len - start) as usize];
+    match log.read_exact_at(&mut buf, start) {
+        Ok(()) => buf,
+        Err(_) => Vec::new(),
+    }
 }

@@ -221,6 +221,8 @@ struct PendingCreate {
     id: String,
     req: CreateRequest,
     console: Option<Console>,
+    /// Where the runtime logs (a memfd): its errors when the create fails.
+    runtime_log: File,
     /// When it is killed unless it ended (`timeout_ms`).
     deadline: Option<Instant>,
     /// Why it was killed, once it was.
