@@ -845,7 +845,7 @@ async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
         rec.phase = Phase::Creating;
         let mut b = Batch::new();
         b.delete(Table::Containers, &id);
-        store.commit(b).expect("commit");
+        store.commit_blocking(b).expect("commit");
         std::fs::write(
             bundle.join("intent.json"),
             serde_json::to_vec(&rec).expect("encode"),
@@ -909,7 +909,7 @@ async fn runtime_state_that_no_record_names_is_deleted_at_start() {
         let store = Store::open(&e.d.root().join("berth.redb")).expect("open the store");
         let mut b = Batch::new();
         b.delete(Table::Containers, &id);
-        store.commit(b).expect("commit");
+        store.commit_blocking(b).expect("commit");
     }
     // What RemoveContainer undid before its record went.
     let bundle = e.d.state().join("containers").join(&id);

@@ -394,7 +394,7 @@ async fn a_container_the_startup_repair_removes_yields_a_deleted_event() {
         rec.phase = Phase::Creating;
         let mut b = Batch::new();
         b.put(Table::Containers, &half, &rec).expect("encode");
-        store.commit(b).expect("commit");
+        store.commit_blocking(b).expect("commit");
     }
     e.d.restart().await;
     e.rt = e.d.runtime_client().await;

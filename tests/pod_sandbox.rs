@@ -737,7 +737,7 @@ async fn a_pod_known_only_by_its_intent_record_is_undone_at_start(mode: Mode) {
         rec.network = None;
         let mut b = Batch::new();
         b.delete(Table::Sandboxes, &id);
-        store.commit(b).expect("commit");
+        store.commit_blocking(b).expect("commit");
         std::fs::write(
             rec.dir.join("intent.json"),
             serde_json::to_vec(&rec).expect("encode"),

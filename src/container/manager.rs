@@ -439,6 +439,17 @@ fn is_id(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// Marks `rec` exited while its monitor was gone: the code cannot be known (containerd's 255
+/// for an exit its shim did not see).
+fn lost_exit(rec: &mut ContainerRecord) {
+    tracing::warn!(id = %rec.id, "container stopped while its berth-monitor was gone; exit code unknown");
+    rec.phase = Phase::Exited;
+    rec.finished_at = ids::now_nanos();
+    rec.exit_code = 255;
+    rec.reason = "Error".to_string();
+    rec.message = "the exit was not recorded: the pod's berth-monitor was gone".to_string();
+}
+
 fn read_exit(path: &Path) -> Option<ExitInfo> {
     let bytes = std::fs::read(path).ok()?;
     serde_json::from_slice(&bytes).ok()
@@ -489,7 +500,7 @@ impl ContainerManager {
                 mgr.destroy(&rec).await;
                 let mut b = Batch::new();
                 b.delete(Table::Containers, &rec.id);
-                mgr.store.commit(b)?;
+                mgr.store.commit(b).await?;
                 // Replayed to the first subscribers (see crate::events): a client that knew
                 // the container learns that it is gone.
                 let pod = mgr.sandboxes.get(&rec.sandbox_id).ok();
@@ -506,7 +517,7 @@ impl ContainerManager {
             for v in &rec.image_volumes {
                 mgr.images.hold(&v.image_id, &rec.id);
             }
-            mgr.refresh(&mut rec)?;
+            mgr.refresh(&mut rec).await?;
             mgr.settle_cut_start(&mut rec).await?;
             mgr.settle_lost_monitor(&mut rec).await?;
             let _ = mgr.index.reserve(&rec.name_key, &rec.id);
@@ -579,35 +590,56 @@ impl ContainerManager {
         }
     }
 
-    fn persist(&self, rec: &ContainerRecord) -> Result<(), ContainerError> {
+    /// Stores the record (durably; the fsync is waited for off the async workers).
+    async fn persist(&self, rec: &ContainerRecord) -> Result<(), ContainerError> {
         let mut b = Batch::new();
         b.put(Table::Containers, &rec.id, rec)?;
-        self.store.commit(b)?;
+        self.store.commit(b).await?;
         Ok(())
     }
 
     /// Moves a running container to `Exited` when its monitor recorded the exit, or, when the
-    /// monitor is gone (killed), once the container's init is gone too (exit code unknown).
-    fn refresh(&self, rec: &mut ContainerRecord) -> Result<bool, ContainerError> {
-        self.refresh_with(rec, false)
+    /// monitor is gone (killed), once the container's init is gone too (exit code unknown);
+    /// an exit is stored and told to the event subscribers. True when it just exited.
+    async fn refresh(&self, rec: &mut ContainerRecord) -> Result<bool, ContainerError> {
+        if !self.observe_exit(rec, false) {
+            return Ok(false);
+        }
+        self.persist(rec).await?;
+        self.publish_exit(rec);
+        Ok(true)
     }
 
-    /// [`Self::refresh`]; `thorough` also tells a zombie init from a live one (for one
+    /// [`Self::refresh`] for the synchronous paths (a status, a list): the commit is waited
+    /// for on this thread. `thorough` also tells a zombie init from a live one (for one
     /// container's status, not for lists).
-    fn refresh_with(
+    fn refresh_blocking(
         &self,
         rec: &mut ContainerRecord,
         thorough: bool,
     ) -> Result<bool, ContainerError> {
-        if !matches!(rec.phase, Phase::Running | Phase::Created) {
+        if !self.observe_exit(rec, thorough) {
             return Ok(false);
+        }
+        let mut b = Batch::new();
+        b.put(Table::Containers, &rec.id, rec)?;
+        self.store.commit_blocking(b)?;
+        self.publish_exit(rec);
+        Ok(true)
+    }
+
+    /// Applies to `rec` the exit its monitor recorded (or, with the monitor gone, an exit
+    /// whose code is unknown): true when it exited just now (not yet stored).
+    fn observe_exit(&self, rec: &mut ContainerRecord, thorough: bool) -> bool {
+        if !matches!(rec.phase, Phase::Running | Phase::Created) {
+            return false;
         }
         let Some(exit) = read_exit(&rec.exit_file()) else {
             if rec.phase == Phase::Running && self.orphan_gone(rec, thorough) {
-                self.record_lost_exit(rec)?;
-                return Ok(true);
+                lost_exit(rec);
+                return true;
             }
-            return Ok(false);
+            return false;
         };
         if rec.phase == Phase::Created {
             // Created containers have an init waiting for `start`; an exit means it died.
@@ -623,8 +655,7 @@ impl ContainerManager {
         } else {
             "Error".to_string()
         };
-        self.publish_exit(rec)?;
-        Ok(true)
+        true
     }
 
     /// At start: a container still `Created` that the runtime calls running was started by a
@@ -645,7 +676,7 @@ impl ContainerManager {
         tracing::info!(id = %rec.id, "a container started by a StartContainer that a crash cut short is running");
         rec.phase = Phase::Running;
         rec.started_at = process_start_nanos(st.pid).unwrap_or_else(now_nanos);
-        self.persist(rec)?;
+        self.persist(rec).await?;
         self.events.publish(
             EventKind::Started,
             &rec.id,
@@ -675,7 +706,9 @@ impl ContainerManager {
             }
         };
         if !running {
-            self.record_lost_exit(rec)?;
+            lost_exit(rec);
+            self.persist(rec).await?;
+            self.publish_exit(rec);
         }
         Ok(())
     }
@@ -695,21 +728,8 @@ impl ContainerManager {
         rec.pid > 0 && !process_in_container(rec.pid, &rec.id, thorough) && !self.monitor_alive(rec)
     }
 
-    /// Records the exit of a container whose monitor was gone when it ended: its code cannot
-    /// be known (containerd's 255 for an exit its shim did not see).
-    fn record_lost_exit(&self, rec: &mut ContainerRecord) -> Result<(), ContainerError> {
-        tracing::warn!(id = %rec.id, "container stopped while its berth-monitor was gone; exit code unknown");
-        rec.phase = Phase::Exited;
-        rec.finished_at = ids::now_nanos();
-        rec.exit_code = 255;
-        rec.reason = "Error".to_string();
-        rec.message = "the exit was not recorded: the pod's berth-monitor was gone".to_string();
-        self.publish_exit(rec)
-    }
-
-    /// Stores an exited container's record and tells the event subscribers.
-    fn publish_exit(&self, rec: &ContainerRecord) -> Result<(), ContainerError> {
-        self.persist(rec)?;
+    /// Tells the event subscribers (and NRI plugins) of a stored exit.
+    fn publish_exit(&self, rec: &ContainerRecord) {
         self.events.publish(
             EventKind::Stopped,
             &rec.id,
@@ -732,7 +752,6 @@ impl ContainerManager {
                     .in_current_span(),
             );
         }
-        Ok(())
     }
 
     fn nri(&self) -> &Arc<crate::nri::Nri> {
@@ -901,7 +920,7 @@ impl ContainerManager {
             .index
             .get(&id)
             .ok_or_else(|| ContainerError::NotFound(id.clone()))?;
-        if self.refresh_with(&mut rec, thorough)? {
+        if self.refresh_blocking(&mut rec, thorough)? {
             self.index.insert(&id, rec.clone());
         }
         Ok(rec)
@@ -1104,6 +1123,7 @@ impl ContainerManager {
             made = self
                 .store
                 .commit(b)
+                .await
                 .map_err(ContainerError::from)
                 .and(Err(ContainerError::Cancelled));
         }
@@ -1367,7 +1387,7 @@ impl ContainerManager {
         rec.pid = pid;
         rec.phase = Phase::Created;
         // The one durable commit: from here on the record names the container.
-        self.persist(rec)?;
+        self.persist(rec).await?;
         mark("created");
         // The intent record stays (stale, ignored) until the bundle goes with the container.
         Ok(())
@@ -1512,7 +1532,7 @@ impl ContainerManager {
             Ok(()) => {
                 rec.phase = Phase::Running;
                 rec.started_at = started_at;
-                self.persist(&rec)?;
+                self.persist(&rec).await?;
                 self.index.insert(&id, rec.clone());
                 self.events
                     .publish(EventKind::Started, &id, &rec.sandbox_id, None, Some(&rec));
@@ -1534,7 +1554,7 @@ impl ContainerManager {
                 rec.exit_code = 128;
                 rec.reason = "StartError".to_string();
                 rec.message = e.to_string();
-                self.persist(&rec)?;
+                self.persist(&rec).await?;
                 self.index.insert(&id, rec.clone());
                 self.events
                     .publish(EventKind::Stopped, &id, &rec.sandbox_id, None, Some(&rec));
@@ -1647,7 +1667,7 @@ impl ContainerManager {
                 .wait_exit(&rec, Duration::from_secs(timeout_secs as u64))
                 .await
             {
-                self.refresh(&mut rec)?;
+                self.refresh(&mut rec).await?;
                 self.index.insert(&rec.id.clone(), rec.clone());
                 self.nri_stopped(&rec).await;
                 return Ok(());
@@ -1665,7 +1685,7 @@ impl ContainerManager {
             tracing::warn!(id = %rec.id, "no exit recorded 10s after SIGKILL");
         }
         step_done("container stop", "exited", t0);
-        self.refresh(&mut rec)?;
+        self.refresh(&mut rec).await?;
         step_done("container stop", "record", t0);
         self.index.insert(&rec.id.clone(), rec.clone());
         self.nri_stopped(&rec).await;
@@ -1709,7 +1729,7 @@ impl ContainerManager {
         step_done("container removal", "destroyed", t0);
         let mut b = Batch::new();
         b.delete(Table::Containers, &id);
-        self.store.commit(b)?;
+        self.store.commit(b).await?;
         step_done("container removal", "record", t0);
         // A crash before this leaves a bundle no record names: undone at start.
         let gone = rec.clone();
@@ -2071,7 +2091,7 @@ impl ContainerManager {
             .linux
             .get_or_insert_with(Default::default)
             .resources = Some(resources);
-        self.persist(&rec)?;
+        self.persist(&rec).await?;
         self.index.insert(&id, rec);
         Ok(())
     }

@@ -456,10 +456,7 @@ impl ImageManager {
         }
         batch.put(Table::Images, &merged.id, &merged)?;
         updated.push(merged);
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.commit(batch))
-            .await
-            .map_err(|e| ImageError::Internal(e.to_string()))??;
+        self.store.commit(batch).await?;
         let mut images = self.write_images();
         for r in updated {
             images.insert(r.id.clone(), r);
@@ -745,10 +742,7 @@ impl ImageManager {
         }
         let mut batch = Batch::new();
         batch.delete(Table::Images, &img.id);
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.commit(batch))
-            .await
-            .map_err(|e| ImageError::Internal(e.to_string()))??;
+        self.store.commit(batch).await?;
         self.write_images().remove(&img.id);
         tracing::info!(image = %spec, id = %img.id, tags = ?img.repo_tags, "removed");
         let me = Arc::clone(self);

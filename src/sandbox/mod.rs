@@ -306,7 +306,7 @@ impl SandboxManager {
                 mgr.destroy(&rec).await?;
                 let mut b = Batch::new();
                 b.delete(Table::Sandboxes, &rec.id);
-                mgr.store.commit(b)?;
+                mgr.store.commit(b).await?;
                 remove_pod_dir(&rec.dir);
                 if removing {
                     mgr.events
@@ -320,13 +320,13 @@ impl SandboxManager {
                 rec.phase = Phase::NotReady;
                 rec.network = None;
                 rec.init = None;
-                mgr.persist(&rec)?;
+                mgr.persist(&rec).await?;
                 mgr.events
                     .publish(EventKind::Stopped, &rec.id, &rec.id, Some(&rec), None);
             } else if rec.phase == Phase::Ready && !mgr.namespaces_intact(&rec) {
                 tracing::info!(id = %rec.id, "pod sandbox namespaces are gone (reboot?): NotReady");
                 rec.phase = Phase::NotReady;
-                mgr.persist(&rec)?;
+                mgr.persist(&rec).await?;
                 mgr.events
                     .publish(EventKind::Stopped, &rec.id, &rec.id, Some(&rec), None);
             }
@@ -378,10 +378,10 @@ impl SandboxManager {
         remove_pod_dir(dir);
     }
 
-    fn persist(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
+    async fn persist(&self, rec: &SandboxRecord) -> Result<(), SandboxError> {
         let mut b = Batch::new();
         b.put(Table::Sandboxes, &rec.id, rec)?;
-        self.store.commit(b)?;
+        self.store.commit(b).await?;
         Ok(())
     }
 
@@ -750,7 +750,7 @@ impl SandboxManager {
             mark("nri");
         }
         // The one durable commit: from here on the record names the pod.
-        if let Err(e) = self.persist(rec) {
+        if let Err(e) = self.persist(rec).await {
             // Told apart: the caller holds the sync block that the event waits behind.
             if let Some(pod) = nri_pod {
                 let nri = self.nri.clone();
@@ -829,7 +829,7 @@ impl SandboxManager {
         rec.phase = Phase::NotReady;
         rec.network = None;
         rec.init = None;
-        self.persist(&rec)?;
+        self.persist(&rec).await?;
         step_done("pod stop", "record", t0);
         self.index.insert(&id, rec.clone());
         self.events
@@ -868,7 +868,7 @@ impl SandboxManager {
         step_done("pod removal", "destroyed", t0);
         let mut b = Batch::new();
         b.delete(Table::Sandboxes, &id);
-        self.store.commit(b)?;
+        self.store.commit(b).await?;
         step_done("pod removal", "record", t0);
         // A crash before this leaves a directory no record names: removed at start.
         remove_pod_dir(&rec.dir);

@@ -3,12 +3,18 @@
 //! transaction ([`Batch`]) that is durable (fsynced) before [`Store::commit`] returns. In-memory
 //! indexes elsewhere are rebuilt from here at start.
 //!
+//! [`Store::commit`] waits for its fsync on a blocking thread, never on an async worker: with
+//! two workers, two RPCs waiting for the disk would otherwise stall every other RPC (and a
+//! writer waiting behind them for redb's one write lock). [`Store::commit_blocking`] is the
+//! same for code already on a blocking thread (or in a synchronous path).
+//!
 //! [`Store::commit_volatile`] applies a batch that need not survive a crash on its own: it is
 //! visible at once and becomes durable with the next [`Store::commit`] (of any record). It is
 //! for bookkeeping that start-up repair can rebuild or drop (e.g. an address held by a pod
 //! that no durable record names yet), so that an RPC pays for one fsync, not several.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::Serialize;
@@ -73,6 +79,8 @@ pub enum StoreError {
     Encode(#[from] serde_json::Error),
     #[error("store schema version {found} is newer than this berthd supports ({supported})")]
     SchemaTooNew { found: u64, supported: u64 },
+    #[error("store commit did not finish: {0}")]
+    Task(String),
 }
 
 macro_rules! db_err {
@@ -162,13 +170,24 @@ impl Store {
         Ok(Store { db })
     }
 
-    /// Applies a batch in one durable write transaction.
-    pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+    /// Applies a batch in one durable write transaction, waiting for it on a blocking thread.
+    pub async fn commit(self: &Arc<Self>, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let store = Arc::clone(self);
+        tokio::task::spawn_blocking(move || store.commit_blocking(batch))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// [`Store::commit`] on the calling thread.
+    pub fn commit_blocking(&self, batch: Batch) -> Result<(), StoreError> {
         self.apply(batch, redb::Durability::Immediate)
     }
 
     /// Applies a batch in one write transaction that is visible at once but durable only with
-    /// the next [`Store::commit`]: a crash (of the process or the machine) before that loses
+    /// the next durable commit: a crash (of the process or the machine) before that loses
     /// it, never a part of it. For records that start-up repair does not need.
     pub fn commit_volatile(&self, batch: Batch) -> Result<(), StoreError> {
         self.apply(batch, redb::Durability::None)
@@ -245,11 +264,11 @@ mod tests {
             let mut b = Batch::new();
             b.put(Table::Images, "a", &vec![1u32, 2]).expect("put");
             b.put(Table::Images, "b", &vec![3u32]).expect("put");
-            store.commit(b).expect("commit");
+            store.commit_blocking(b).expect("commit");
             let mut b = Batch::new();
             b.delete(Table::Images, "a");
             b.delete(Table::Images, "missing");
-            store.commit(b).expect("commit");
+            store.commit_blocking(b).expect("commit");
         }
         let store = Store::open(&path).expect("reopen");
         let all: Vec<(String, Vec<u32>)> = store.all(Table::Images).expect("all");
@@ -275,7 +294,7 @@ mod tests {
             );
             let mut b = Batch::new();
             b.put(Table::Sandboxes, "a", &"ready").expect("put");
-            store.commit(b).expect("commit");
+            store.commit_blocking(b).expect("commit");
         }
         let store = Store::open(&path).expect("reopen");
         assert_eq!(
@@ -290,7 +309,7 @@ mod tests {
         let store = Store::open(&dir.path().join("s.redb")).expect("open");
         let mut b = Batch::new();
         b.put(Table::Images, "x", &"text").expect("put");
-        store.commit(b).expect("commit");
+        store.commit_blocking(b).expect("commit");
         let e = store
             .get::<u64>(Table::Images, "x")
             .expect_err("wrong type");

@@ -596,13 +596,9 @@ impl NetworkBackend for NativeNetwork {
         }
         let in_use = self.cidrs_in_use().await?;
         self.ensure_host(&union(&cidrs, &in_use)).await?;
-        let s = self.store.clone();
-        blocking(move || {
-            let mut b = Batch::new();
-            b.put(Table::Settings, SETTING_POD_CIDR, &text)?;
-            Ok(s.commit(b)?)
-        })
-        .await?;
+        let mut b = Batch::new();
+        b.put(Table::Settings, SETTING_POD_CIDR, &text)?;
+        self.store.commit(b).await?;
         *self.cidrs.write().unwrap_or_else(|p| p.into_inner()) = cidrs;
         Ok(())
     }
