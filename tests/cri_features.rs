@@ -759,3 +759,50 @@ async fn exec_timeout_leaves_no_process() {
     );
     e.remove_pod(&pod).await;
 }
+
+/// A StopContainer whose client gives up during the grace period still stops the container:
+/// the SIGKILL after the grace period is sent although nobody waits for the answer any more
+/// (the RPC's work runs in a task of its own).
+#[tokio::test]
+async fn stop_finishes_after_its_client_gave_up() {
+    let mut e = env().await;
+    let pod = e.pod("stop-abandoned").await;
+    let script = "trap '' TERM; echo ready; while true; do sleep 0.1; done";
+    let id = e.run(&pod, e.config(&e.plain, "stubborn", script)).await;
+    e.wait_log("stubborn", "ready").await;
+    let mut req = tonic::Request::new(cri::StopContainerRequest {
+        container_id: id.clone(),
+        timeout: 2,
+    });
+    req.set_timeout(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let err =
+        e.rt.stop_container(req)
+            .await
+            .expect_err("the client gives up");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // Still running within its grace period (it ignores SIGTERM), then killed.
+    assert_eq!(
+        e.status(&id).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = e.status(&id).await;
+        if st.state == cri::ContainerState::ContainerExited as i32 {
+            assert_eq!(st.exit_code, 137, "{st:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not stopped: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+    e.remove_pod(&pod).await;
+}

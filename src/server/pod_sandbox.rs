@@ -4,10 +4,12 @@
 //! and mapping; the work is in [`crate::sandbox`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::cri::v1 as cri;
 use tonic::Status;
 
+use super::trace::detached;
 use crate::config::Config;
 use crate::sandbox::{Phase, SandboxManager, SandboxRecord, namespace_options};
 
@@ -93,7 +95,7 @@ pub fn runtime_handler(config: &Config, requested: &str) -> Result<String, Statu
 }
 
 pub async fn run(
-    sandboxes: &SandboxManager,
+    sandboxes: &Arc<SandboxManager>,
     config: &Config,
     req: cri::RunPodSandboxRequest,
 ) -> Result<cri::RunPodSandboxResponse, Status> {
@@ -101,9 +103,13 @@ pub async fn run(
     let pod_config = req
         .config
         .ok_or_else(|| Status::invalid_argument("a pod sandbox config is required"))?;
-    let rec = sandboxes
-        .run(pod_config, handler, req.runtime_handler)
-        .await?;
+    let sandboxes = Arc::clone(sandboxes);
+    let rec = detached(async move {
+        Ok(sandboxes
+            .run(pod_config, handler, req.runtime_handler)
+            .await?)
+    })
+    .await?;
     Ok(cri::RunPodSandboxResponse {
         pod_sandbox_id: rec.id,
     })

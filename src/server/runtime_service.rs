@@ -10,7 +10,7 @@ use crate::cri::v1::runtime_service_server::RuntimeService;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
-use super::trace::{deadline, rpc};
+use super::trace::{deadline, detached, rpc};
 use super::{container, events, list_stream, pod_sandbox, stats};
 use crate::config::{CgroupDriver, Config};
 use crate::container::manager::ContainerManager;
@@ -335,13 +335,19 @@ impl RuntimeService for RuntimeServiceImpl {
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
         let deadline = deadline(&request);
         let id = request.into_inner().pod_sandbox_id;
-        rpc("StopPodSandbox", &id, deadline, async {
-            if let Ok(full) = self.sandboxes.resolve_id(&id) {
-                self.containers.stop_pod(&full).await?;
-            }
-            self.sandboxes.stop(&id).await?;
-            Ok(cri::StopPodSandboxResponse {})
-        })
+        let (sandboxes, containers) = (self.sandboxes.clone(), self.containers.clone());
+        rpc(
+            "StopPodSandbox",
+            &id.clone(),
+            deadline,
+            detached(async move {
+                if let Ok(full) = sandboxes.resolve_id(&id) {
+                    containers.stop_pod(&full).await?;
+                }
+                sandboxes.stop(&id).await?;
+                Ok(cri::StopPodSandboxResponse {})
+            }),
+        )
         .await
     }
 
@@ -351,16 +357,26 @@ impl RuntimeService for RuntimeServiceImpl {
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
         let deadline = deadline(&request);
         let id = request.into_inner().pod_sandbox_id;
-        rpc("RemovePodSandbox", &id, deadline, async {
-            if let Ok(full) = self.sandboxes.resolve_id(&id) {
-                self.containers.remove_pod(&full).await?;
-                self.fs.nudge();
-            }
-            self.sandboxes.remove(&id).await?;
-            // What the pod's records, buffers and tasks held goes back to the kernel.
-            crate::alloc::trim_soon();
-            Ok(cri::RemovePodSandboxResponse {})
-        })
+        let (sandboxes, containers, fs) = (
+            self.sandboxes.clone(),
+            self.containers.clone(),
+            self.fs.clone(),
+        );
+        rpc(
+            "RemovePodSandbox",
+            &id.clone(),
+            deadline,
+            detached(async move {
+                if let Ok(full) = sandboxes.resolve_id(&id) {
+                    containers.remove_pod(&full).await?;
+                    fs.nudge();
+                }
+                sandboxes.remove(&id).await?;
+                // What the pod's records, buffers and tasks held goes back to the kernel.
+                crate::alloc::trim_soon();
+                Ok(cri::RemovePodSandboxResponse {})
+            }),
+        )
         .await
     }
 
@@ -488,10 +504,16 @@ impl RuntimeService for RuntimeServiceImpl {
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
         let deadline = deadline(&request);
         let id = request.into_inner().container_id;
-        rpc("StartContainer", &id, deadline, async {
-            self.containers.start(&id).await?;
-            Ok(cri::StartContainerResponse {})
-        })
+        let containers = self.containers.clone();
+        rpc(
+            "StartContainer",
+            &id.clone(),
+            deadline,
+            detached(async move {
+                containers.start(&id).await?;
+                Ok(cri::StartContainerResponse {})
+            }),
+        )
         .await
     }
 
@@ -502,10 +524,16 @@ impl RuntimeService for RuntimeServiceImpl {
         let deadline = deadline(&request);
         let req = request.into_inner();
         let id = req.container_id.clone();
-        rpc("StopContainer", &id, deadline, async {
-            self.containers.stop(&req.container_id, req.timeout).await?;
-            Ok(cri::StopContainerResponse {})
-        })
+        let containers = self.containers.clone();
+        rpc(
+            "StopContainer",
+            &id,
+            deadline,
+            detached(async move {
+                containers.stop(&req.container_id, req.timeout).await?;
+                Ok(cri::StopContainerResponse {})
+            }),
+        )
         .await
     }
 
@@ -515,11 +543,17 @@ impl RuntimeService for RuntimeServiceImpl {
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
         let deadline = deadline(&request);
         let id = request.into_inner().container_id;
-        rpc("RemoveContainer", &id, deadline, async {
-            self.containers.remove(&id).await?;
-            self.fs.nudge();
-            Ok(cri::RemoveContainerResponse {})
-        })
+        let (containers, fs) = (self.containers.clone(), self.fs.clone());
+        rpc(
+            "RemoveContainer",
+            &id.clone(),
+            deadline,
+            detached(async move {
+                containers.remove(&id).await?;
+                fs.nudge();
+                Ok(cri::RemoveContainerResponse {})
+            }),
+        )
         .await
     }
 
@@ -573,13 +607,19 @@ impl RuntimeService for RuntimeServiceImpl {
         let deadline = deadline(&request);
         let req = request.into_inner();
         let id = req.container_id.clone();
-        rpc("UpdateContainerResources", &id, deadline, async {
-            let linux = req.linux.unwrap_or_default();
-            self.containers
-                .update_resources(&req.container_id, linux)
-                .await?;
-            Ok(cri::UpdateContainerResourcesResponse {})
-        })
+        let containers = self.containers.clone();
+        rpc(
+            "UpdateContainerResources",
+            &id,
+            deadline,
+            detached(async move {
+                let linux = req.linux.unwrap_or_default();
+                containers
+                    .update_resources(&req.container_id, linux)
+                    .await?;
+                Ok(cri::UpdateContainerResourcesResponse {})
+            }),
+        )
         .await
     }
 

@@ -71,6 +71,20 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
+/// Runs a state-changing RPC's body in a task of its own, in the RPC's span: a client that
+/// gives up, or a deadline that passes, stops the wait for it, never the change half-way (a
+/// container started but not recorded as such, a stop that sent SIGTERM and never SIGKILL).
+/// The task ends the change; the client's next call sees its result.
+pub async fn detached<T, F>(body: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, Status>> + Send + 'static,
+{
+    tokio::spawn(body.in_current_span())
+        .await
+        .unwrap_or_else(|e| Err(Status::internal(format!("the RPC's task ended: {e}"))))
+}
+
 /// Runs an RPC body inside a span named after the method, within the client's deadline,
 /// logging its outcome.
 pub async fn rpc<T, F>(
