@@ -1429,14 +1429,20 @@ fn run_runc(runc: &str, args: &[&str], err: &Path) -> Result<()> {
 /// then `kill 9` + waiting for the exit (this process is made the subreaper, so the
 /// container's init is its child) + `delete`. Each copy gets its own bundle, cgroup
 /// (`/berth-bench-runc/<name>`) and runtime root; everything is deleted as it goes.
+///
+/// When the runtime's rootfs is an overlay, a second pass ("mount") gives each copy a rootfs
+/// of its own first, as a runtime must: the same lower dirs with a new upper and work dir,
+/// mounted `volatile`, timed as `runc_mount` and unmounted after its `delete`.
 fn runc_floor(runc: &str, spec: &Path, count: usize) -> Result<()> {
     let text = std::fs::read(spec).with_context(|| format!("reading {}", spec.display()))?;
     let mut config: serde_json::Value = serde_json::from_slice(&text)?;
     let bundle = spec.parent().unwrap_or(Path::new("/"));
     // The same rootfs (shared read-write by the copies, which only sleep).
+    let mut rootfs = bundle.join("rootfs");
     if let Some(root) = config.pointer_mut("/root/path") {
         let p = PathBuf::from(root.as_str().unwrap_or("rootfs"));
-        *root = serde_json::json!(bundle.join(p).display().to_string());
+        rootfs = bundle.join(p);
+        *root = serde_json::json!(rootfs.display().to_string());
     }
     // Staged mounts berth let go after its create may be gone: those are left out.
     if let Some(mounts) = config.get_mut("mounts").and_then(|m| m.as_array_mut()) {
@@ -1454,43 +1460,101 @@ fn runc_floor(runc: &str, spec: &Path, count: usize) -> Result<()> {
     if let Some(p) = config.pointer_mut("/process/terminal") {
         *p = serde_json::json!(false);
     }
+    let lower = overlay_lowerdir(&rootfs);
     let dir = tempfile::tempdir()?;
     let root = dir.path().join("runc-root").display().to_string();
     // The container inits become our children: `kill` is then followed by a real wait.
     nix::sys::prctl::set_child_subreaper(true)?;
-    let (mut create, mut start, mut both, mut stop, mut remove, mut down) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for i in 0..count {
-        let name = format!("berth-bench-runc-{}-{i}", std::process::id());
-        let b = dir.path().join(&name);
-        std::fs::create_dir_all(&b)?;
-        config["linux"]["cgroupsPath"] = serde_json::json!(format!("/berth-bench-runc/{name}"));
-        std::fs::write(b.join("config.json"), serde_json::to_vec(&config)?)?;
-        let err = b.join("runc.err");
-        let [t0, t1, t2, t3, t4, t5] = match floor_once(runc, &root, &b, &name, &err) {
-            Ok(t) => t,
-            Err(e) => {
-                // Whatever of it exists goes (its init may wait in `create`'s state).
-                let _ = run_runc(runc, &["--root", &root, "delete", "--force", &name], &err);
-                return Err(e);
+    let passes = if lower.is_some() { 2 } else { 1 };
+    for pass in 0..passes {
+        let own_rootfs = pass == 1;
+        let (mut create, mut start, mut both, mut stop, mut remove, mut down, mut mount) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for i in 0..count {
+            let name = format!("berth-bench-runc-{}-{pass}-{i}", std::process::id());
+            let b = dir.path().join(&name);
+            std::fs::create_dir_all(&b)?;
+            config["linux"]["cgroupsPath"] = serde_json::json!(format!("/berth-bench-runc/{name}"));
+            let tm = Instant::now();
+            if let (true, Some(lower)) = (own_rootfs, &lower) {
+                for d in ["upper", "work", "rootfs"] {
+                    std::fs::create_dir(b.join(d))?;
+                }
+                let options = format!(
+                    "lowerdir={lower},upperdir={},workdir={},volatile",
+                    b.join("upper").display(),
+                    b.join("work").display()
+                );
+                nix::mount::mount(
+                    Some("overlay"),
+                    &b.join("rootfs"),
+                    Some("overlay"),
+                    nix::mount::MsFlags::empty(),
+                    Some(options.as_str()),
+                )
+                .context("mounting a rootfs of its own")?;
+                config["root"]["path"] = serde_json::json!(b.join("rootfs").display().to_string());
             }
-        };
-        create.push((t1 - t0).as_secs_f64());
-        start.push((t2 - t1).as_secs_f64());
-        both.push((t2 - t0).as_secs_f64());
-        stop.push((t4 - t3).as_secs_f64());
-        remove.push((t5 - t4).as_secs_f64());
-        down.push((t5 - t3).as_secs_f64());
-        std::fs::remove_dir_all(&b)?;
+            mount.push(if own_rootfs {
+                tm.elapsed().as_secs_f64()
+            } else {
+                0.0
+            });
+            std::fs::write(b.join("config.json"), serde_json::to_vec(&config)?)?;
+            let err = b.join("runc.err");
+            let once = floor_once(runc, &root, &b, &name, &err);
+            if own_rootfs {
+                let _ = nix::mount::umount2(&b.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+            }
+            let [t0, t1, t2, t3, t4, t5] = match once {
+                Ok(t) => t,
+                Err(e) => {
+                    // Whatever of it exists goes (its init may wait in `create`'s state).
+                    let _ = run_runc(runc, &["--root", &root, "delete", "--force", &name], &err);
+                    return Err(e);
+                }
+            };
+            create.push((t1 - t0).as_secs_f64());
+            start.push((t2 - t1).as_secs_f64());
+            both.push((t2 - t0).as_secs_f64() + mount[i]);
+            stop.push((t4 - t3).as_secs_f64());
+            remove.push((t5 - t4).as_secs_f64());
+            down.push((t5 - t3).as_secs_f64());
+            std::fs::remove_dir_all(&b)?;
+        }
+        let p = if own_rootfs { "runc_mount" } else { "runc" };
+        if own_rootfs {
+            print_lat("runc_mount_mount", "serial", &mount);
+        }
+        print_lat(&format!("{p}_create"), "serial", &create);
+        print_lat(&format!("{p}_start"), "serial", &start);
+        print_lat(&format!("{p}_create_start"), "serial", &both);
+        print_lat(&format!("{p}_stop"), "serial", &stop);
+        print_lat(&format!("{p}_remove"), "serial", &remove);
+        print_lat(&format!("{p}_stop_remove"), "serial", &down);
     }
     nix::sys::prctl::set_child_subreaper(false)?;
-    print_lat("runc_create", "serial", &create);
-    print_lat("runc_start", "serial", &start);
-    print_lat("runc_create_start", "serial", &both);
-    print_lat("runc_stop", "serial", &stop);
-    print_lat("runc_remove", "serial", &remove);
-    print_lat("runc_stop_remove", "serial", &down);
     Ok(())
+}
+
+/// The `lowerdir` option of the overlay mounted at `target`, from this process's mountinfo
+/// (none when it is no overlay).
+fn overlay_lowerdir(target: &Path) -> Option<String> {
+    let target = std::fs::canonicalize(target).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().rev().find_map(|line| {
+        let (mine, theirs) = line.split_once(" - ")?;
+        let point = mine.split(' ').nth(4)?;
+        let mut t = theirs.split(' ');
+        if Path::new(point) != target || t.next()? != "overlay" {
+            return None;
+        }
+        let options = t.nth(1)?;
+        options
+            .split(',')
+            .find_map(|o| o.strip_prefix("lowerdir="))
+            .map(str::to_string)
+    })
 }
 
 struct ScaleOpts {
