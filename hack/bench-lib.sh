@@ -14,7 +14,8 @@
 # On exit (any exit): every pod and container of both runtimes is stopped and removed, berthd
 # is stopped, berth-monitors and containerd shims still alive are killed (by pid; only ours),
 # containerd-down.sh runs, the registry is killed, mounts under $T are undone, berth's bridge
-# (bbench0) and nftables table (inet berth_bbench0) are deleted, the default cgroup parents
+# (bbench0) and nftables table (inet berth_bbench0) are deleted, /var/run/nri goes if the
+# baseline containerd made it (its NRI socket), the default cgroup parents
 # (/k8s.io, /berth) are removed if this run made them and they are empty, so are the cgroup
 # trees named with bench_cgroup_tree, and $T is removed.
 #
@@ -91,7 +92,7 @@ bench_init() {
     done
   done
   BENCH_CGROUP_TREES=()
-  REG_PID="" BERTHD_PID="" BERTH_SOCK="" CTRD_UP="" CTRD_SOCK="" CTRD_PID=""
+  REG_PID="" BERTHD_PID="" BERTH_SOCK="" CTRD_UP="" CTRD_SOCK="" CTRD_PID="" CTRD_MADE_NRI_DIR=""
   trap bench_cleanup EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
@@ -136,6 +137,8 @@ bench_cleanup() {
       kill -KILL "$pid"
     done
     "$BASELINE/containerd-down.sh" "$T/containerd" >/dev/null 2>&1
+    # containerd 2's NRI listens on the host-wide /var/run/nri/nri.sock, which it leaves
+    [ -n "$CTRD_MADE_NRI_DIR" ] && rm -rf /var/run/nri
   fi
   if [ -n "$REG_PID" ]; then
     kill -TERM "$REG_PID" 2>/dev/null
@@ -265,6 +268,7 @@ EOF
 
 bench_containerd() {
   CTRD_UP=1
+  [ -e /var/run/nri ] || CTRD_MADE_NRI_DIR=1
   local ctrd
   ctrd=$(command -v "${CONTAINERD:-containerd}") || bench_fail "no containerd binary"
   bench_cold "$ctrd" "$(dirname "$ctrd")/containerd-shim-runc-v2"

@@ -237,6 +237,7 @@ mod tests {
         let target = t.path().join("ro");
         std::fs::create_dir(&target).expect("target");
         mount_overlay(&lower, None, &target, MsFlags::MS_RDONLY).expect("read-only overlay");
+        let _ro = Unmounted(&target);
         let read = |p: &Path| std::fs::read_to_string(p).expect("read");
         assert_eq!(read(&target.join("f0")), "0");
         assert_eq!(read(&target.join("f89")), "89");
@@ -246,6 +247,7 @@ mod tests {
 
         let rootfs = t.path().join("rootfs");
         mount_rootfs(t.path(), "c1", &lower, &rootfs).expect("rootfs");
+        let _rw = Unmounted(&rootfs);
         std::fs::write(rootfs.join("new"), "x").expect("writable");
         // The writable layer is volatile: its unmount does not sync the node's disk.
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
@@ -262,5 +264,14 @@ mod tests {
         );
         assert_eq!(read(&rootfs.join("f45")), "45");
         unmount_rootfs(&rootfs).expect("unmount");
+    }
+
+    /// Unmounts its path when dropped, so that a failed assertion leaves no mount behind.
+    struct Unmounted<'a>(&'a Path);
+
+    impl Drop for Unmounted<'_> {
+        fn drop(&mut self) {
+            let _ = unmount_rootfs(self.0);
+        }
     }
 }
