@@ -183,9 +183,11 @@ enum Cmd {
         /// Seconds to let things settle before each memory reading.
         #[arg(long, default_value_t = 1.0)]
         settle: f64,
-        /// berth's state dir: with the containers running, the OCI spec berth wrote for the
-        /// first one (`<dir>/containers/<id>/config.json`) is run `count` times by the bare
-        /// OCI runtime (`--runc`): create, start, kill+wait, delete, timed as `runc_*`.
+        /// berth's state dir: the OCI spec berth wrote for the first container
+        /// (`<dir>/containers/<id>/config.json`) is run by the bare OCI runtime (`--runc`)
+        /// after each of berth's containers, twice: on berth's rootfs (`runc_*`), and on an
+        /// overlay rootfs of its own mounted first (`runc_mount_*`); create, start,
+        /// kill+wait, delete.
         #[arg(long)]
         runc_floor: Option<PathBuf>,
         /// The OCI runtime binary of `--runc-floor`.
@@ -1306,8 +1308,10 @@ async fn containers(endpoint: &str, opts: &ContainersOpts) -> Result<()> {
     }
     let (mut create, mut start, mut both) = (Vec::new(), Vec::new(), Vec::new());
     let mut ids = Vec::new();
-    // Wall time of the create+start phase, without the pauses for memory readings.
+    // Wall time of the create+start phase, without the pauses for memory readings (and the
+    // floor's copies).
     let mut paused = Duration::ZERO;
+    let mut floor: Option<Floor> = None;
     let wall = Instant::now();
     for i in 0..opts.count {
         let name = format!("c{i}");
@@ -1349,6 +1353,21 @@ async fn containers(endpoint: &str, opts: &ContainersOpts) -> Result<()> {
         start.push((t2 - t1).as_secs_f64());
         both.push((t2 - t0).as_secs_f64());
         ids.push(id);
+        // The floor's copies run between the runtime's containers, so that both see the same
+        // node (as many containers running, the same moment's disk and CPU).
+        if let Some(state) = &opts.runc_floor {
+            let t = Instant::now();
+            if floor.is_none() {
+                let spec = state.join("containers").join(&ids[0]).join("config.json");
+                floor = Some(Floor::new(&opts.runc, &spec).context("bare runc floor")?);
+            }
+            if let Some(f) = floor.as_mut() {
+                f.once(false).context("bare runc floor")?;
+                f.once(true)
+                    .context("bare runc floor with a rootfs mount")?;
+            }
+            paused += t.elapsed();
+        }
         if opts.helper_at.contains(&ids.len()) {
             let t = Instant::now();
             tokio::time::sleep(opts.settle).await;
@@ -1365,9 +1384,8 @@ async fn containers(endpoint: &str, opts: &ContainersOpts) -> Result<()> {
     tokio::time::sleep(opts.settle).await;
     print_daemon_rss(opts.daemon_pid, &format!("{}ctr", ids.len()));
     read_helper(ids.len());
-    if let (Some(state), Some(first)) = (&opts.runc_floor, ids.first()) {
-        let spec = state.join("containers").join(first).join("config.json");
-        runc_floor(&opts.runc, &spec, opts.count).context("bare runc floor")?;
+    if let Some(f) = floor.take() {
+        f.print();
     }
 
     let (mut stop, mut remove, mut both) = (Vec::new(), Vec::new(), Vec::new());
@@ -1423,118 +1441,184 @@ fn run_runc(runc: &str, args: &[&str], err: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The floor under a runtime's container lifecycle: the OCI spec at `spec` (written by the
-/// runtime for a running container of the pod, so with the pod's namespaces, mounts and
-/// rootfs) run `count` times, one at a time, by the bare OCI runtime: `create` + `start`,
-/// then `kill 9` + waiting for the exit (this process is made the subreaper, so the
-/// container's init is its child) + `delete`. Each copy gets its own bundle, cgroup
-/// (`/berth-bench-runc/<name>`) and runtime root; everything is deleted as it goes.
+/// The floor under a runtime's container lifecycle: copies of the OCI spec at `spec` (written
+/// by the runtime for a running container of the pod, so with the pod's namespaces, mounts
+/// and rootfs) run one at a time by the bare OCI runtime: `create` + `start`, then `kill 9` +
+/// waiting for the exit (this process is made the subreaper, so the container's init is its
+/// child) + `delete`. Each copy gets its own bundle, cgroup (`/berth-bench-runc/<name>`) and
+/// runtime root; everything is deleted as it goes.
 ///
-/// When the runtime's rootfs is an overlay, a second pass ("mount") gives each copy a rootfs
-/// of its own first, as a runtime must: the same lower dirs with a new upper and work dir,
-/// mounted `volatile`, timed as `runc_mount` and unmounted after its `delete`.
-fn runc_floor(runc: &str, spec: &Path, count: usize) -> Result<()> {
-    let text = std::fs::read(spec).with_context(|| format!("reading {}", spec.display()))?;
-    let mut config: serde_json::Value = serde_json::from_slice(&text)?;
-    let bundle = spec.parent().unwrap_or(Path::new("/"));
-    // The same rootfs (shared read-write by the copies, which only sleep).
-    let mut rootfs = bundle.join("rootfs");
-    if let Some(root) = config.pointer_mut("/root/path") {
-        let p = PathBuf::from(root.as_str().unwrap_or("rootfs"));
-        rootfs = bundle.join(p);
-        *root = serde_json::json!(rootfs.display().to_string());
+/// When the runtime's rootfs is an overlay, a copy can also get a rootfs of its own first, as a
+/// runtime must ("mount"): the same lower dirs with a new upper and work dir, mounted
+/// `volatile`, timed as `runc_mount_mount` and unmounted after its `delete`.
+struct Floor {
+    runc: String,
+    config: serde_json::Value,
+    lower: Option<String>,
+    dir: tempfile::TempDir,
+    root: String,
+    copies: usize,
+    bare: FloorTimes,
+    mounted: FloorTimes,
+}
+
+/// The timings of one kind of floor copy, in seconds.
+#[derive(Default)]
+struct FloorTimes {
+    mount: Vec<f64>,
+    create: Vec<f64>,
+    start: Vec<f64>,
+    create_start: Vec<f64>,
+    stop: Vec<f64>,
+    remove: Vec<f64>,
+    stop_remove: Vec<f64>,
+}
+
+impl FloorTimes {
+    fn print(&self, prefix: &str) {
+        if self.create.is_empty() {
+            return;
+        }
+        if prefix == "runc_mount" {
+            print_lat("runc_mount_mount", "serial", &self.mount);
+        }
+        for (op, v) in [
+            ("create", &self.create),
+            ("start", &self.start),
+            ("create_start", &self.create_start),
+            ("stop", &self.stop),
+            ("remove", &self.remove),
+            ("stop_remove", &self.stop_remove),
+        ] {
+            print_lat(&format!("{prefix}_{op}"), "serial", v);
+        }
     }
-    // Staged mounts berth let go after its create may be gone: those are left out.
-    if let Some(mounts) = config.get_mut("mounts").and_then(|m| m.as_array_mut()) {
-        mounts.retain(|m| {
-            let bind = m
-                .get("options")
-                .and_then(|o| o.as_array())
-                .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
-            !bind
-                || m.get("source")
-                    .and_then(|s| s.as_str())
-                    .is_some_and(|s| Path::new(s).exists())
-        });
-    }
-    if let Some(p) = config.pointer_mut("/process/terminal") {
-        *p = serde_json::json!(false);
-    }
-    let lower = overlay_lowerdir(&rootfs);
-    let dir = tempfile::tempdir()?;
-    let root = dir.path().join("runc-root").display().to_string();
-    // The container inits become our children: `kill` is then followed by a real wait.
-    nix::sys::prctl::set_child_subreaper(true)?;
-    let passes = if lower.is_some() { 2 } else { 1 };
-    for pass in 0..passes {
-        let own_rootfs = pass == 1;
-        let (mut create, mut start, mut both, mut stop, mut remove, mut down, mut mount) =
-            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-        for i in 0..count {
-            let name = format!("berth-bench-runc-{}-{pass}-{i}", std::process::id());
-            let b = dir.path().join(&name);
-            std::fs::create_dir_all(&b)?;
-            config["linux"]["cgroupsPath"] = serde_json::json!(format!("/berth-bench-runc/{name}"));
-            let tm = Instant::now();
-            if let (true, Some(lower)) = (own_rootfs, &lower) {
-                for d in ["upper", "work", "rootfs"] {
-                    std::fs::create_dir(b.join(d))?;
-                }
-                let options = format!(
-                    "lowerdir={lower},upperdir={},workdir={},volatile",
-                    b.join("upper").display(),
-                    b.join("work").display()
-                );
-                nix::mount::mount(
-                    Some("overlay"),
-                    &b.join("rootfs"),
-                    Some("overlay"),
-                    nix::mount::MsFlags::empty(),
-                    Some(options.as_str()),
-                )
-                .context("mounting a rootfs of its own")?;
-                config["root"]["path"] = serde_json::json!(b.join("rootfs").display().to_string());
-            }
-            mount.push(if own_rootfs {
-                tm.elapsed().as_secs_f64()
-            } else {
-                0.0
+}
+
+impl Floor {
+    fn new(runc: &str, spec: &Path) -> Result<Floor> {
+        let text = std::fs::read(spec).with_context(|| format!("reading {}", spec.display()))?;
+        let mut config: serde_json::Value = serde_json::from_slice(&text)?;
+        let bundle = spec.parent().unwrap_or(Path::new("/"));
+        // The same rootfs (shared read-write by the copies, which only sleep).
+        let mut rootfs = bundle.join("rootfs");
+        if let Some(root) = config.pointer_mut("/root/path") {
+            let p = PathBuf::from(root.as_str().unwrap_or("rootfs"));
+            rootfs = bundle.join(p);
+            *root = serde_json::json!(rootfs.display().to_string());
+        }
+        // Staged mounts berth let go after its create may be gone: those are left out.
+        if let Some(mounts) = config.get_mut("mounts").and_then(|m| m.as_array_mut()) {
+            mounts.retain(|m| {
+                let bind = m
+                    .get("options")
+                    .and_then(|o| o.as_array())
+                    .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
+                !bind
+                    || m.get("source")
+                        .and_then(|s| s.as_str())
+                        .is_some_and(|s| Path::new(s).exists())
             });
-            std::fs::write(b.join("config.json"), serde_json::to_vec(&config)?)?;
-            let err = b.join("runc.err");
-            let once = floor_once(runc, &root, &b, &name, &err);
-            if own_rootfs {
-                let _ = nix::mount::umount2(&b.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
-            }
-            let [t0, t1, t2, t3, t4, t5] = match once {
-                Ok(t) => t,
-                Err(e) => {
-                    // Whatever of it exists goes (its init may wait in `create`'s state).
-                    let _ = run_runc(runc, &["--root", &root, "delete", "--force", &name], &err);
-                    return Err(e);
-                }
-            };
-            create.push((t1 - t0).as_secs_f64());
-            start.push((t2 - t1).as_secs_f64());
-            both.push((t2 - t0).as_secs_f64() + mount[i]);
-            stop.push((t4 - t3).as_secs_f64());
-            remove.push((t5 - t4).as_secs_f64());
-            down.push((t5 - t3).as_secs_f64());
-            std::fs::remove_dir_all(&b)?;
         }
-        let p = if own_rootfs { "runc_mount" } else { "runc" };
-        if own_rootfs {
-            print_lat("runc_mount_mount", "serial", &mount);
+        if let Some(p) = config.pointer_mut("/process/terminal") {
+            *p = serde_json::json!(false);
         }
-        print_lat(&format!("{p}_create"), "serial", &create);
-        print_lat(&format!("{p}_start"), "serial", &start);
-        print_lat(&format!("{p}_create_start"), "serial", &both);
-        print_lat(&format!("{p}_stop"), "serial", &stop);
-        print_lat(&format!("{p}_remove"), "serial", &remove);
-        print_lat(&format!("{p}_stop_remove"), "serial", &down);
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("runc-root").display().to_string();
+        // The container inits become our children: `kill` is then followed by a real wait.
+        nix::sys::prctl::set_child_subreaper(true)?;
+        Ok(Floor {
+            runc: runc.to_string(),
+            config,
+            lower: overlay_lowerdir(&rootfs),
+            dir,
+            root,
+            copies: 0,
+            bare: FloorTimes::default(),
+            mounted: FloorTimes::default(),
+        })
     }
-    nix::sys::prctl::set_child_subreaper(false)?;
-    Ok(())
+
+    /// One copy, with a rootfs of its own when `own_rootfs` (and the rootfs is an overlay).
+    fn once(&mut self, own_rootfs: bool) -> Result<()> {
+        let lower = match (own_rootfs, &self.lower) {
+            (true, Some(l)) => Some(l.clone()),
+            (true, None) => return Ok(()),
+            (false, _) => None,
+        };
+        let name = format!("berth-bench-runc-{}-{}", std::process::id(), self.copies);
+        self.copies += 1;
+        let b = self.dir.path().join(&name);
+        std::fs::create_dir_all(&b)?;
+        let mut config = self.config.clone();
+        config["linux"]["cgroupsPath"] = serde_json::json!(format!("/berth-bench-runc/{name}"));
+        let tm = Instant::now();
+        if let Some(lower) = &lower {
+            for d in ["upper", "work", "rootfs"] {
+                std::fs::create_dir(b.join(d))?;
+            }
+            let options = format!(
+                "lowerdir={lower},upperdir={},workdir={},volatile",
+                b.join("upper").display(),
+                b.join("work").display()
+            );
+            nix::mount::mount(
+                Some("overlay"),
+                &b.join("rootfs"),
+                Some("overlay"),
+                nix::mount::MsFlags::empty(),
+                Some(options.as_str()),
+            )
+            .context("mounting a rootfs of its own")?;
+            config["root"]["path"] = serde_json::json!(b.join("rootfs").display().to_string());
+        }
+        let mount = tm.elapsed().as_secs_f64();
+        std::fs::write(b.join("config.json"), serde_json::to_vec(&config)?)?;
+        let err = b.join("runc.err");
+        let once = floor_once(&self.runc, &self.root, &b, &name, &err);
+        if lower.is_some() {
+            let _ = nix::mount::umount2(&b.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+        }
+        let [t0, t1, t2, t3, t4, t5] = match once {
+            Ok(t) => t,
+            Err(e) => {
+                // Whatever of it exists goes (its init may wait in `create`'s state).
+                let _ = run_runc(
+                    &self.runc,
+                    &["--root", &self.root, "delete", "--force", &name],
+                    &err,
+                );
+                return Err(e);
+            }
+        };
+        let times = if lower.is_some() {
+            &mut self.mounted
+        } else {
+            &mut self.bare
+        };
+        times.mount.push(mount);
+        times.create.push((t1 - t0).as_secs_f64());
+        times.start.push((t2 - t1).as_secs_f64());
+        times
+            .create_start
+            .push((t2 - t0).as_secs_f64() + if lower.is_some() { mount } else { 0.0 });
+        times.stop.push((t4 - t3).as_secs_f64());
+        times.remove.push((t5 - t4).as_secs_f64());
+        times.stop_remove.push((t5 - t3).as_secs_f64());
+        std::fs::remove_dir_all(&b)?;
+        Ok(())
+    }
+
+    fn print(&self) {
+        self.bare.print("runc");
+        self.mounted.print("runc_mount");
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = nix::sys::prctl::set_child_subreaper(false);
+    }
 }
 
 /// The `lowerdir` option of the overlay mounted at `target`, from this process's mountinfo

@@ -10,12 +10,12 @@
 #   - the per-pod helper's memory with 0, 1, 10 and COUNT containers: berth-monitor (one per
 #     pod, started with the pod's first container) vs containerd-shim-runc-v2 (one per pod,
 #     started with the pod; it also parents the pause container, not counted here);
-#   - the floor (berth's run only, RUNC_FLOOR=1): with its containers running, the OCI spec
-#     berth wrote for the first one is run COUNT times by bare runc (create, start, kill 9 +
-#     wait, delete; own bundle, cgroup and runc root each time): what no runtime can beat;
-#     then again with a rootfs of its own per copy ("runc+mount": the same overlay lower dirs,
-#     a new upper and work dir, mounted volatile before the create), the work any runtime
-#     does before runc whose image is an overlay;
+#   - the floor (berth's run only, RUNC_FLOOR=1): the OCI spec berth wrote for the first
+#     container is run by bare runc after each of berth's containers (create, start, kill 9 +
+#     wait, delete; own bundle, cgroup and runc root each time), so that both see the same
+#     node: what no runtime can beat; and again with a rootfs of its own per copy
+#     ("runc+mount": the same overlay lower dirs, a new upper and work dir, mounted volatile
+#     before the create), the work any runtime whose image is an overlay does before runc;
 #   - berth's own steps (its debug log, STEPS=1): p50 of each CreateContainer step.
 # Images are pulled before anything is timed. Prints p50/p95/max latency and VmRSS (Pss).
 # Everything it starts or creates is stopped and removed on exit (see hack/bench-lib.sh).
@@ -99,6 +99,8 @@ if [ "$STEPS" = 1 ]; then
   echo "berth CreateContainer steps (from its debug log; ms since the RPC's work began, p50 and"
   echo "p50 of the step's own time over the $COUNT containers; first = the first container's):"
   bench_steps "container creation" <"$T/berthd.log"
+  echo "berth StartContainer steps:"
+  bench_steps "container start" <"$T/berthd.log"
   echo "berth StopContainer(0) steps:"
   bench_steps "container stop" <"$T/berthd.log"
   echo "berth RemoveContainer steps (\"container teardown\" is its part that undoes the container):"

@@ -1499,6 +1499,7 @@ impl ContainerManager {
     /// StartContainer.
     pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
         let id = self.resolve_id(id)?;
+        let t0 = std::time::Instant::now();
         let _lock = self.locks.lock(&id).await;
         let mut rec = self.get(&id)?;
         if rec.phase != Phase::Created {
@@ -1508,6 +1509,7 @@ impl ContainerManager {
                 what: "only a created container can be started",
             });
         }
+        step_done("container start", "record read", t0);
         let runtime = self.runtime(&rec.runtime_handler)?;
         // NRI plugins may refuse the start (the container stays created).
         // The spec is read once for both of its NRI events.
@@ -1518,6 +1520,7 @@ impl ContainerManager {
         if let Some((pod, spec)) = &nri_event {
             let ctr = crate::nri::convert::container(&rec, spec.as_ref());
             self.nri().start_container(pod, &ctr).await?;
+            step_done("container start", "nri", t0);
         }
         // Taken before `start`: a quick process may exit before `start` returns.
         let started_at = now_nanos();
@@ -1528,11 +1531,13 @@ impl ContainerManager {
             };
             not_found_or(&message, &bundle_command(&rec.bundle), e.into())
         });
+        step_done("container start", "runtime start", t0);
         match result {
             Ok(()) => {
                 rec.phase = Phase::Running;
                 rec.started_at = started_at;
                 self.persist(&rec).await?;
+                step_done("container start", "record", t0);
                 self.index.insert(&id, rec.clone());
                 self.events
                     .publish(EventKind::Started, &id, &rec.sandbox_id, None, Some(&rec));

@@ -119,8 +119,8 @@ impl OciRuntime {
     }
 
     /// Runs one command in a process group of its own, within [`Self::timeout`]. When the
-    /// time is up, or when the caller stops waiting (this future is dropped: the client's
-    /// deadline passed), the whole group is killed: a stuck runtime leaves nothing behind
+    /// time is up, or when the caller stops waiting (this future is dropped), the whole
+    /// group is killed: a stuck runtime leaves nothing behind
     /// (a shell wrapper's children, a hung helper), and it holds no pipe of ours open.
     async fn run(&self, command: &'static str, args: &[&str]) -> Result<Vec<u8>, RuntimeError> {
         let mut c = self.command();
