@@ -153,9 +153,11 @@ impl Monitor {
         // Our copies of the child's ends of the pipes close here.
         drop(cmd);
         // Inherited by this runtime only: no later child gets it (single-threaded, so no
-        // other spawn came in between).
-        fcntl(&runtime_log, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
-            .map_err(|e| io_err("fcntl", &e))?;
+        // other spawn came in between). Not an error when it fails: the runtime runs already
+        // (and must be tracked), and a later child holding a memfd is harmless.
+        if let Err(e) = fcntl(&runtime_log, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+            self.diag(&format!("container {}: runtime log fd: {e}", req.id));
+        }
         let container = Container {
             id: req.id.clone(),
             pid: 0,
