@@ -611,7 +611,9 @@ impl ContainerManager {
     }
 
     /// [`Self::refresh`] for the synchronous paths (a status, a list): the commit is waited
-    /// for on this thread. `thorough` also tells a zombie init from a live one (for one
+    /// for on this thread, which on berthd's async workers first hands its other tasks to
+    /// another worker (`block_in_place`), as an exit is mostly first seen by the kubelet's
+    /// list of every second. `thorough` also tells a zombie init from a live one (for one
     /// container's status, not for lists).
     fn refresh_blocking(
         &self,
@@ -623,7 +625,13 @@ impl ContainerManager {
         }
         let mut b = Batch::new();
         b.put(Table::Containers, &rec.id, rec)?;
-        self.store.commit_blocking(b)?;
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_worker {
+            tokio::task::block_in_place(|| self.store.commit_blocking(b))?;
+        } else {
+            self.store.commit_blocking(b)?;
+        }
         self.publish_exit(rec);
         Ok(true)
     }

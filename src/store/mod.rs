@@ -6,7 +6,8 @@
 //! [`Store::commit`] waits for its fsync on a blocking thread, never on an async worker: with
 //! two workers, two RPCs waiting for the disk would otherwise stall every other RPC (and a
 //! writer waiting behind them for redb's one write lock). [`Store::commit_blocking`] is the
-//! same for code already on a blocking thread (or in a synchronous path).
+//! same for code already on a blocking thread, or in a synchronous path that hands its
+//! worker's other tasks off first (`tokio::task::block_in_place`).
 //!
 //! [`Store::commit_volatile`] applies a batch that need not survive a crash on its own: it is
 //! visible at once and becomes durable with the next [`Store::commit`] (of any record). It is

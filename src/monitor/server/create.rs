@@ -78,10 +78,11 @@ impl Monitor {
             }
         }
         // The runtime logs into memory, not a file: a memfd that it opens by its /proc link
-        // (inherited at that number, and closed on exec in the container's init). Read for
-        // its errors once it ended; nothing reaches the disk (runc writes its log O_SYNC).
-        let runtime_log = memfd_create(c"runtime-log", MFdFlags::empty())
-            .map_err(|e| io_err("memfd_create", &e))?;
+        // (inherited at that number, so also by its hooks and by its init until `start`; the
+        // container's process does not get it: runc and crun close such fds before the
+        // exec). Read for its errors once it ended; nothing reaches the disk (runc writes its
+        // log O_SYNC).
+        let runtime_log = runtime_log_memfd().map_err(|e| io_err("memfd_create", &e))?;
         let mut cmd = Command::new(&req.runtime);
         cmd.arg("--root")
             .arg(&req.runtime_root)
@@ -357,6 +358,16 @@ pub(super) struct Spawned {
     container: Container,
     console: Option<Console>,
     runtime_log: File,
+}
+
+/// A memfd for a runtime's log, not executable: sealed so where the kernel knows how
+/// (6.3+, and required by `vm.memfd_noexec = 2`), plain on older kernels.
+fn runtime_log_memfd() -> nix::Result<OwnedFd> {
+    let noexec = MFdFlags::from_bits_retain(libc::MFD_NOEXEC_SEAL);
+    match memfd_create(c"runtime-log", noexec) {
+        Err(nix::Error::EINVAL) => memfd_create(c"runtime-log", MFdFlags::empty()),
+        r => r,
+    }
 }
 
 /// The last `max` bytes written to `log` (empty when unreadable).
