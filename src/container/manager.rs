@@ -450,6 +450,13 @@ fn lost_exit(rec: &mut ContainerRecord) {
     rec.message = "the exit was not recorded: the pod's berth-monitor was gone".to_string();
 }
 
+/// The write that stores `rec`.
+fn record_batch(rec: &ContainerRecord) -> Result<Batch, StoreError> {
+    let mut b = Batch::new();
+    b.put(Table::Containers, &rec.id, rec)?;
+    Ok(b)
+}
+
 fn read_exit(path: &Path) -> Option<ExitInfo> {
     let bytes = std::fs::read(path).ok()?;
     serde_json::from_slice(&bytes).ok()
@@ -592,9 +599,7 @@ impl ContainerManager {
 
     /// Stores the record (durably; the fsync is waited for off the async workers).
     async fn persist(&self, rec: &ContainerRecord) -> Result<(), ContainerError> {
-        let mut b = Batch::new();
-        b.put(Table::Containers, &rec.id, rec)?;
-        self.store.commit(b).await?;
+        self.store.commit(record_batch(rec)?).await?;
         Ok(())
     }
 
@@ -610,11 +615,10 @@ impl ContainerManager {
         Ok(true)
     }
 
-    /// [`Self::refresh`] for the synchronous paths (a status, a list): the commit is waited
-    /// for on this thread, which on berthd's async workers first hands its other tasks to
-    /// another worker (`block_in_place`), as an exit is mostly first seen by the kubelet's
-    /// list of every second. `thorough` also tells a zombie init from a live one (for one
-    /// container's status, not for lists).
+    /// [`Self::refresh`] for the synchronous paths (a status, a list, where an exit is mostly
+    /// first seen: the kubelet lists every second): the commit is waited for on this thread
+    /// (see [`Store::commit_blocking`]). `thorough` also tells a zombie init from a live one
+    /// (for one container's status, not for lists).
     fn refresh_blocking(
         &self,
         rec: &mut ContainerRecord,
@@ -623,15 +627,7 @@ impl ContainerManager {
         if !self.observe_exit(rec, thorough) {
             return Ok(false);
         }
-        let mut b = Batch::new();
-        b.put(Table::Containers, &rec.id, rec)?;
-        let on_worker = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if on_worker {
-            tokio::task::block_in_place(|| self.store.commit_blocking(b))?;
-        } else {
-            self.store.commit_blocking(b)?;
-        }
+        self.store.commit_blocking(record_batch(rec)?)?;
         self.publish_exit(rec);
         Ok(true)
     }

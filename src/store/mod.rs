@@ -6,8 +6,8 @@
 //! [`Store::commit`] waits for its fsync on a blocking thread, never on an async worker: with
 //! two workers, two RPCs waiting for the disk would otherwise stall every other RPC (and a
 //! writer waiting behind them for redb's one write lock). [`Store::commit_blocking`] is the
-//! same for code already on a blocking thread, or in a synchronous path that hands its
-//! worker's other tasks off first (`tokio::task::block_in_place`).
+//! same for synchronous code: called on an async worker, it first hands the worker's other
+//! tasks to another thread (`tokio::task::block_in_place`).
 //!
 //! [`Store::commit_volatile`] applies a batch that need not survive a crash on its own: it is
 //! visible at once and becomes durable with the next [`Store::commit`] (of any record). It is
@@ -182,9 +182,17 @@ impl Store {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// [`Store::commit`] on the calling thread.
+    /// [`Store::commit`] on the calling thread. On a worker of a multi-thread runtime, the
+    /// worker's other tasks move to another thread first; elsewhere (a blocking thread, no
+    /// runtime, a current-thread runtime) it just waits.
     pub fn commit_blocking(&self, batch: Batch) -> Result<(), StoreError> {
-        self.apply(batch, redb::Durability::Immediate)
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_worker {
+            tokio::task::block_in_place(|| self.apply(batch, redb::Durability::Immediate))
+        } else {
+            self.apply(batch, redb::Durability::Immediate)
+        }
     }
 
     /// Applies a batch in one write transaction that is visible at once but durable only with
