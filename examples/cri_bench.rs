@@ -1465,6 +1465,7 @@ struct Floor {
 /// The timings of one kind of floor copy, in seconds.
 #[derive(Default)]
 struct FloorTimes {
+    /// The rootfs mount (copies with a rootfs of their own only).
     mount: Vec<f64>,
     create: Vec<f64>,
     start: Vec<f64>,
@@ -1479,8 +1480,8 @@ impl FloorTimes {
         if self.create.is_empty() {
             return;
         }
-        if prefix == "runc_mount" {
-            print_lat("runc_mount_mount", "serial", &self.mount);
+        if !self.mount.is_empty() {
+            print_lat(&format!("{prefix}_mount"), "serial", &self.mount);
         }
         for (op, v) in [
             ("create", &self.create),
@@ -1552,8 +1553,14 @@ impl Floor {
         std::fs::create_dir_all(&b)?;
         let mut config = self.config.clone();
         config["linux"]["cgroupsPath"] = serde_json::json!(format!("/berth-bench-runc/{name}"));
-        let tm = Instant::now();
+        if lower.is_some() {
+            config["root"]["path"] = serde_json::json!(b.join("rootfs").display().to_string());
+        }
+        // Written first: nothing fails between the mount and its unmount below.
+        std::fs::write(b.join("config.json"), serde_json::to_vec(&config)?)?;
+        let mut mount = None;
         if let Some(lower) = &lower {
+            let tm = Instant::now();
             for d in ["upper", "work", "rootfs"] {
                 std::fs::create_dir(b.join(d))?;
             }
@@ -1570,13 +1577,11 @@ impl Floor {
                 Some(options.as_str()),
             )
             .context("mounting a rootfs of its own")?;
-            config["root"]["path"] = serde_json::json!(b.join("rootfs").display().to_string());
+            mount = Some(tm.elapsed().as_secs_f64());
         }
-        let mount = tm.elapsed().as_secs_f64();
-        std::fs::write(b.join("config.json"), serde_json::to_vec(&config)?)?;
         let err = b.join("runc.err");
         let once = floor_once(&self.runc, &self.root, &b, &name, &err);
-        if lower.is_some() {
+        if mount.is_some() {
             let _ = nix::mount::umount2(&b.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
         }
         let [t0, t1, t2, t3, t4, t5] = match once {
@@ -1596,12 +1601,12 @@ impl Floor {
         } else {
             &mut self.bare
         };
-        times.mount.push(mount);
+        times.mount.extend(mount);
         times.create.push((t1 - t0).as_secs_f64());
         times.start.push((t2 - t1).as_secs_f64());
         times
             .create_start
-            .push((t2 - t0).as_secs_f64() + if lower.is_some() { mount } else { 0.0 });
+            .push((t2 - t0).as_secs_f64() + mount.unwrap_or(0.0));
         times.stop.push((t4 - t3).as_secs_f64());
         times.remove.push((t5 - t4).as_secs_f64());
         times.stop_remove.push((t5 - t3).as_secs_f64());
