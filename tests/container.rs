@@ -830,13 +830,14 @@ async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
     let mut c = e.config("intent");
     sh(&mut c, "sleep 100000");
     let id = e.run(c).await;
+    let pid = e.info(&id).await["pid"].as_i64().expect("pid");
     let bundle = e.d.state().join("containers").join(&id);
     let layer = e.d.root().join("containers").join(&id);
     assert!(bundle.join("config.json").exists() && layer.exists());
     e.d.kill9();
     let stray = e.d.root().join("containers").join("ab".repeat(32));
     std::fs::create_dir_all(stray.join("upper/etc")).expect("a stray writable layer");
-    let pid = {
+    {
         let store = Store::open(&e.d.root().join("berth.redb")).expect("open the store");
         let mut rec: ContainerRecord = store
             .get(Table::Containers, &id)
@@ -851,8 +852,7 @@ async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
             serde_json::to_vec(&rec).expect("encode"),
         )
         .expect("write the intent record");
-        rec.pid
-    };
+    }
     assert!(pid > 0);
     e.d.restart().await;
     e.rt = e.d.runtime_client().await;
@@ -881,6 +881,135 @@ async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
     assert!(!state.status.success(), "runc still knows {id}");
     // The name is free again.
     let mut c = e.config("intent");
+    sh(&mut c, "sleep 100000");
+    e.run(c).await;
+    e.remove_pod().await;
+}
+
+/// Rewrites a container's stored record while berthd is down.
+fn edit_record(
+    e: &Env,
+    id: &str,
+    edit: impl FnOnce(&mut berth::container::manager::ContainerRecord),
+) {
+    use berth::store::{Batch, Store, Table};
+    let store = Store::open(&e.d.root().join("berth.redb")).expect("open the store");
+    let mut rec: berth::container::manager::ContainerRecord = store
+        .get(Table::Containers, id)
+        .expect("read the record")
+        .expect("the container's record");
+    edit(&mut rec);
+    let mut b = Batch::new();
+    b.put(Table::Containers, id, &rec).expect("encode");
+    store.commit_blocking(b).expect("commit");
+}
+
+/// What a crash leaves of containers whose latest records were not durable yet: a started
+/// container's `Running` record (stored volatile) is lost, so the store holds the `Created`
+/// record that CreateContainer stored while the runtime created it, without a pid. After the
+/// restart the started container is running (its pid and start time from the runtime and the
+/// kernel: it can be stopped), and the created one is created (its pid from the runtime: it
+/// can be started and stopped).
+#[tokio::test]
+async fn containers_whose_latest_records_a_crash_lost_are_repaired() {
+    use berth::container::manager::Phase;
+    let mut e = env("runc").await;
+    let mut c = e.config("started");
+    sh(&mut c, "sleep 100000");
+    let started = e.run(c).await;
+    let mut c = e.config("created");
+    sh(&mut c, "sleep 100000");
+    let created = e.create(c).await.expect("create");
+    e.d.kill9();
+    for id in [&started, &created] {
+        edit_record(&e, id, |rec| {
+            rec.phase = Phase::Created;
+            rec.pid = 0;
+            rec.started_at = 0;
+        });
+    }
+    e.d.restart().await;
+    e.rt = e.d.runtime_client().await;
+    let s = e.status(&started).await;
+    assert_eq!(
+        s.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{s:?}"
+    );
+    assert!(s.started_at >= s.created_at && s.started_at > 0, "{s:?}");
+    let r = e
+        .exec(&started, &["echo", "alive"], 10)
+        .await
+        .expect("exec");
+    assert_eq!(r.stdout, b"alive\n");
+    let s = e.status(&created).await;
+    assert_eq!(
+        s.state,
+        cri::ContainerState::ContainerCreated as i32,
+        "{s:?}"
+    );
+    e.start(&created).await.expect("start the created one");
+    for id in [&started, &created] {
+        e.rt.stop_container(cri::StopContainerRequest {
+            container_id: id.to_string(),
+            timeout: 0,
+        })
+        .await
+        .expect("stop");
+        let s = e.status(id).await;
+        assert_eq!(
+            s.state,
+            cri::ContainerState::ContainerExited as i32,
+            "{s:?}"
+        );
+        assert_eq!(s.exit_code, 137, "{s:?}");
+    }
+    e.remove_pod().await;
+}
+
+/// A CreateContainer that a crash cut after its record was stored (it is stored while the
+/// runtime creates the container) but before the runtime had the container: start-up repair
+/// undoes it (rootfs mount, writable layer, bundle, record) and frees its name.
+#[tokio::test]
+async fn a_create_that_a_crash_cut_after_its_record_is_undone_at_start() {
+    let mut e = env("runc").await;
+    let mut c = e.config("cut");
+    sh(&mut c, "sleep 100000");
+    let id = e.create(c).await.expect("create");
+    let bundle = e.d.state().join("containers").join(&id);
+    let layer = e.d.root().join("containers").join(&id);
+    assert!(bundle.join("config.json").exists() && layer.exists());
+    e.d.kill9();
+    edit_record(&e, &id, |rec| rec.pid = 0);
+    // The runtime never had it: its init goes, and so does the exit its monitor saw.
+    let out = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(e.d.state().join("runtime/runc"))
+        .args(["delete", "--force", &id])
+        .output()
+        .expect("runc delete");
+    assert!(out.status.success(), "{out:?}");
+    let exit = bundle.join("exit.json");
+    common::wait_for(
+        Duration::from_secs(10),
+        "the monitor's exit file",
+        || async { exit.exists().then_some(()) },
+    )
+    .await;
+    std::fs::remove_file(&exit).expect("remove the exit file");
+    e.d.restart().await;
+    e.rt = e.d.runtime_client().await;
+    let listed =
+        e.rt.list_containers(cri::ListContainersRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .containers;
+    assert!(listed.iter().all(|c| c.id != id), "{listed:?}");
+    assert!(!bundle.exists(), "bundle left");
+    assert!(!layer.exists(), "writable layer left");
+    // The name is free again.
+    let mut c = e.config("cut");
     sh(&mut c, "sleep 100000");
     e.run(c).await;
     e.remove_pod().await;

@@ -9,12 +9,17 @@
 //! its bundle (under `state`, which lasts one boot), written before anything is made and not
 //! fsynced: what it guards (mounts, the runtime's container, its cgroup, the monitor's fds)
 //! ends with the boot, so it only has to survive a crash of berthd. The one durable commit of
-//! CreateContainer is the `Created` record that names the whole container. At start,
-//! [`ContainerManager::open`] undoes every bundle that no record names (with its intent record
-//! when there is one) and every writable layer under `root` that no record names (what a
-//! power loss leaves), removes what is still `Creating` (records of older berthds) or whose
-//! pod is gone, with a deleted event, and reads the exit files that the monitors wrote while
-//! berthd was down. RemoveContainer leaves a `removing` mark in the bundle before it tears
+//! CreateContainer is the `Created` record that names the whole container, made while the
+//! runtime creates it (so its fsync costs no time): until the RPC answers, a record without a
+//! pid may name a container the runtime does not have yet. StartContainer's `Running` record
+//! is not durable on its own: the runtime's state tells a started container after a crash.
+//! At start, [`ContainerManager::open`] undoes every bundle that no record names (with its
+//! intent record when there is one) and every writable layer under `root` that no record
+//! names (what a power loss leaves), removes what is still `Creating` (records of older
+//! berthds), whose pod is gone, or whose creation a crash cut (created, no pid, unknown to
+//! the runtime), with a deleted event, takes a created container that the runtime calls
+//! running as running, and reads the exit files that the monitors wrote while berthd was
+//! down. RemoveContainer leaves a `removing` mark in the bundle before it tears
 //! anything down and removes the bundle after the record: a start that finds the mark on a
 //! record finishes the removal.
 
@@ -246,6 +251,8 @@ pub struct ContainerManager {
     deleting: std::sync::Mutex<Vec<DeferredDelete>>,
     /// When deferred deletes may run: container stops and removals touch it.
     quiet: Arc<quiet::QuietGate>,
+    /// Pod monitors being started ahead of their pod's first container.
+    launches: monitor::Launches,
     /// Removed containers whose runtime delete failed (a stuck or broken runtime): tried
     /// again by their pod's removal, which fails while one does.
     undeleted: Arc<std::sync::Mutex<Vec<Undeleted>>>,
@@ -318,6 +325,15 @@ struct Undeleted {
 /// How much longer than the runtime's timeout berthd waits for the monitor's answer to a
 /// `create` (the monitor kills a create that takes longer and answers at once).
 const CREATE_ANSWER_MARGIN: Duration = Duration::from_secs(10);
+
+/// What start-up repair makes of a container the store calls created.
+#[derive(Debug, PartialEq, Eq)]
+enum Settled {
+    /// It stays (its record updated in place).
+    Kept,
+    /// A CreateContainer that a crash cut: to be undone.
+    CutCreate,
+}
 
 /// The intent record of a container being made, in its bundle (see the module's doc).
 const INTENT_FILE: &str = "intent.json";
@@ -491,6 +507,7 @@ impl ContainerManager {
             events,
             deleting: std::sync::Mutex::new(Vec::new()),
             quiet: Arc::new(quiet::QuietGate::default()),
+            launches: monitor::Launches::default(),
             undeleted: Arc::new(std::sync::Mutex::new(Vec::new())),
         };
         for (_, mut rec) in records {
@@ -504,20 +521,7 @@ impl ContainerManager {
                 } else {
                     tracing::info!(id = %rec.id, "removing a container left half-made or orphaned by a crash");
                 }
-                mgr.destroy(&rec).await;
-                let mut b = Batch::new();
-                b.delete(Table::Containers, &rec.id);
-                mgr.store.commit(b).await?;
-                // Replayed to the first subscribers (see crate::events): a client that knew
-                // the container learns that it is gone.
-                let pod = mgr.sandboxes.get(&rec.sandbox_id).ok();
-                mgr.events.publish(
-                    EventKind::Deleted,
-                    &rec.id,
-                    &rec.sandbox_id,
-                    pod.as_ref(),
-                    None,
-                );
+                mgr.remove_at_start(&rec).await?;
                 continue;
             }
             mgr.images.hold(&rec.image_id, &rec.id);
@@ -525,7 +529,13 @@ impl ContainerManager {
                 mgr.images.hold(&v.image_id, &rec.id);
             }
             mgr.refresh(&mut rec).await?;
-            mgr.settle_cut_start(&mut rec).await?;
+            if mgr.settle_created(&mut rec).await? == Settled::CutCreate {
+                tracing::info!(id = %rec.id, "removing a container whose creation a crash cut short");
+                // Its runtime's `create` may still run in the monitor: killed first.
+                rec.phase = Phase::Creating;
+                mgr.remove_at_start(&rec).await?;
+                continue;
+            }
             mgr.settle_lost_monitor(&mut rec).await?;
             let _ = mgr.index.reserve(&rec.name_key, &rec.id);
             mgr.index.insert(&rec.id.clone(), rec);
@@ -597,6 +607,21 @@ impl ContainerManager {
         }
     }
 
+    /// Takes a failed creation's record out of the store, if it got there (logged when that
+    /// fails: start-up repair undoes a created record whose runtime lacks the container).
+    async fn unstore(&self, id: &str) {
+        match self.store.get::<ContainerRecord>(Table::Containers, id) {
+            Ok(None) => {}
+            Ok(Some(_)) | Err(_) => {
+                let mut b = Batch::new();
+                b.delete(Table::Containers, id);
+                if let Err(e) = self.store.commit(b).await {
+                    tracing::warn!(%id, error = %e, "remove the record of a failed creation");
+                }
+            }
+        }
+    }
+
     /// Stores the record (durably; the fsync is waited for off the async workers).
     async fn persist(&self, rec: &ContainerRecord) -> Result<(), ContainerError> {
         self.store.commit(record_batch(rec)?).await?;
@@ -662,24 +687,73 @@ impl ContainerManager {
         true
     }
 
-    /// At start: a container still `Created` that the runtime calls running was started by a
-    /// StartContainer that a crash cut before its record: it is `Running` (started at the
-    /// time its process began, as the kernel tells it).
-    async fn settle_cut_start(&self, rec: &mut ContainerRecord) -> Result<(), ContainerError> {
+    /// At start: undoes a container (removing its record, with a deleted event for the
+    /// clients that knew it) that a crash left half-made, half-removed or without its pod.
+    async fn remove_at_start(&self, rec: &ContainerRecord) -> Result<(), ContainerError> {
+        self.destroy(rec).await;
+        let mut b = Batch::new();
+        b.delete(Table::Containers, &rec.id);
+        self.store.commit(b).await?;
+        // Replayed to the first subscribers (see crate::events): a client that knew the
+        // container learns that it is gone.
+        let pod = self.sandboxes.get(&rec.sandbox_id).ok();
+        self.events.publish(
+            EventKind::Deleted,
+            &rec.id,
+            &rec.sandbox_id,
+            pod.as_ref(),
+            None,
+        );
+        Ok(())
+    }
+
+    /// At start, for a container the store calls `Created`, what the runtime says of it:
+    /// - running: a StartContainer started it, and its record (stored volatile) did not
+    ///   outlive the crash. It is `Running`, started at the time its process began, as the
+    ///   kernel tells it (the runtime's init, so about its creation; a start that the crash
+    ///   did not let answer has no better figure).
+    /// - created (or stopped, with the pod's monitor alive to record it): as stored. A record
+    ///   stored while the runtime created the container has no pid: it is the runtime's.
+    /// - unknown, with no pid stored and its bundle there: a CreateContainer that a crash cut
+    ///   (the record is made while the runtime creates the container): [`Settled::CutCreate`].
+    /// - otherwise (stopped with the pod's monitor gone, before or after a start whose record
+    ///   was lost; unknown after a reboot): `Exited`, code unknown.
+    async fn settle_created(&self, rec: &mut ContainerRecord) -> Result<Settled, ContainerError> {
         if rec.phase != Phase::Created {
-            return Ok(());
+            return Ok(Settled::Kept);
         }
         let st = match self.runtime(&rec.runtime_handler)?.state(&rec.id).await {
             Ok(Some(st)) if st.status == "running" => st,
-            Ok(_) => return Ok(()),
+            Ok(Some(st)) if st.status != "stopped" || self.monitor_alive(rec) => {
+                if rec.pid == 0 {
+                    rec.pid = st.pid;
+                }
+                return Ok(Settled::Kept);
+            }
+            // (Its bundle, made before the record, lasts one boot: gone after a reboot.)
+            Ok(None) if rec.pid == 0 && rec.bundle.exists() => return Ok(Settled::CutCreate),
+            Ok(_) => {
+                // Stopped while nothing could record its exit (an exit file was read before
+                // this), gone with a reboot, or deleted behind berthd's back.
+                rec.started_at = rec.started_at.max(rec.created_at);
+                lost_exit(rec);
+                self.persist(rec).await?;
+                self.publish_exit(rec);
+                return Ok(Settled::Kept);
+            }
             Err(e) => {
                 tracing::warn!(id = %rec.id, error = %e, "runtime state at start");
-                return Ok(());
+                return Ok(Settled::Kept);
             }
         };
-        tracing::info!(id = %rec.id, "a container started by a StartContainer that a crash cut short is running");
+        tracing::info!(id = %rec.id, "a container started before a crash is running");
         rec.phase = Phase::Running;
-        rec.started_at = process_start_nanos(st.pid).unwrap_or_else(now_nanos);
+        rec.pid = st.pid;
+        // (The kernel's figure is whole seconds of boot time plus ticks: never before the
+        // creation that berthd timed.)
+        rec.started_at = process_start_nanos(st.pid)
+            .unwrap_or_else(now_nanos)
+            .max(rec.created_at);
         self.persist(rec).await?;
         self.events.publish(
             EventKind::Started,
@@ -688,7 +762,7 @@ impl ContainerManager {
             None,
             Some(rec),
         );
-        Ok(())
+        Ok(Settled::Kept)
     }
 
     /// At start: a container still `Running` whose pod monitor is gone can no longer have its
@@ -1122,14 +1196,7 @@ impl ContainerManager {
         {
             // Nobody learns its id: a kubelet would only find its name taken when it tries
             // again. Removed like a failed create (the store's record too).
-            let mut b = Batch::new();
-            b.delete(Table::Containers, &rec.id);
-            made = self
-                .store
-                .commit(b)
-                .await
-                .map_err(ContainerError::from)
-                .and(Err(ContainerError::Cancelled));
+            made = Err(ContainerError::Cancelled);
         }
         match made {
             Ok(()) => {
@@ -1151,7 +1218,10 @@ impl ContainerManager {
             }
             Err(e) => {
                 tracing::warn!(id = %rec.id, error = %e, "container creation failed; undoing it");
-                // No record names it yet (the Created commit is the last step).
+                // The record made while the runtime created it goes first: from then on only
+                // the intent record names the container, and a crash leaves it to start-up
+                // repair like any half-made container.
+                self.unstore(&rec.id).await;
                 self.destroy(&rec).await;
                 self.index.release(&key);
                 drop(nri_sync);
@@ -1190,6 +1260,23 @@ impl ContainerManager {
                 step,
                 ms = t0.elapsed().as_secs_f64() * 1000.0,
                 "container creation"
+            )
+        };
+        // The pod's monitor is reached (or, for its first container, started: a few ms) while
+        // the rootfs, volumes and spec are made; the create waits for it below.
+        let monitor = {
+            let (pod, dir, bin, launches) = (
+                sandbox.id.clone(),
+                self.monitor_dir(sandbox),
+                self.monitor_bin.clone(),
+                self.launches.clone(),
+            );
+            tokio::spawn(
+                async move {
+                    launches.wait(&pod).await;
+                    monitor::ensure_monitor(&pod, &dir, &bin).await
+                }
+                .in_current_span(),
             )
         };
         std::fs::create_dir_all(&rec.bundle)
@@ -1307,7 +1394,7 @@ impl ContainerManager {
             gid: p.user().gid(),
             groups: p.user().additional_gids().clone().unwrap_or_default(),
         });
-        let json = serde_json::to_vec_pretty(&spec).map_err(|e| ContainerError::Io {
+        let json = serde_json::to_vec(&spec).map_err(|e| ContainerError::Io {
             context: "encode config.json".to_string(),
             source: std::io::Error::other(e),
         })?;
@@ -1316,9 +1403,10 @@ impl ContainerManager {
         mark("spec");
         let runtime = self.runtime(&rec.runtime_handler)?;
         std::fs::create_dir_all(&runtime.root).map_err(io_err("create runtime root"))?;
-        let mut client =
-            monitor::ensure_monitor(&sandbox.id, &self.monitor_dir(sandbox), &self.monitor_bin)
-                .await?;
+        let mut client = monitor.await.map_err(|e| ContainerError::Io {
+            context: "reaching the pod's monitor".to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
         // The monitor kills a `create` that takes longer than the runtime's timeout and says
         // so; berthd waits a little longer for that answer.
         client.set_timeouts(
@@ -1343,11 +1431,30 @@ impl ContainerManager {
             tty: rec.config.tty,
             timeout_ms: u64::try_from(runtime.timeout.as_millis()).unwrap_or(u64::MAX),
         });
+        // The one durable commit is made while the runtime creates the container, so that
+        // its fsync costs the RPC nothing: from its end on, the record names the container as
+        // created, with no pid yet (start-up repair asks the runtime for it, and undoes the
+        // container when the runtime does not have it: a create that a crash cut). On
+        // failure the caller takes the record out again.
+        let commit = {
+            let mut named = rec.clone();
+            named.phase = Phase::Created;
+            let (store, batch) = (Arc::clone(&self.store), record_batch(&named)?);
+            tokio::spawn(async move { store.commit(batch).await })
+        };
         let created = tokio::select! {
-            created = create => created,
+            created = create => Some(created),
             // The create's connection is dropped with it; the caller's cleanup has the
             // monitor kill the runtime (`forget`) before anything else is undone.
-            _ = caller_gone => return Err(ContainerError::Cancelled),
+            _ = &mut *caller_gone => None,
+        };
+        // Waited for in every case: the caller's cleanup deletes the record after it.
+        commit.await.map_err(|e| ContainerError::Io {
+            context: "storing the container's record".to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+        let Some(created) = created else {
+            return Err(ContainerError::Cancelled);
         };
         let pid = created.map_err(|e| match e {
             MonitorError::Remote {
@@ -1390,8 +1497,6 @@ impl ContainerManager {
         }
         rec.pid = pid;
         rec.phase = Phase::Created;
-        // The one durable commit: from here on the record names the container.
-        self.persist(rec).await?;
         mark("created");
         // The intent record stays (stale, ignored) until the bundle goes with the container.
         Ok(())
@@ -1425,6 +1530,16 @@ impl ContainerManager {
                     source: std::io::Error::other(e.to_string()),
                 })??,
         )
+    }
+
+    /// Starts a ready pod's monitor in the background (RunPodSandbox), so that its first
+    /// CreateContainer finds it listening (see [`monitor::Launches`]).
+    pub fn start_monitor_ahead(&self, sandbox: &SandboxRecord) {
+        self.launches.start(
+            &sandbox.id,
+            self.monitor_dir(sandbox),
+            self.monitor_bin.clone(),
+        );
     }
 
     /// Has the pod's monitor drop (and, while it is being created, kill) a container.
@@ -1540,7 +1655,10 @@ impl ContainerManager {
             Ok(()) => {
                 rec.phase = Phase::Running;
                 rec.started_at = started_at;
-                self.persist(&rec).await?;
+                // Not durable on its own (it is with the next durable commit): a crash that
+                // loses it leaves the container `Created` in the store, and start-up repair
+                // finds it running in the runtime's state (see `settle_created`).
+                self.store.commit_volatile(record_batch(&rec)?)?;
                 step_done("container start", "record", t0);
                 self.index.insert(&id, rec.clone());
                 self.events
@@ -1923,6 +2041,8 @@ impl ContainerManager {
                 .await?;
         }
         self.deletes_done(sandbox_id).await?;
+        // A monitor started ahead (RunPodSandbox) is up before it is shut down.
+        self.launches.wait(sandbox_id).await;
         if let Ok(sandbox) = self.sandboxes.get(sandbox_id)
             && let Ok(mut client) = self.connect_monitor(&sandbox).await
         {

@@ -10,6 +10,7 @@
 //!
 //! - [`server`]: the monitor itself (single-threaded `poll(2)` loop, no async runtime);
 //! - [`client`]: berthd's side (tokio);
+//! - [`launch`]: monitors that RunPodSandbox starts ahead of the pod's first container;
 //! - [`log`]: the CRI log format;
 //! - [`proto`]: the requests and responses.
 //!
@@ -18,6 +19,7 @@
 
 pub mod attach;
 pub mod client;
+pub mod launch;
 pub mod log;
 pub mod proto;
 pub mod server;
@@ -26,6 +28,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub use client::{MonitorClient, MonitorError, ensure_monitor};
+pub use launch::Launches;
 pub use proto::{ContainerState, CreateRequest, ExitInfo};
 
 /// The monitor's socket, in its directory.

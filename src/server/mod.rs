@@ -100,6 +100,8 @@ pub struct Daemon {
     images: Arc<ImageManager>,
     sandboxes: Arc<SandboxManager>,
     containers: Arc<ContainerManager>,
+    /// Flushed at a clean stop (see [`Store::flush`]).
+    store: Arc<Store>,
     events: Arc<EventHub>,
     fs: Arc<FsUsage>,
     metrics: Option<crate::metrics::MetricsServer>,
@@ -219,6 +221,7 @@ impl Daemon {
             images,
             sandboxes,
             containers,
+            store,
             events,
             fs,
             metrics,
@@ -336,6 +339,11 @@ impl Daemon {
         }
         // Deletes deferred until the node was quiet run now rather than at the next start.
         self.containers.finish_deletes().await;
+        // Records stored volatile (a start's, an address's) need no re-deriving at the next
+        // start.
+        if let Err(e) = self.store.flush() {
+            tracing::warn!(error = %e, "flushing the store");
+        }
         self.sandboxes.nri().stop().await;
         tracing::info!("stopped");
         Ok(())

@@ -11,6 +11,7 @@ use tonic::Status;
 
 use super::trace::detached;
 use crate::config::Config;
+use crate::container::manager::ContainerManager;
 use crate::sandbox::{Phase, SandboxManager, SandboxRecord, namespace_options};
 
 fn state_of(rec: &SandboxRecord) -> cri::PodSandboxState {
@@ -96,6 +97,7 @@ pub fn runtime_handler(config: &Config, requested: &str) -> Result<String, Statu
 
 pub async fn run(
     sandboxes: &Arc<SandboxManager>,
+    containers: &Arc<ContainerManager>,
     config: &Config,
     req: cri::RunPodSandboxRequest,
 ) -> Result<cri::RunPodSandboxResponse, Status> {
@@ -103,11 +105,14 @@ pub async fn run(
     let pod_config = req
         .config
         .ok_or_else(|| Status::invalid_argument("a pod sandbox config is required"))?;
-    let sandboxes = Arc::clone(sandboxes);
+    let (sandboxes, containers) = (Arc::clone(sandboxes), Arc::clone(containers));
     let rec = detached(async move {
-        Ok(sandboxes
+        let rec = sandboxes
             .run(pod_config, handler, req.runtime_handler)
-            .await?)
+            .await?;
+        // Its first container need not wait for the monitor's launch.
+        containers.start_monitor_ahead(&rec);
+        Ok(rec)
     })
     .await?;
     Ok(cri::RunPodSandboxResponse {

@@ -324,7 +324,7 @@ impl RuntimeService for RuntimeServiceImpl {
             "RunPodSandbox",
             &name,
             deadline,
-            pod_sandbox::run(&self.sandboxes, &self.config, req),
+            pod_sandbox::run(&self.sandboxes, &self.containers, &self.config, req),
         )
         .await
     }

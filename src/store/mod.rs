@@ -102,6 +102,19 @@ db_err!(
     redb::CommitError
 );
 
+/// Runs `f`, which may wait for the disk: on a worker of a multi-thread runtime, the worker's
+/// other tasks move to another thread first; elsewhere (a blocking thread, no runtime, a
+/// current-thread runtime) it just runs.
+fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    let on_worker = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if on_worker {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
 /// The open database.
 pub struct Store {
     db: Database,
@@ -186,20 +199,27 @@ impl Store {
     /// worker's other tasks move to another thread first; elsewhere (a blocking thread, no
     /// runtime, a current-thread runtime) it just waits.
     pub fn commit_blocking(&self, batch: Batch) -> Result<(), StoreError> {
-        let on_worker = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if on_worker {
-            tokio::task::block_in_place(|| self.apply(batch, redb::Durability::Immediate))
-        } else {
-            self.apply(batch, redb::Durability::Immediate)
-        }
+        off_worker(|| self.apply(batch, redb::Durability::Immediate))
     }
 
     /// Applies a batch in one write transaction that is visible at once but durable only with
     /// the next durable commit: a crash (of the process or the machine) before that loses
-    /// it, never a part of it. For records that start-up repair does not need.
+    /// it, never a part of it. For records that start-up repair does not need. It waits for
+    /// no disk, but may wait for redb's one write lock, which a durable commit holds through
+    /// its fsync: like [`Store::commit_blocking`], an async worker hands its tasks off first.
     pub fn commit_volatile(&self, batch: Batch) -> Result<(), StoreError> {
-        self.apply(batch, redb::Durability::None)
+        off_worker(|| self.apply(batch, redb::Durability::None))
+    }
+
+    /// Makes every volatile batch applied so far durable (one empty durable commit): for a
+    /// clean stop, so that the next start has nothing to re-derive.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        off_worker(|| {
+            let mut tx = self.db.begin_write()?;
+            tx.set_durability(redb::Durability::Immediate);
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn apply(&self, batch: Batch, durability: redb::Durability) -> Result<(), StoreError> {
@@ -310,6 +330,41 @@ mod tests {
             store.get::<String>(Table::PodIps, "10.0.0.2").expect("get"),
             Some("a".to_string())
         );
+    }
+
+    /// What a crash of berthd leaves of the store: its file as it is on disk (the page
+    /// cache), with the database never closed (leaked, so that no drop writes anything).
+    fn crashed_copy(store: Store, dir: &Path, name: &str) -> Store {
+        let path = dir.join(name);
+        std::fs::copy(dir.join("berth.redb"), &path).expect("copy the file");
+        std::mem::forget(store);
+        Store::open(&path).expect("open the copy")
+    }
+
+    #[test]
+    fn volatile_batches_are_lost_in_a_crash_unless_flushed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for flushed in [false, true] {
+            let path = dir.path().join("berth.redb");
+            let _ = std::fs::remove_file(&path);
+            let store = Store::open(&path).expect("open");
+            let mut b = Batch::new();
+            b.put(Table::Containers, "c", &"created").expect("put");
+            store.commit_blocking(b).expect("commit");
+            let mut b = Batch::new();
+            b.put(Table::Containers, "c", &"running").expect("put");
+            store.commit_volatile(b).expect("volatile");
+            if flushed {
+                store.flush().expect("flush");
+            }
+            let after = crashed_copy(store, dir.path(), &format!("crashed-{flushed}.redb"));
+            let want = if flushed { "running" } else { "created" };
+            assert_eq!(
+                after.get::<String>(Table::Containers, "c").expect("get"),
+                Some(want.to_string()),
+                "flushed: {flushed}"
+            );
+        }
     }
 
     #[test]
