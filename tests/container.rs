@@ -821,7 +821,8 @@ async fn exit_while_the_monitor_is_gone_is_reported() {
 /// and left as the intent record in its bundle (what a berthd killed just before the
 /// `Created` commit leaves, plus a process). The start-up repair undoes all of it: process,
 /// runtime state, rootfs mount, writable layer, bundle. A writable layer that no record
-/// names (what a power loss leaves) goes too.
+/// names (what a power loss leaves) goes too, and so does a bundle with a torn intent record
+/// and its rootfs mounted.
 #[tokio::test]
 async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
     use berth::container::manager::{ContainerRecord, Phase};
@@ -837,6 +838,19 @@ async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
     e.d.kill9();
     let stray = e.d.root().join("containers").join("ab".repeat(32));
     std::fs::create_dir_all(stray.join("upper/etc")).expect("a stray writable layer");
+    // Cut while its intent record was written, its rootfs already mounted (the two are made
+    // at once): a torn intent record and a mount in the bundle.
+    let torn = e.d.state().join("containers").join("cd".repeat(32));
+    std::fs::create_dir_all(torn.join("rootfs")).expect("a torn bundle");
+    std::fs::write(torn.join("intent.json"), b"{\"id\":").expect("a torn intent record");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &torn.join("rootfs"),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mount in the torn bundle");
     {
         let store = Store::open(&e.d.root().join("berth.redb")).expect("open the store");
         let mut rec: ContainerRecord = store
@@ -866,6 +880,11 @@ async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
     assert!(!bundle.exists(), "bundle left");
     assert!(!layer.exists(), "writable layer left");
     assert!(!stray.exists(), "stray writable layer left");
+    if torn.exists() {
+        // Never left mounted, even by a failing test.
+        let _ = nix::mount::umount2(&torn.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+        panic!("a torn bundle is left");
+    }
     common::wait_for(
         Duration::from_secs(10),
         "the container's process to go",

@@ -6,7 +6,8 @@
 //! ([`ImageManager::acquire`]) from its creation to its removal.
 //!
 //! Crash safety: a container being made is described by its intent record, `intent.json` in
-//! its bundle (under `state`, which lasts one boot), written before anything is made and not
+//! its bundle (under `state`, which lasts one boot), written while the rootfs is mounted
+//! (before anything else is made; a bundle without it has at most its rootfs mounted) and not
 //! fsynced: what it guards (mounts, the runtime's container, its cgroup, the monitor's fds)
 //! ends with the boot, so it only has to survive a crash of berthd. The one durable commit of
 //! CreateContainer is the `Created` record that names the whole container, made while the
@@ -338,9 +339,10 @@ enum Settled {
 /// The intent record of a container being made, in its bundle (see the module's doc).
 const INTENT_FILE: &str = "intent.json";
 
-/// Writes the intent record of a container being made: one write, not fsynced, before
-/// anything else is made (a crash in the middle of it leaves a record that does not parse
-/// and nothing else of the container but its bundle directory).
+/// Writes the intent record of a container being made: one write, not fsynced, while its
+/// rootfs is mounted and before anything else is made (a crash before or in the middle of it
+/// leaves a record that does not parse, and nothing else of the container but its bundle
+/// directory, its rootfs mount and writable layer).
 fn write_intent(rec: &ContainerRecord) -> Result<(), ContainerError> {
     let json = serde_json::to_vec(rec).map_err(|e| ContainerError::Io {
         context: "encode the container's intent record".to_string(),
@@ -562,8 +564,12 @@ impl ContainerManager {
             let rec = match read_intent(&e.path()) {
                 Some(rec) => rec,
                 None => {
-                    // Cut before or while its intent was written: only the bundle directory
-                    // (with a torn intent record) can exist. Never recurse into a mount.
+                    // Cut before or while its intent was written: the bundle directory, a torn
+                    // intent record and the rootfs mount (made meanwhile) can exist. Never
+                    // recurse into a mount.
+                    if let Err(err) = rootfs::unmount_rootfs(&e.path().join("rootfs")) {
+                        tracing::warn!(id = %name, error = %err, "unmount rootfs");
+                    }
                     if volumes::mounts_under(&e.path()).is_empty()
                         && let Err(err) = std::fs::remove_dir_all(e.path())
                     {
@@ -1279,10 +1285,6 @@ impl ContainerManager {
                 .in_current_span(),
             )
         };
-        std::fs::create_dir_all(&rec.bundle)
-            .map_err(io_err(format!("create {}", rec.bundle.display())))?;
-        write_intent(rec)?;
-        mark("record");
         // Held until removal: RemoveImage must not take an image a container uses.
         if self.images.acquire(&rec.image_id, &rec.id).await.is_none() {
             return Err(ContainerError::ImageNotFound(rec.image_name.clone()));
@@ -1306,7 +1308,11 @@ impl ContainerManager {
                 image_id: img.id,
             });
         }
-        {
+        std::fs::create_dir_all(&rec.bundle)
+            .map_err(io_err(format!("create {}", rec.bundle.display())))?;
+        // The rootfs is mounted while the intent record is written (a crash in between
+        // leaves a bundle without one: start-up repair unmounts what is mounted in it).
+        let mounting = {
             let (root, id, lower, target) = (
                 self.config.root.clone(),
                 rec.id.clone(),
@@ -1314,12 +1320,16 @@ impl ContainerManager {
                 rec.rootfs(),
             );
             tokio::task::spawn_blocking(move || rootfs::mount_rootfs(&root, &id, &lower, &target))
-                .await
-                .map_err(|e| ContainerError::Io {
-                    context: "mounting the rootfs".to_string(),
-                    source: std::io::Error::other(e.to_string()),
-                })??;
-        }
+        };
+        let intent = write_intent(rec);
+        mark("record");
+        // Both end before any error returns: the caller's undo must not race the mount.
+        let mounted = mounting.await.map_err(|e| ContainerError::Io {
+            context: "mounting the rootfs".to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        intent?;
+        mounted?;
         mark("rootfs");
         let plan = volumes::Plan {
             mounts_dir: volumes::mounts_dir(&rec.bundle),
