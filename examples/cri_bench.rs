@@ -1362,9 +1362,15 @@ async fn containers(endpoint: &str, opts: &ContainersOpts) -> Result<()> {
                 floor = Some(Floor::new(&opts.runc, &spec).context("bare runc floor")?);
             }
             if let Some(f) = floor.as_mut() {
+                // Each copy, and the runtime's next container, starts on a settled node: the
+                // kernel's deferred work of what ran just before (a start, a copy's kill,
+                // delete and unmount) does not land on it.
+                tokio::time::sleep(FLOOR_SETTLE).await;
                 f.once(false).context("bare runc floor")?;
+                tokio::time::sleep(FLOOR_SETTLE).await;
                 f.once(true)
                     .context("bare runc floor with a rootfs mount")?;
+                tokio::time::sleep(FLOOR_SETTLE).await;
             }
             paused += t.elapsed();
         }
@@ -1420,6 +1426,9 @@ async fn containers(endpoint: &str, opts: &ContainersOpts) -> Result<()> {
     eprintln!("containers and pod removed");
     Ok(())
 }
+
+/// The pause before each floor copy and after the last (see `containers`).
+const FLOOR_SETTLE: Duration = Duration::from_millis(100);
 
 /// Runs `<runc> args…` with stdin and stdout on /dev/null and stderr into `err` (a file, not
 /// a pipe: the init that `create` leaves waiting would hold a pipe open); fails with it.

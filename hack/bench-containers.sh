@@ -17,6 +17,8 @@
 #     ("runc+mount": the same overlay lower dirs, a new upper and work dir, mounted volatile
 #     before the create), the work any runtime whose image is an overlay does before runc;
 #     berth's Create+Start over each floor, paired per container (p50 of the differences);
+#     each copy, and berth's next container, starts after a 100 ms pause (no copy's teardown
+#     lands on the next measurement);
 #   - berth's own steps (its debug log, STEPS=1): p50 of each CreateContainer step.
 # Images are pulled before anything is timed. Prints p50/p95/max latency and VmRSS (Pss).
 # Everything it starts or creates is stopped and removed on exit (see hack/bench-lib.sh).
