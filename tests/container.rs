@@ -870,15 +870,7 @@ async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
     assert!(pid > 0);
     e.d.restart().await;
     e.rt = e.d.runtime_client().await;
-    let listed =
-        e.rt.list_containers(cri::ListContainersRequest::default())
-            .await
-            .expect("list")
-            .into_inner()
-            .containers;
-    assert!(listed.iter().all(|c| c.id != id), "{listed:?}");
-    assert!(!bundle.exists(), "bundle left");
-    assert!(!layer.exists(), "writable layer left");
+    assert_undone(&mut e, &id, &bundle, &layer).await;
     assert!(!stray.exists(), "stray writable layer left");
     if torn.exists() {
         // Never left mounted, even by a failing test.
@@ -903,6 +895,19 @@ async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
     sh(&mut c, "sleep 100000");
     e.run(c).await;
     e.remove_pod().await;
+}
+
+/// A container that start-up repair undid: not listed, its bundle and writable layer gone.
+async fn assert_undone(e: &mut Env, id: &str, bundle: &Path, layer: &Path) {
+    let listed =
+        e.rt.list_containers(cri::ListContainersRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .containers;
+    assert!(listed.iter().all(|c| c.id != id), "{listed:?}");
+    assert!(!bundle.exists(), "bundle left");
+    assert!(!layer.exists(), "writable layer left");
 }
 
 /// Rewrites a container's stored record while berthd is down.
@@ -1018,15 +1023,7 @@ async fn a_create_that_a_crash_cut_after_its_record_is_undone_at_start() {
     std::fs::remove_file(&exit).expect("remove the exit file");
     e.d.restart().await;
     e.rt = e.d.runtime_client().await;
-    let listed =
-        e.rt.list_containers(cri::ListContainersRequest::default())
-            .await
-            .expect("list")
-            .into_inner()
-            .containers;
-    assert!(listed.iter().all(|c| c.id != id), "{listed:?}");
-    assert!(!bundle.exists(), "bundle left");
-    assert!(!layer.exists(), "writable layer left");
+    assert_undone(&mut e, &id, &bundle, &layer).await;
     // The name is free again.
     let mut c = e.config("cut");
     sh(&mut c, "sleep 100000");
