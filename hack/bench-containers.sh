@@ -93,9 +93,9 @@ floor_line runc_mount_ "runc+mount"
 awk '$1 == "lat" && $2 == "runc_mount_mount" {
   printf "  (runc+mount: each copy first mounts an overlay rootfs of its own, as berth does:\n"
   printf "   the mount alone p50 %.1f ms, p95 %.1f ms; Create+Start includes it)\n", $5, $6 }' "$T/out.berth"
-awk '$1 == "lat" && $2 == "over_runc" { bare = sprintf("bare runc +%.1f ms (p95 +%.1f)", $5, $6) }
-  $1 == "lat" && $2 == "over_runc_mount" { mnt = sprintf("runc+mount +%.1f ms (p95 +%.1f)", $5, $6) }
-  END { if (bare != "") printf "  berth Create+Start over the floor, paired per container (each floor copy ran right\n   after its berth container; p50 of the differences): %s, %s\n", bare, mnt }' "$T/out.berth"
+awk '$1 == "lat" && $2 == "over_runc" { over = sprintf("bare runc %+.1f ms (p95 %+.1f)", $5, $6) }
+  $1 == "lat" && $2 == "over_runc_mount" { over = over sprintf(", runc+mount %+.1f ms (p95 %+.1f)", $5, $6) }
+  END { if (over != "") printf "  berth Create+Start over the floor, paired per container (each floor copy ran right\n   after its berth container; p50 of the differences): %s\n", over }' "$T/out.berth"
 for rt in "${RUNTIMES[@]}"; do
   awk -v rt="$rt" '$1 == "lat" && ($2 == "stop" || $2 == "remove" || $2 == "runc_stop" || $2 == "runc_remove") {
     printf "  %s %s: p50 %.1f ms, p95 %.1f ms, max %.1f ms\n", rt, $2, $5, $6, $7 }' "$T/out.$rt"

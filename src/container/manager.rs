@@ -12,13 +12,16 @@
 //! ends with the boot, so it only has to survive a crash of berthd. The one durable commit of
 //! CreateContainer is the `Created` record that names the whole container, made while the
 //! runtime creates it (so its fsync costs no time): until the RPC answers, a record without a
-//! pid may name a container the runtime does not have yet. StartContainer's `Running` record
+//! pid may name a container the runtime does not have yet. (A crash during the runtime's
+//! create may so leave a created container that the kubelet never heard of, as a crash
+//! between the commit and the answer always could: its retry finds the name taken until the
+//! kubelet removes that container.) StartContainer's `Running` record
 //! is not durable on its own: the runtime's state tells a started container after a crash.
 //! At start, [`ContainerManager::open`] undoes every bundle that no record names (with its
 //! intent record when there is one) and every writable layer under `root` that no record
 //! names (what a power loss leaves), removes what is still `Creating` (records of older
 //! berthds), whose pod is gone, or whose creation a crash cut (created, no pid, unknown to
-//! the runtime), with a deleted event, takes a created container that the runtime calls
+//! the runtime, its bundle there), with a deleted event, takes a created container that the runtime calls
 //! running as running, and reads the exit files that the monitors wrote while berthd was
 //! down. RemoveContainer leaves a `removing` mark in the bundle before it tears
 //! anything down and removes the bundle after the record: a start that finds the mark on a
@@ -613,17 +616,20 @@ impl ContainerManager {
         }
     }
 
-    /// Takes a failed creation's record out of the store, if it got there (logged when that
-    /// fails: start-up repair undoes a created record whose runtime lacks the container).
-    async fn unstore(&self, id: &str) {
-        match self.store.get::<ContainerRecord>(Table::Containers, id) {
-            Ok(None) => {}
-            Ok(Some(_)) | Err(_) => {
-                let mut b = Batch::new();
-                b.delete(Table::Containers, id);
-                if let Err(e) = self.store.commit(b).await {
-                    tracing::warn!(%id, error = %e, "remove the record of a failed creation");
-                }
+    /// Takes a failed creation's record out of the store, if it got there: false when that
+    /// failed (logged), and the record stays for start-up repair to undo (see
+    /// `settle_created`: its bundle must stay too).
+    async fn unstore(&self, id: &str) -> bool {
+        if let Ok(None) = self.store.get::<ContainerRecord>(Table::Containers, id) {
+            return true;
+        }
+        let mut b = Batch::new();
+        b.delete(Table::Containers, id);
+        match self.store.commit(b).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "remove the record of a failed creation");
+                false
             }
         }
     }
@@ -721,7 +727,10 @@ impl ContainerManager {
     /// - created (or stopped, with the pod's monitor alive to record it): as stored. A record
     ///   stored while the runtime created the container has no pid: it is the runtime's.
     /// - unknown, with no pid stored and its bundle there: a CreateContainer that a crash cut
-    ///   (the record is made while the runtime creates the container): [`Settled::CutCreate`].
+    ///   (the record is made while the runtime creates the container), or one whose failure
+    ///   could not take its record out: [`Settled::CutCreate`]. (A container the runtime lost
+    ///   otherwise while berthd was down, e.g. `runc delete` by hand, looks the same: it is
+    ///   removed too, with a deleted event.)
     /// - otherwise (stopped with the pod's monitor gone, before or after a start whose record
     ///   was lost; unknown after a reboot): `Exited`, code unknown.
     async fn settle_created(&self, rec: &mut ContainerRecord) -> Result<Settled, ContainerError> {
@@ -1227,8 +1236,13 @@ impl ContainerManager {
                 // The record made while the runtime created it goes first: from then on only
                 // the intent record names the container, and a crash leaves it to start-up
                 // repair like any half-made container.
-                self.unstore(&rec.id).await;
-                self.destroy(&rec).await;
+                if self.unstore(&rec.id).await {
+                    self.destroy(&rec).await;
+                } else {
+                    // The bundle (with the intent record) stays, so that start-up repair
+                    // undoes the record as a cut create rather than call it exited.
+                    self.undo(&rec, true, false).await;
+                }
                 self.index.release(&key);
                 drop(nri_sync);
                 // Plugins that saw it made hear that it is gone.
@@ -1270,21 +1284,11 @@ impl ContainerManager {
         };
         // The pod's monitor is reached (or, for its first container, started: a few ms) while
         // the rootfs, volumes and spec are made; the create waits for it below.
-        let monitor = {
-            let (pod, dir, bin, launches) = (
-                sandbox.id.clone(),
-                self.monitor_dir(sandbox),
-                self.monitor_bin.clone(),
-                self.launches.clone(),
-            );
-            tokio::spawn(
-                async move {
-                    launches.wait(&pod).await;
-                    monitor::ensure_monitor(&pod, &dir, &bin).await
-                }
-                .in_current_span(),
-            )
-        };
+        let monitor = self.launches.reach(
+            &sandbox.id,
+            self.monitor_dir(sandbox),
+            self.monitor_bin.clone(),
+        );
         // Held until removal: RemoveImage must not take an image a container uses.
         if self.images.acquire(&rec.image_id, &rec.id).await.is_none() {
             return Err(ContainerError::ImageNotFound(rec.image_name.clone()));

@@ -1,9 +1,10 @@
 //! Pod monitors started ahead of their first container: RunPodSandbox has the pod's monitor
 //! launched in the background ([`Launches::start`]), because launching one (an exec and two
 //! forks) takes several milliseconds that the pod's first CreateContainer would otherwise
-//! wait for. Whoever needs the monitor next waits for a launch under way first
-//! ([`Launches::wait`]): CreateContainer, so that it does not launch a second one, and the
-//! pod's removal, so that no monitor comes up after it was shut down.
+//! wait for. CreateContainer reaches the monitor through [`Launches::reach`], which waits for
+//! a launch ahead first (rather than launch a second one). The pod's removal waits for every
+//! launch under way ([`Launches::wait`]), ahead or of a create, so that no monitor comes up
+//! after it was shut down.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,17 +13,44 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::{MonitorClient, MonitorError};
+
 /// The monitor launches under way, by pod id.
 #[derive(Clone, Default)]
 pub struct Launches {
-    /// Each launch's end: `true` once it is over (a dropped sender ends it too).
-    under_way: Arc<Mutex<HashMap<String, watch::Receiver<bool>>>>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Each launch ahead's end: `true` once it is over (a dropped sender ends it too).
+    ahead: HashMap<String, watch::Receiver<bool>>,
+    /// How many CreateContainers are reaching each pod's monitor (and may launch it).
+    reaching: HashMap<String, watch::Sender<usize>>,
+}
+
+/// One CreateContainer reaching its pod's monitor; counted until dropped.
+struct Reaching {
+    launches: Launches,
+    pod: String,
+}
+
+impl Drop for Reaching {
+    fn drop(&mut self) {
+        let mut inner = self.launches.inner();
+        if let Some(count) = inner.reaching.get(&self.pod) {
+            count.send_modify(|n| *n = n.saturating_sub(1));
+            if *count.borrow() == 0 {
+                inner.reaching.remove(&self.pod);
+            }
+        }
+    }
 }
 
 impl Launches {
-    fn under_way(&self) -> MutexGuard<'_, HashMap<String, watch::Receiver<bool>>> {
-        // A panic elsewhere never leaves the map half-changed: each change is one call.
-        self.under_way
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere never leaves the maps half-changed: each change is one call.
+        self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -32,7 +60,7 @@ impl Launches {
     /// fails is logged; the pod's first CreateContainer tries again (and reports its error).
     pub fn start(&self, pod_id: &str, dir: PathBuf, monitor_bin: PathBuf) {
         let (done, end) = watch::channel(false);
-        self.under_way().insert(pod_id.to_string(), end);
+        self.inner().ahead.insert(pod_id.to_string(), end);
         let (me, pod) = (self.clone(), pod_id.to_string());
         tokio::spawn(
             async move {
@@ -40,19 +68,58 @@ impl Launches {
                     Ok(_) => tracing::debug!(pod = %pod, "pod monitor started ahead"),
                     Err(e) => tracing::warn!(pod = %pod, error = %e, "starting the pod's monitor"),
                 }
-                me.under_way().remove(&pod);
+                me.inner().ahead.remove(&pod);
                 let _ = done.send(true);
             }
             .in_current_span(),
         );
     }
 
-    /// Waits until no launch of `pod_id`'s monitor is under way.
-    pub async fn wait(&self, pod_id: &str) {
-        let end = self.under_way().get(pod_id).cloned();
+    /// Connects to the monitor of `pod_id` in a task of its own (CreateContainer goes on
+    /// meanwhile), once a launch ahead is over, launching it if none runs. It is counted from
+    /// this call to the task's end, whether or not anyone awaits the task: the pod's removal
+    /// ([`Launches::wait`]) never misses a monitor that a failed create launched.
+    pub fn reach(
+        &self,
+        pod_id: &str,
+        dir: PathBuf,
+        monitor_bin: PathBuf,
+    ) -> tokio::task::JoinHandle<Result<MonitorClient, MonitorError>> {
+        self.inner()
+            .reaching
+            .entry(pod_id.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .send_modify(|n| *n += 1);
+        let reaching = Reaching {
+            launches: self.clone(),
+            pod: pod_id.to_string(),
+        };
+        let (me, pod) = (self.clone(), pod_id.to_string());
+        tokio::spawn(
+            async move {
+                let _counted = reaching;
+                me.wait_ahead(&pod).await;
+                super::ensure_monitor(&pod, &dir, &monitor_bin).await
+            }
+            .in_current_span(),
+        )
+    }
+
+    async fn wait_ahead(&self, pod_id: &str) {
+        let end = self.inner().ahead.get(pod_id).cloned();
         if let Some(mut end) = end {
             // An error means the launch's task ended without saying so: over too.
             let _ = end.wait_for(|done| *done).await;
+        }
+    }
+
+    /// Waits until no launch of `pod_id`'s monitor is under way: neither one ahead nor one
+    /// of a CreateContainer.
+    pub async fn wait(&self, pod_id: &str) {
+        self.wait_ahead(pod_id).await;
+        let count = self.inner().reaching.get(pod_id).map(|c| c.subscribe());
+        if let Some(mut count) = count {
+            let _ = count.wait_for(|n| *n == 0).await;
         }
     }
 }
@@ -78,10 +145,27 @@ mod tests {
             dir.path().join("monitor"),
             dir.path().join("no-such-binary"),
         );
-        assert!(l.under_way().contains_key("pod"), "registered at once");
+        assert!(l.inner().ahead.contains_key("pod"), "registered at once");
         tokio::time::timeout(std::time::Duration::from_secs(5), l.wait("pod"))
             .await
             .expect("the launch ends");
-        assert!(l.under_way().is_empty());
+        assert!(l.inner().ahead.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reach_nobody_awaits_is_waited_for_until_it_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let l = Launches::default();
+        // Not awaited: as when the create fails before it needs the monitor.
+        drop(l.reach(
+            "pod",
+            dir.path().join("monitor"),
+            dir.path().join("no-such-binary"),
+        ));
+        assert!(l.inner().reaching.contains_key("pod"), "counted at once");
+        tokio::time::timeout(std::time::Duration::from_secs(5), l.wait("pod"))
+            .await
+            .expect("the reach ends");
+        assert!(l.inner().reaching.is_empty(), "forgotten once over");
     }
 }

@@ -133,6 +133,10 @@ impl Daemon {
         }
         refuse_live_socket(&config.socket).await?;
         let store = Arc::new(Store::open(&config.root.join("berth.redb"))?);
+        tokio::spawn(Store::flush_volatile(
+            Arc::downgrade(&store),
+            crate::store::VOLATILE_FLUSH_DELAY,
+        ));
         let images = {
             let cfg = config.clone();
             let store = store.clone();

@@ -12,7 +12,9 @@
 //! [`Store::commit_volatile`] applies a batch that need not survive a crash on its own: it is
 //! visible at once and becomes durable with the next [`Store::commit`] (of any record). It is
 //! for bookkeeping that start-up repair can rebuild or drop (e.g. an address held by a pod
-//! that no durable record names yet), so that an RPC pays for one fsync, not several.
+//! that no durable record names yet, a started container's record), so that an RPC pays for
+//! one fsync, or none. [`Store::flush_volatile`] bounds how long such a batch stays volatile
+//! when no durable commit follows.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -103,8 +105,9 @@ db_err!(
 );
 
 /// Runs `f`, which may wait for the disk: on a worker of a multi-thread runtime, the worker's
-/// other tasks move to another thread first; elsewhere (a blocking thread, no runtime, a
-/// current-thread runtime) it just runs.
+/// other tasks move to another thread first (`block_in_place`, which on a blocking thread of
+/// that runtime just runs `f`); elsewhere (no runtime, a current-thread runtime) it just
+/// runs.
 fn off_worker<T>(f: impl FnOnce() -> T) -> T {
     let on_worker = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
@@ -118,7 +121,14 @@ fn off_worker<T>(f: impl FnOnce() -> T) -> T {
 /// The open database.
 pub struct Store {
     db: Database,
+    /// A volatile batch was applied since the last durable commit.
+    volatile_pending: std::sync::atomic::AtomicBool,
+    /// Wakes [`Store::flush_volatile`].
+    volatile_applied: Arc<tokio::sync::Notify>,
 }
+
+/// How soon a volatile batch is made durable when no durable commit comes first.
+pub const VOLATILE_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The changes of one state transition, applied atomically by [`Store::commit`].
 #[derive(Default)]
@@ -181,7 +191,34 @@ impl Store {
             }
         }
         tx.commit()?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            volatile_pending: std::sync::atomic::AtomicBool::new(false),
+            volatile_applied: Arc::new(tokio::sync::Notify::new()),
+        })
+    }
+
+    /// Makes volatile batches durable within `delay` of their commit when no durable commit
+    /// does it first (one fsync for all of them, off the RPCs' path), until the store is
+    /// dropped: a crash loses at most `delay` of them.
+    pub async fn flush_volatile(store: std::sync::Weak<Store>, delay: std::time::Duration) {
+        let Some(applied) = store.upgrade().map(|s| Arc::clone(&s.volatile_applied)) else {
+            return;
+        };
+        loop {
+            applied.notified().await;
+            tokio::time::sleep(delay).await;
+            let Some(s) = store.upgrade() else { return };
+            if s.volatile_pending
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                match tokio::task::spawn_blocking(move || s.flush()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "flushing volatile records"),
+                    Err(e) => tracing::warn!(error = %e, "flushing volatile records"),
+                }
+            }
+        }
     }
 
     /// Applies a batch in one durable write transaction, waiting for it on a blocking thread.
@@ -204,17 +241,27 @@ impl Store {
 
     /// Applies a batch in one write transaction that is visible at once but durable only with
     /// the next durable commit: a crash (of the process or the machine) before that loses
-    /// it, never a part of it. For records that start-up repair does not need. It waits for
+    /// it, never a part of it. For records that start-up repair can do without or re-derive
+    /// (see [`Store::flush_volatile`] for how long they stay volatile). It waits for
     /// no disk, but may wait for redb's one write lock, which a durable commit holds through
     /// its fsync: like [`Store::commit_blocking`], an async worker hands its tasks off first.
     pub fn commit_volatile(&self, batch: Batch) -> Result<(), StoreError> {
-        off_worker(|| self.apply(batch, redb::Durability::None))
+        off_worker(|| self.apply(batch, redb::Durability::None))?;
+        if !self
+            .volatile_pending
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.volatile_applied.notify_one();
+        }
+        Ok(())
     }
 
     /// Makes every volatile batch applied so far durable (one empty durable commit): for a
     /// clean stop, so that the next start has nothing to re-derive.
     pub fn flush(&self) -> Result<(), StoreError> {
         off_worker(|| {
+            self.volatile_pending
+                .store(false, std::sync::atomic::Ordering::Release);
             let mut tx = self.db.begin_write()?;
             tx.set_durability(redb::Durability::Immediate);
             tx.commit()?;
@@ -225,6 +272,12 @@ impl Store {
     fn apply(&self, batch: Batch, durability: redb::Durability) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
+        }
+        if !matches!(durability, redb::Durability::None) {
+            // Set before the transaction: a volatile batch applied after it (redb has one
+            // writer at a time) sets it again; one applied before is made durable by it.
+            self.volatile_pending
+                .store(false, std::sync::atomic::Ordering::Release);
         }
         let mut tx = self.db.begin_write()?;
         tx.set_durability(durability);
@@ -365,6 +418,35 @@ mod tests {
                 "flushed: {flushed}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn volatile_batches_become_durable_soon_without_a_durable_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(&dir.path().join("berth.redb")).expect("open"));
+        tokio::spawn(Store::flush_volatile(
+            Arc::downgrade(&store),
+            std::time::Duration::from_millis(50),
+        ));
+        let mut b = Batch::new();
+        b.put(Table::Containers, "c", &"running").expect("put");
+        store.commit_volatile(b).expect("volatile");
+        // Flushed once the flag is down and the flushing task let the store go.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store
+            .volatile_pending
+            .load(std::sync::atomic::Ordering::Acquire)
+            || Arc::strong_count(&store) > 1
+        {
+            assert!(std::time::Instant::now() < deadline, "never flushed");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let store = Arc::into_inner(store).expect("the only holder");
+        let after = crashed_copy(store, dir.path(), "crashed.redb");
+        assert_eq!(
+            after.get::<String>(Table::Containers, "c").expect("get"),
+            Some("running".to_string())
+        );
     }
 
     #[test]
