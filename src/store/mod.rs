@@ -212,10 +212,11 @@ impl Store {
             if s.volatile_pending
                 .load(std::sync::atomic::Ordering::Acquire)
             {
-                match tokio::task::spawn_blocking(move || s.flush()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "flushing volatile records"),
-                    Err(e) => tracing::warn!(error = %e, "flushing volatile records"),
+                let flushed = tokio::task::spawn_blocking(move || s.flush())
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
+                if let Err(e) = flushed {
+                    tracing::warn!(error = %e, "flushing volatile records");
                 }
             }
         }
@@ -259,20 +260,18 @@ impl Store {
     /// Makes every volatile batch applied so far durable (one empty durable commit): for a
     /// clean stop, so that the next start has nothing to re-derive.
     pub fn flush(&self) -> Result<(), StoreError> {
-        off_worker(|| {
-            self.volatile_pending
-                .store(false, std::sync::atomic::Ordering::Release);
-            let mut tx = self.db.begin_write()?;
-            tx.set_durability(redb::Durability::Immediate);
-            tx.commit()?;
-            Ok(())
-        })
+        off_worker(|| self.write(&Batch::new(), redb::Durability::Immediate))
     }
 
     fn apply(&self, batch: Batch, durability: redb::Durability) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
+        self.write(&batch, durability)
+    }
+
+    /// One write transaction of `batch` (empty for a flush, which redb still commits).
+    fn write(&self, batch: &Batch, durability: redb::Durability) -> Result<(), StoreError> {
         if !matches!(durability, redb::Durability::None) {
             // Set before the transaction: a volatile batch applied after it (redb has one
             // writer at a time) sets it again; one applied before is made durable by it.
