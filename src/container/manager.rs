@@ -15,15 +15,15 @@
 //! pid may name a container the runtime does not have yet. (A crash during the runtime's
 //! create may so leave a created container that the kubelet never heard of, as a crash
 //! between the commit and the answer always could: its retry finds the name taken until the
-//! kubelet removes that container.) StartContainer's `Running` record
-//! is not durable on its own: the runtime's state tells a started container after a crash.
-//! At start, [`ContainerManager::open`] undoes every bundle that no record names (with its
-//! intent record when there is one) and every writable layer under `root` that no record
-//! names (what a power loss leaves), removes what is still `Creating` (records of older
-//! berthds), whose pod is gone, or whose creation a crash cut (created, no pid, unknown to
-//! the runtime, its bundle there), with a deleted event, takes a created container that the runtime calls
-//! running as running, and reads the exit files that the monitors wrote while berthd was
-//! down. RemoveContainer leaves a `removing` mark in the bundle before it tears
+//! kubelet removes that container.) StartContainer's `Running` record is not durable on its
+//! own: the runtime's state tells a started container after a crash. At start,
+//! [`ContainerManager::open`] undoes every bundle that no record names (with its intent record
+//! when there is one) and every writable layer under `root` that no record names (what a
+//! power loss leaves), removes what is still `Creating` (records of older berthds), whose pod
+//! is gone, or whose creation a crash cut (created, no pid, unknown to the runtime, its bundle
+//! there), with a deleted event, takes a created container that the runtime calls running as
+//! running, and reads the exit files that the monitors wrote while berthd was down.
+//! RemoveContainer leaves a `removing` mark in the bundle before it tears
 //! anything down and removes the bundle after the record: a start that finds the mark on a
 //! record finishes the removal.
 
@@ -255,7 +255,7 @@ pub struct ContainerManager {
     deleting: std::sync::Mutex<Vec<DeferredDelete>>,
     /// When deferred deletes may run: container stops and removals touch it.
     quiet: Arc<quiet::QuietGate>,
-    /// Pod monitors being started ahead of their pod's first container.
+    /// Pod monitor launches under way: ahead of a pod's first container, or by a create.
     launches: monitor::Launches,
     /// Removed containers whose runtime delete failed (a stuck or broken runtime): tried
     /// again by their pod's removal, which fails while one does.
@@ -751,9 +751,7 @@ impl ContainerManager {
                 // Stopped while nothing could record its exit (an exit file was read before
                 // this), gone with a reboot, or deleted behind berthd's back.
                 rec.started_at = rec.started_at.max(rec.created_at);
-                lost_exit(rec);
-                self.persist(rec).await?;
-                self.publish_exit(rec);
+                self.store_lost_exit(rec).await?;
                 return Ok(Settled::Kept);
             }
             Err(e) => {
@@ -799,10 +797,16 @@ impl ContainerManager {
             }
         };
         if !running {
-            lost_exit(rec);
-            self.persist(rec).await?;
-            self.publish_exit(rec);
+            self.store_lost_exit(rec).await?;
         }
+        Ok(())
+    }
+
+    /// At start: records (and tells) an exit that nothing could record (see [`lost_exit`]).
+    async fn store_lost_exit(&self, rec: &mut ContainerRecord) -> Result<(), ContainerError> {
+        lost_exit(rec);
+        self.persist(rec).await?;
+        self.publish_exit(rec);
         Ok(())
     }
 
@@ -1282,8 +1286,9 @@ impl ContainerManager {
                 "container creation"
             )
         };
-        // The pod's monitor is reached (or, for its first container, started: a few ms) while
-        // the rootfs, volumes and spec are made; the create waits for it below.
+        // The pod's monitor is reached (after its launch ahead, or launched here if none
+        // runs: a few ms) while the rootfs, volumes and spec are made; the create waits for it
+        // below.
         let monitor = self.launches.reach(
             &sandbox.id,
             self.monitor_dir(sandbox),
@@ -2055,7 +2060,7 @@ impl ContainerManager {
                 .await?;
         }
         self.deletes_done(sandbox_id).await?;
-        // A monitor started ahead (RunPodSandbox) is up before it is shut down.
+        // A monitor being launched (ahead, or by a create) is up before it is shut down.
         self.launches.wait(sandbox_id).await;
         if let Ok(sandbox) = self.sandboxes.get(sandbox_id)
             && let Ok(mut client) = self.connect_monitor(&sandbox).await
