@@ -198,7 +198,8 @@ enum Cmd {
     /// container, up to each of `levels` pods in turn; at each level `probes` pods are run
     /// (RunPodSandbox timed) and get one container each (CreateContainer timed), then
     /// ListContainers and ContainerStatus are timed `probes` times, the probes are removed
-    /// and the daemon's VmRSS is read. Prints `lat <op>@<level> …` and `rss daemon <level>pods …`.
+    /// and the daemon's VmRSS is read. Prints `lat <op>@<level> …` (with `--runc-floor`, also
+    /// `floor@<level>` and `over@<level>`) and `rss daemon <level>pods …`.
     Scale {
         /// CRI endpoint, `unix:///path.sock` or a plain path.
         #[arg(long)]
@@ -220,6 +221,15 @@ enum Cmd {
         /// Seconds to let things settle before each memory reading.
         #[arg(long, default_value_t = 1.0)]
         settle: f64,
+        /// The runtime's state directory (berth's): after each probe's CreateContainer, the
+        /// spec it wrote for the level's first probe is run by the bare OCI runtime with a
+        /// rootfs mount of its own (as `containers --runc-floor` does), so that each level
+        /// shows how much of CreateContainer's growth is the OCI runtime's own.
+        #[arg(long)]
+        runc_floor: Option<PathBuf>,
+        /// The OCI runtime binary of `--runc-floor`.
+        #[arg(long, default_value = "runc")]
+        runc: String,
     },
     /// Streaming exec round trip: `Exec` RPC → URL → SPDY/3.1 upgrade → streams → exit status
     /// on the error stream, `count` times one at a time in a running container; `ExecSync` of
@@ -384,6 +394,8 @@ async fn main() -> Result<()> {
             command,
             daemon_pid,
             settle,
+            runc_floor,
+            runc,
         } => {
             let opts = ScaleOpts {
                 levels,
@@ -393,6 +405,8 @@ async fn main() -> Result<()> {
                 command: command.split_whitespace().map(String::from).collect(),
                 daemon_pid,
                 settle: Duration::from_secs_f64(settle),
+                runc_floor,
+                runc,
             };
             scale(&endpoint, &opts).await
         }
@@ -1673,6 +1687,8 @@ struct ScaleOpts {
     command: Vec<String>,
     daemon_pid: Option<u32>,
     settle: Duration,
+    runc_floor: Option<PathBuf>,
+    runc: String,
 }
 
 /// A container config of `name` running `command` in `image`, no log.
@@ -1749,7 +1765,8 @@ async fn scale(endpoint: &str, opts: &ScaleOpts) -> Result<()> {
         }
         eprintln!("{level} pods, each with a running container");
         let (mut run, mut create, mut list, mut status) = (vec![], vec![], vec![], vec![]);
-        let mut probes = Vec::new();
+        let mut probes: Vec<(String, String)> = Vec::new();
+        let mut floor: Option<Floor> = None;
         let begin = humantime::format_rfc3339_micros(std::time::SystemTime::now());
         for i in 0..opts.probes {
             let name = format!("scale-probe-{level}-{i}");
@@ -1757,6 +1774,29 @@ async fn scale(endpoint: &str, opts: &ScaleOpts) -> Result<()> {
             run.push(r);
             create.push(c);
             probes.push((pod, ctr));
+            // The floor's copy runs right after the probe, on the same node (its pod's
+            // namespaces, as many mounts and processes); each starts on a settled node.
+            if let Some(state) = &opts.runc_floor {
+                if floor.is_none() {
+                    let spec = state.join("containers").join(&probes[0].1);
+                    let spec = spec.join("config.json");
+                    floor = Some(Floor::new(&opts.runc, &spec).context("bare runc floor")?);
+                }
+                if let Some(f) = floor.as_mut() {
+                    tokio::time::sleep(FLOOR_SETTLE).await;
+                    f.once(true)
+                        .context("bare runc floor with a rootfs mount")?;
+                    tokio::time::sleep(FLOOR_SETTLE).await;
+                }
+            }
+        }
+        if let Some(f) = floor.take() {
+            // What CreateContainer stands for: the rootfs mount and the runtime's create.
+            let m = &f.mounted;
+            let floor: Vec<f64> = m.mount.iter().zip(&m.create).map(|(a, b)| a + b).collect();
+            let over: Vec<f64> = create.iter().zip(&floor).map(|(c, f)| c - f).collect();
+            print_lat(&format!("floor@{level}"), "serial", &floor);
+            print_lat(&format!("over@{level}"), "serial", &over);
         }
         // When the probes ran, for the daemon's step timings (hack/bench-scale.sh).
         println!(
