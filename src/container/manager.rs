@@ -362,13 +362,12 @@ const REMOVING_MARK: &str = "removing";
 /// Removes a container's bundle, unless something is still mounted in it (never recurse
 /// into a rootfs or a bind of a host path).
 fn remove_bundle(rec: &ContainerRecord) {
-    let left = volumes::mounts_under(&rec.bundle);
-    if !left.is_empty() {
-        tracing::warn!(id = %rec.id, mounts = ?left, "bundle kept: mounts are left in it");
-    } else if let Err(e) = std::fs::remove_dir_all(&rec.bundle)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(id = %rec.id, error = %e, "remove bundle");
+    match volumes::remove_unless_mounted(&rec.bundle) {
+        Ok(left) if left.is_empty() => {}
+        Ok(left) => {
+            tracing::warn!(id = %rec.id, mounts = ?left, "bundle kept: mounts are left in it")
+        }
+        Err(e) => tracing::warn!(id = %rec.id, error = %e, "remove bundle"),
     }
 }
 
@@ -573,10 +572,12 @@ impl ContainerManager {
                     if let Err(err) = rootfs::unmount_rootfs(&e.path().join("rootfs")) {
                         tracing::warn!(id = %name, error = %err, "unmount rootfs");
                     }
-                    if volumes::mounts_under(&e.path()).is_empty()
-                        && let Err(err) = std::fs::remove_dir_all(e.path())
-                    {
-                        tracing::warn!(id = %name, error = %err, "remove bundle");
+                    match volumes::remove_unless_mounted(&e.path()) {
+                        Ok(left) if left.is_empty() => {}
+                        Ok(left) => {
+                            tracing::warn!(id = %name, mounts = ?left, "bundle kept: mounts are left in it")
+                        }
+                        Err(err) => tracing::warn!(id = %name, error = %err, "remove bundle"),
                     }
                     continue;
                 }
