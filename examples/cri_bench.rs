@@ -197,8 +197,8 @@ enum Cmd {
     /// Costs as the node fills: the node is filled (untimed) with pods that each run one
     /// container, up to each of `levels` pods in turn; at each level `probes` pods are run
     /// (RunPodSandbox timed) and get one container each (CreateContainer timed), then
-    /// ListContainers and ContainerStatus are timed `probes` times, the probes are removed
-    /// and the daemon's VmRSS is read. Prints `lat <op>@<level> …` (with `--runc-floor`, also
+    /// ListContainers and ContainerStatus are timed `probes` times, the probes are stopped and
+    /// removed (StopPodSandbox + RemovePodSandbox timed) and the daemon's VmRSS is read. Prints `lat <op>@<level> …` (with `--runc-floor`, also
     /// `floor@<level>` and `over@<level>`) and `rss daemon <level>pods …`.
     Scale {
         /// CRI endpoint, `unix:///path.sock` or a plain path.
@@ -1820,13 +1820,15 @@ async fn scale(endpoint: &str, opts: &ScaleOpts) -> Result<()> {
                 .context("ContainerStatus")?;
             status.push(t.elapsed().as_secs_f64());
         }
+        let mut remove = Vec::new();
         for (pod, _) in probes {
-            stop_remove_pod(&mut client, pod).await?;
+            remove.push(stop_remove_pod(&mut client, pod).await?);
         }
         print_lat(&format!("run@{level}"), "serial", &run);
         print_lat(&format!("create@{level}"), "serial", &create);
         print_lat(&format!("list@{level}"), "serial", &list);
         print_lat(&format!("status@{level}"), "serial", &status);
+        print_lat(&format!("remove@{level}"), "serial", &remove);
         tokio::time::sleep(opts.settle).await;
         print_daemon_rss(opts.daemon_pid, &format!("{level}pods"));
     }

@@ -7,7 +7,8 @@
 # run one container (IMAGE, `sleep 3600`), up to each of LEVELS pods; at each level PROBES
 # pods are run one at a time (RunPodSandbox timed) and each gets a container
 # (CreateContainer timed), then ListContainers and ContainerStatus are timed PROBES times,
-# the probe pods are removed and the daemon's VmRSS is read. Prints p50/p95 per level.
+# the probe pods are stopped and removed (StopPodSandbox + RemovePodSandbox timed, with their
+# container) and the daemon's VmRSS is read. Prints p50/p95 per level.
 # The floor (berth's run only, RUNC_FLOOR=1): after each probe, the OCI spec berth wrote for
 # the level's first probe is run by bare runc with an overlay rootfs of its own (mount +
 # `runc create`, then start, kill, delete), on the same node: the part of CreateContainer
@@ -48,10 +49,10 @@ for rt in "${RUNTIMES[@]}"; do
 done
 
 echo
-printf '%-11s %6s  %-17s  %-17s  %-17s  %-17s  %10s\n' "" "" "RunPodSandbox" "CreateContainer" \
-  "ListContainers" "ContainerStatus" "daemon RSS"
-printf '%-11s %6s  %8s %8s  %8s %8s  %8s %8s  %8s %8s  %10s\n' runtime pods p50 p95 p50 p95 \
-  p50 p95 p50 p95 "(MiB)"
+printf '%-11s %6s  %-17s  %-17s  %-17s  %-17s  %-17s  %10s\n' "" "" "RunPodSandbox" \
+  "CreateContainer" "ListContainers" "ContainerStatus" "Stop+RemovePod" "daemon RSS"
+printf '%-11s %6s  %8s %8s  %8s %8s  %8s %8s  %8s %8s  %8s %8s  %10s\n' runtime pods p50 p95 \
+  p50 p95 p50 p95 p50 p95 p50 p95 "(MiB)"
 for rt in "${RUNTIMES[@]}"; do
   awk -v rt="$rt" '
     $1 == "lat" { split($2, a, "@"); l = a[2]; if (!(l in seen)) { seen[l] = 1; order[++n] = l }
@@ -60,9 +61,10 @@ for rt in "${RUNTIMES[@]}"; do
     END {
       for (i = 1; i <= n; i++) {
         l = order[i]
-        printf "%-11s %6s  %8.2f %8.2f  %8.2f %8.2f  %8.2f %8.2f  %8.2f %8.2f  %10.1f\n", rt, l,
-          p50["run", l], p95["run", l], p50["create", l], p95["create", l],
-          p50["list", l], p95["list", l], p50["status", l], p95["status", l], rss[l] / 1024
+        printf "%-11s %6s  %8.2f %8.2f  %8.2f %8.2f  %8.2f %8.2f  %8.2f %8.2f  %8.2f %8.2f  %10.1f\n",
+          rt, l, p50["run", l], p95["run", l], p50["create", l], p95["create", l],
+          p50["list", l], p95["list", l], p50["status", l], p95["status", l],
+          p50["remove", l], p95["remove", l], rss[l] / 1024
       }
     }' "$T/out.$rt"
 done

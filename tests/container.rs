@@ -928,6 +928,55 @@ fn edit_record(
     store.commit_blocking(b).expect("commit");
 }
 
+/// A container stopped before it ever started: its one process, the runtime's init waiting
+/// for `start`, is killed at once whatever the timeout (there is nothing to stop gracefully),
+/// the container is Exited with 137, and it is removed with its bundle.
+#[tokio::test]
+async fn a_created_container_is_stopped_and_removed() {
+    let mut e = env("runc").await;
+    for timeout in [0, 30] {
+        let mut c = e.config(&format!("never-started-{timeout}"));
+        sh(&mut c, "sleep 100000");
+        let id = e.create(c).await.expect("create");
+        let pid = e.info(&id).await["pid"].as_i64().expect("pid");
+        let in_container = || {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&id))
+        };
+        assert!(pid > 0 && in_container(), "its init waits in its cgroup");
+        let bundle = e.bundle(&id).await;
+        let asked = Instant::now();
+        e.rt.stop_container(cri::StopContainerRequest {
+            container_id: id.clone(),
+            timeout,
+        })
+        .await
+        .expect("stop");
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "a created container is not given the grace period"
+        );
+        let s = e.status(&id).await;
+        assert_eq!(
+            s.state,
+            cri::ContainerState::ContainerExited as i32,
+            "{s:?}"
+        );
+        assert_eq!(s.exit_code, 137, "{s:?}");
+        assert!(!in_container(), "its init is gone");
+        e.remove(&id).await;
+        assert!(!bundle.exists(), "its bundle went with it");
+        let gone =
+            e.rt.container_status(cri::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            })
+            .await
+            .expect_err("removed");
+        assert_eq!(gone.code(), tonic::Code::NotFound);
+    }
+    e.remove_pod().await;
+}
+
 /// What a crash leaves of containers whose latest records were not durable yet: a started
 /// container's `Running` record (stored volatile) is lost, so the store holds the `Created`
 /// record that CreateContainer stored while the runtime created it, without a pid. After the
