@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
-use super::spec::mounts::{Prepared, unescape};
+use super::spec::mounts::{Prepared, unescape_bytes};
 
 /// Errors of the host-side mount work.
 #[derive(Debug, thiserror::Error)]
@@ -151,12 +151,12 @@ pub fn release(bundle: &Path) -> Result<(), VolumeError> {
     }
     // A detached unmount takes the mounts under it along; one stacked below shows next round.
     for _ in 0..8 {
-        let mounts = mount_points(&dir);
+        let mounts = mount_points(&dir).map_err(io("find mounts in", &dir))?;
         if mounts.is_empty() {
             break;
         }
         for m in mounts {
-            match umount2(&m, MntFlags::MNT_DETACH) {
+            match umount2(&m, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
                 Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
                 Err(e) => return Err(mnt("unmount", &m)(e)),
             }
@@ -171,9 +171,13 @@ pub fn release(bundle: &Path) -> Result<(), VolumeError> {
 
 /// Removes `dir` with everything in it, unless something is mounted at or under it: then
 /// nothing is removed (a removal never recurses into a rootfs or a bind of a host path) and
-/// the mount points found are returned. Empty when `dir` went or was not there.
+/// the mount points found are returned. Empty when `dir` went or was not there. An error, and
+/// nothing removed, when what is mounted there cannot be told.
+///
+/// Callers hold what keeps anything from being mounted in `dir` meanwhile (the container's
+/// lock, or start-up before any RPC).
 pub fn remove_unless_mounted(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let left = mount_points(dir);
+    let left = mount_points(dir)?;
     if !left.is_empty() {
         return Ok(left);
     }
@@ -189,11 +193,15 @@ pub fn remove_unless_mounted(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// mounts are named. Where the kernel does not tell, or the walk fails, every mount point at or
 /// under `dir` is taken from /proc/self/mountinfo, deepest first: reading that costs about
 /// 2.8 ms on a node with 1250 mounts (250 pods), where the walk of a bundle costs a few µs.
-pub fn mount_points(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn mount_points(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     match walk_mount_points(dir, &mut found) {
-        Ok(true) => found,
-        Ok(false) | Err(_) => mounts_under(dir),
+        Ok(true) => Ok(found),
+        Ok(false) => mounts_under(dir),
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "walk for mount points; reading mountinfo");
+            mounts_under(dir)
+        }
     }
 }
 
@@ -228,7 +236,7 @@ fn walk_mount_points(path: &Path, found: &mut Vec<PathBuf>) -> std::io::Result<b
 }
 
 /// Whether `path` (not followed if a symlink) is the root of a mount, and whether it is a
-/// directory; `None` when the kernel does not report mount roots (before Linux 5.8).
+/// directory; `None` when the kernel does not report both (mount roots: Linux 5.8+).
 fn statx_mount_root(path: &Path) -> std::io::Result<Option<(bool, bool)>> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -238,7 +246,7 @@ fn statx_mount_root(path: &Path) -> std::io::Result<Option<(bool, bool)>> {
         libc::statx(
             libc::AT_FDCWD,
             c.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT | libc::AT_STATX_DONT_SYNC,
             libc::STATX_TYPE,
             stx.as_mut_ptr(),
         )
@@ -249,28 +257,28 @@ fn statx_mount_root(path: &Path) -> std::io::Result<Option<(bool, bool)>> {
     // SAFETY: statx succeeded, so it filled the buffer (which was zeroed before).
     let stx = unsafe { stx.assume_init() };
     let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
-    if stx.stx_attributes_mask & bit == 0 {
+    if stx.stx_attributes_mask & bit == 0 || stx.stx_mask & libc::STATX_TYPE == 0 {
         return Ok(None);
     }
     let dir = u32::from(stx.stx_mode) & libc::S_IFMT == libc::S_IFDIR;
     Ok(Some((stx.stx_attributes & bit != 0, dir)))
 }
 
-/// Mount points at or under `dir` (per /proc/self/mountinfo), deepest first.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+/// Mount points at or under `dir` (per /proc/self/mountinfo, paths taken as bytes), deepest
+/// first.
+fn mounts_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    use std::os::unix::ffi::OsStringExt as _;
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
+    let info = std::fs::read("/proc/self/mountinfo")?;
     let mut v: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape(m)))
+        .split(|&b| b == b'\n')
+        .filter_map(|l| l.split(|&b| b == b' ').nth(4))
+        .map(|m| PathBuf::from(std::ffi::OsString::from_vec(unescape_bytes(m))))
         .filter(|m| m.starts_with(&dir))
         .collect();
     v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     v.dedup();
-    v
+    Ok(v)
 }
 
 /// `struct mount_attr` of `mount_setattr(2)`.
@@ -556,42 +564,44 @@ mod tests {
     use super::*;
 
     /// A removal keeps a tree with a mount anywhere in it (a directory or a file bind, at any
-    /// depth), names the outermost mounts, and removes the tree once they are gone; the walk
-    /// and mountinfo agree.
+    /// depth), names the outermost mounts, follows no symlink out of it, and removes the tree
+    /// once they are gone; the walk and mountinfo agree. `release` unmounts what is staged.
     #[test]
     fn removal_never_enters_a_mount() {
         if !nix::unistd::Uid::effective().is_root() {
             eprintln!("skipping: mounting needs root");
             return;
         }
-        let d = tempfile::tempdir().expect("tempdir");
-        let bundle = d.path().join("bundle");
+        let t = tempfile::tempdir().expect("tempdir");
+        if statx_mount_root(t.path()).expect("statx").is_none() {
+            eprintln!("skipping: this kernel does not report mount roots (Linux 5.8+)");
+            return;
+        }
+        let d = std::fs::canonicalize(t.path()).expect("canonical tempdir");
+        let bundle = d.join("bundle");
         let (shm, pin) = (bundle.join("a/b/shm"), bundle.join("a/pin"));
         std::fs::create_dir_all(&shm).expect("dirs");
         std::fs::write(&pin, "").expect("file");
-        std::fs::write(d.path().join("host"), "host's").expect("file");
-        mount(
-            Some("t"),
-            &shm,
-            Some("tmpfs"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .expect("tmpfs");
+        let host = d.join("host");
+        std::fs::create_dir(&host).expect("host dir");
+        std::fs::write(host.join("file"), "host's").expect("file");
+        let mounted = d.join("mounted");
+        std::fs::create_dir(&mounted).expect("dir");
+        let tmpfs = |at: &Path| {
+            mount(Some("t"), at, Some("tmpfs"), MsFlags::empty(), None::<&str>).expect("tmpfs")
+        };
+        tmpfs(&mounted);
+        let _mounted = Unmount(mounted.clone());
+        // Symlinks to a host dir and to a mount: neither is followed.
+        std::os::unix::fs::symlink(&host, bundle.join("to-host")).expect("symlink");
+        std::os::unix::fs::symlink(&mounted, bundle.join("to-mount")).expect("symlink");
+        tmpfs(&shm);
         let shm_mounted = Unmount(shm.clone());
         std::fs::create_dir(shm.join("inner")).expect("dir in the tmpfs");
-        mount(
-            Some("t"),
-            &shm.join("inner"),
-            Some("tmpfs"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .expect("nested tmpfs");
+        tmpfs(&shm.join("inner"));
         let _inner = Unmount(shm.join("inner"));
-        let host = d.path().join("host");
         mount(
-            Some(&host),
+            Some(&host.join("file")),
             &pin,
             None::<&str>,
             MsFlags::MS_BIND,
@@ -600,17 +610,21 @@ mod tests {
         .expect("bind");
         let pin_mounted = Unmount(pin.clone());
 
-        let mut walked = mount_points(&bundle);
+        let mut walked = mount_points(&bundle).expect("walk");
         walked.sort();
         assert_eq!(
             walked,
             vec![shm.clone(), pin.clone()],
             "outermost mounts only"
         );
-        let mut all = mounts_under(&bundle);
+        let mut all = mounts_under(&bundle).expect("mountinfo");
         all.sort();
         assert_eq!(all, vec![shm.clone(), shm.join("inner"), pin.clone()]);
-        assert_eq!(mount_points(&shm), vec![shm.clone()], "a mount root itself");
+        assert_eq!(
+            mount_points(&shm).expect("walk"),
+            vec![shm.clone()],
+            "a mount root itself"
+        );
 
         let left = remove_unless_mounted(&bundle).expect("removal");
         assert_eq!(left.len(), 2, "{left:?}");
@@ -618,8 +632,6 @@ mod tests {
             pin.exists() && shm.join("inner").exists(),
             "nothing was removed"
         );
-        assert_eq!(std::fs::read_to_string(&host).expect("host file"), "host's");
-
         drop(pin_mounted);
         assert_eq!(
             remove_unless_mounted(&bundle).expect("removal"),
@@ -629,7 +641,32 @@ mod tests {
         assert!(remove_unless_mounted(&bundle).expect("removal").is_empty());
         assert!(!bundle.exists(), "removed once nothing is mounted");
         assert!(remove_unless_mounted(&bundle).expect("absent").is_empty());
-        assert_eq!(std::fs::read_to_string(&host).expect("host file"), "host's");
+        assert_eq!(
+            std::fs::read_to_string(host.join("file")).expect("host file"),
+            "host's"
+        );
+        assert!(
+            mounted.is_dir() && is_mount_root(&mounted),
+            "the mount the link named"
+        );
+
+        // What `release` finds staged in a bundle is unmounted, then the staging dir goes.
+        let staged = mounts_dir(&bundle);
+        std::fs::create_dir_all(staged.join("image-0")).expect("staging dir");
+        tmpfs(&staged.join("image-0"));
+        let _staged = Unmount(staged.join("image-0"));
+        std::fs::create_dir(staged.join("image-0/sub")).expect("dir");
+        tmpfs(&staged.join("image-0/sub"));
+        release(&bundle).expect("release");
+        assert!(!staged.exists(), "staged mounts released and removed");
+        assert!(mounts_under(&bundle).expect("mountinfo").is_empty());
+    }
+
+    fn is_mount_root(p: &Path) -> bool {
+        statx_mount_root(p)
+            .ok()
+            .flatten()
+            .is_some_and(|(root, _)| root)
     }
 
     /// Detaches its mount (and what is mounted under it) when dropped.

@@ -519,7 +519,11 @@ fn mount_of(mountinfo: &str, path: &Path) -> Option<(PathBuf, String)> {
 
 /// Undoes mountinfo's octal escapes (`\040` for a space…).
 pub fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
+    String::from_utf8_lossy(&unescape_bytes(s.as_bytes())).into_owned()
+}
+
+/// [`unescape`] of raw bytes (a mount point need not be UTF-8).
+pub fn unescape_bytes(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -535,7 +539,7 @@ pub fn unescape(s: &str) -> String {
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 #[cfg(test)]
