@@ -1480,7 +1480,6 @@ struct Floor {
     lower: Option<String>,
     dir: tempfile::TempDir,
     root: String,
-    copies: usize,
     bare: FloorTimes,
     mounted: FloorTimes,
 }
@@ -1566,7 +1565,6 @@ impl Floor {
             lower: overlay_lowerdir(&rootfs),
             dir,
             root,
-            copies: 0,
             bare: FloorTimes::default(),
             mounted: FloorTimes::default(),
         })
@@ -1579,8 +1577,10 @@ impl Floor {
             (true, None) => return Ok(()),
             (false, _) => None,
         };
-        let name = format!("berth-bench-runc-{}-{}", std::process::id(), self.copies);
-        self.copies += 1;
+        // Unique in this process (a scale run makes a Floor per level).
+        static COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("berth-bench-runc-{}-{n}", std::process::id());
         let b = self.dir.path().join(&name);
         std::fs::create_dir_all(&b)?;
         let mut config = self.config.clone();
@@ -1779,8 +1779,12 @@ async fn scale(endpoint: &str, opts: &ScaleOpts) -> Result<()> {
             if let Some(state) = &opts.runc_floor {
                 if floor.is_none() {
                     let spec = state.join("containers").join(&probes[0].1);
-                    let spec = spec.join("config.json");
-                    floor = Some(Floor::new(&opts.runc, &spec).context("bare runc floor")?);
+                    let f = Floor::new(&opts.runc, &spec.join("config.json"))
+                        .context("bare runc floor")?;
+                    if f.lower.is_none() {
+                        bail!("--runc-floor: the probe's rootfs is no overlay to copy");
+                    }
+                    floor = Some(f);
                 }
                 if let Some(f) = floor.as_mut() {
                     tokio::time::sleep(FLOOR_SETTLE).await;

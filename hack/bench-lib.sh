@@ -176,7 +176,8 @@ bench_fail() {
 bench_cri() {
   local rt=$1 out=$2 sub=$3
   shift 3
-  "$BENCH" "$sub" "$@" >"$out" || { cat "$out" >&2; bench_fail "$rt: cri_bench $sub failed"; }
+  # Its own temporary files (the floor's bundles and rootfs mounts) in $T: cleaned up with it.
+  TMPDIR="$T" "$BENCH" "$sub" "$@" >"$out" || { cat "$out" >&2; bench_fail "$rt: cri_bench $sub failed"; }
 }
 
 bench_alive() {
