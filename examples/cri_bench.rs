@@ -198,8 +198,9 @@ enum Cmd {
     /// container, up to each of `levels` pods in turn; at each level `probes` pods are run
     /// (RunPodSandbox timed) and get one container each (CreateContainer timed), then
     /// ListContainers and ContainerStatus are timed `probes` times, the probes are stopped and
-    /// removed (StopPodSandbox + RemovePodSandbox timed) and the daemon's VmRSS is read. Prints `lat <op>@<level> …` (with `--runc-floor`, also
-    /// `floor@<level>` and `over@<level>`) and `rss daemon <level>pods …`.
+    /// removed (StopPodSandbox + RemovePodSandbox timed) and the daemon's VmRSS is read.
+    /// Prints `lat <op>@<level> …` (with `--runc-floor`, also `floor@<level>` and
+    /// `over@<level>`) and `rss daemon <level>pods …`.
     Scale {
         /// CRI endpoint, `unix:///path.sock` or a plain path.
         #[arg(long)]

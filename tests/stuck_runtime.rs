@@ -561,11 +561,33 @@ async fn hung_kill_and_delete_fail_clearly_and_clean_up_once_the_runtime_is_well
     let stub = Stub::new();
     let cgroup = CgroupParent::new("kill");
     let mut b = busybox_daemon("test/stuck-kill", stub.config()).await;
-    let pod = run_pod(&mut b.rt, pod_config("hk", b.logs.path(), &cgroup), "stuck").await;
-    // Created, not started: stopping it takes the runtime's kill.
-    let c = create_container(&mut b.rt, &pod, sh_container("c", &b.image, "sleep 3600"))
+    // Running in the pod's PID namespace, not one of its own: stopping it takes the
+    // runtime's `kill --all` (the init of a PID namespace of its own, or of a container
+    // never started, is killed straight).
+    let shared_pid = Some(cri::NamespaceOption {
+        pid: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
+    });
+    let mut config = pod_config("hk", b.logs.path(), &cgroup);
+    if let Some(linux) = config.linux.as_mut() {
+        linux.security_context = Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: shared_pid.clone(),
+            ..Default::default()
+        });
+    }
+    let pod = run_pod(&mut b.rt, config, "stuck").await;
+    let mut container = sh_container("c", &b.image, "sleep 3600");
+    container.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            namespace_options: shared_pid,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let c = create_container(&mut b.rt, &pod, container)
         .await
         .expect("create");
+    start_container(&mut b.rt, &c).await.expect("start");
 
     stub.set("hang:kill");
     let t0 = Instant::now();
@@ -594,7 +616,7 @@ async fn hung_kill_and_delete_fail_clearly_and_clean_up_once_the_runtime_is_well
     let s = container_status(&mut b.rt, &c).await;
     assert_eq!(
         s.state,
-        cri::ContainerState::ContainerCreated as i32,
+        cri::ContainerState::ContainerRunning as i32,
         "{s:?}"
     );
     serve_another_pod(&mut b, "other").await;
