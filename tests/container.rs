@@ -928,9 +928,9 @@ fn edit_record(
     store.commit_blocking(b).expect("commit");
 }
 
-/// A container stopped before it ever started: its one process, the runtime's init waiting
-/// for `start`, is killed at once whatever the timeout (there is nothing to stop gracefully),
-/// the container is Exited with 137, and it is removed with its bundle.
+/// A container stopped before it ever started (in a PID namespace of its own): the runtime's
+/// init waiting for `start` is killed at once whatever the timeout (there is nothing to stop
+/// gracefully), the container is Exited with 137, and it is removed with its bundle.
 #[tokio::test]
 async fn a_created_container_is_stopped_and_removed() {
     let mut e = env("runc").await;

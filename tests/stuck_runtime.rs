@@ -561,9 +561,9 @@ async fn hung_kill_and_delete_fail_clearly_and_clean_up_once_the_runtime_is_well
     let stub = Stub::new();
     let cgroup = CgroupParent::new("kill");
     let mut b = busybox_daemon("test/stuck-kill", stub.config()).await;
-    // Running in the pod's PID namespace, not one of its own: stopping it takes the
-    // runtime's `kill --all` (the init of a PID namespace of its own, or of a container
-    // never started, is killed straight).
+    // Running in the pod's PID namespace (asked of both; `Pod` is also the proto's default),
+    // not one of its own: stopping it takes the runtime's `kill --all` (the init of a PID
+    // namespace of its own is killed straight).
     let shared_pid = Some(cri::NamespaceOption {
         pid: cri::NamespaceMode::Pod as i32,
         ..Default::default()
@@ -588,8 +588,42 @@ async fn hung_kill_and_delete_fail_clearly_and_clean_up_once_the_runtime_is_well
         .await
         .expect("create");
     start_container(&mut b.rt, &c).await.expect("start");
+    // Created in a PID namespace of its own: its stop kills the init straight, so a hung
+    // runtime kill does not touch it.
+    let mut container = sh_container("own", &b.image, "sleep 3600");
+    container.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Container as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let own = create_container(&mut b.rt, &pod, container)
+        .await
+        .expect("create");
 
     stub.set("hang:kill");
+    b.rt.stop_container(cri::StopContainerRequest {
+        container_id: own.clone(),
+        timeout: 0,
+    })
+    .await
+    .expect("a created container in a PID namespace of its own stops without the runtime");
+    let s = container_status(&mut b.rt, &own).await;
+    assert_eq!(
+        s.state,
+        cri::ContainerState::ContainerExited as i32,
+        "{s:?}"
+    );
+    assert_eq!(s.exit_code, 137, "{s:?}");
+    b.rt.remove_container(cri::RemoveContainerRequest {
+        container_id: own.clone(),
+    })
+    .await
+    .expect("remove the stopped one");
     let t0 = Instant::now();
     let e =
         b.rt.stop_container(cri::StopContainerRequest {

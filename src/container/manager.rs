@@ -1820,13 +1820,12 @@ impl ContainerManager {
                 return Ok(());
             }
         }
-        // The init of a PID namespace of its own takes every process of it along, and a
-        // created container has no process but its init (the runtime's, waiting for `start`:
-        // its create and hooks have ended, and nothing execs in a container not running);
-        // else the runtime kills each process of the container's cgroup (`kill --all`, about
-        // 10 ms of runc's, more on a node with many mounts).
-        let direct = (rec.phase == Phase::Created || rec.own_pid_ns)
-            && self.signal_init(&rec, libc::SIGKILL);
+        // The init of a PID namespace of its own takes every process of it along, whether it
+        // is the container's process or, in a container not started yet, the runtime's init
+        // waiting for `start`; else the runtime kills each process of the container's cgroup
+        // (`kill --all`, about 10 ms of runc's, more on a node with many mounts: a hook or a
+        // start whose record was lost may have left more than the init in it).
+        let direct = rec.own_pid_ns && self.signal_init(&rec, libc::SIGKILL);
         if !direct {
             runtime.kill(&rec.id, libc::SIGKILL, true).await?;
         }
