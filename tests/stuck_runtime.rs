@@ -233,6 +233,19 @@ fn pod_config(name: &str, logs: &Path, cgroup: &CgroupParent) -> cri::PodSandbox
     c
 }
 
+/// `container` with its PID namespace mode set to `mode`.
+fn with_pid_mode(
+    mut container: cri::ContainerConfig,
+    mode: cri::NamespaceMode,
+) -> cri::ContainerConfig {
+    let linux = container.linux.get_or_insert_with(Default::default);
+    let sc = linux.security_context.get_or_insert_with(Default::default);
+    sc.namespace_options
+        .get_or_insert_with(Default::default)
+        .pid = mode as i32;
+    container
+}
+
 /// The container ids berthd lists in `pod` (any state).
 async fn containers_in(rt: &mut RuntimeClient, pod: &str) -> Vec<cri::Container> {
     rt.list_containers(cri::ListContainersRequest {
@@ -564,43 +577,31 @@ async fn hung_kill_and_delete_fail_clearly_and_clean_up_once_the_runtime_is_well
     // Running in the pod's PID namespace (asked of both; `Pod` is also the proto's default),
     // not one of its own: stopping it takes the runtime's `kill --all` (the init of a PID
     // namespace of its own is killed straight).
-    let shared_pid = Some(cri::NamespaceOption {
-        pid: cri::NamespaceMode::Pod as i32,
-        ..Default::default()
-    });
     let mut config = pod_config("hk", b.logs.path(), &cgroup);
     if let Some(linux) = config.linux.as_mut() {
         linux.security_context = Some(cri::LinuxSandboxSecurityContext {
-            namespace_options: shared_pid.clone(),
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Pod as i32,
+                ..Default::default()
+            }),
             ..Default::default()
         });
     }
     let pod = run_pod(&mut b.rt, config, "stuck").await;
-    let mut container = sh_container("c", &b.image, "sleep 3600");
-    container.linux = Some(cri::LinuxContainerConfig {
-        security_context: Some(cri::LinuxContainerSecurityContext {
-            namespace_options: shared_pid,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let container = with_pid_mode(
+        sh_container("c", &b.image, "sleep 3600"),
+        cri::NamespaceMode::Pod,
+    );
     let c = create_container(&mut b.rt, &pod, container)
         .await
         .expect("create");
     start_container(&mut b.rt, &c).await.expect("start");
     // Created in a PID namespace of its own: its stop kills the init straight, so a hung
     // runtime kill does not touch it.
-    let mut container = sh_container("own", &b.image, "sleep 3600");
-    container.linux = Some(cri::LinuxContainerConfig {
-        security_context: Some(cri::LinuxContainerSecurityContext {
-            namespace_options: Some(cri::NamespaceOption {
-                pid: cri::NamespaceMode::Container as i32,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let container = with_pid_mode(
+        sh_container("own", &b.image, "sleep 3600"),
+        cri::NamespaceMode::Container,
+    );
     let own = create_container(&mut b.rt, &pod, container)
         .await
         .expect("create");
