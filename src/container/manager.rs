@@ -119,6 +119,16 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Containe
     move |source| ContainerError::Io { context, source }
 }
 
+/// Maps a blocking or spawned task that panicked or was cancelled to an I/O error naming
+/// what it did.
+fn task_err(context: &str) -> impl FnOnce(tokio::task::JoinError) -> ContainerError {
+    let context = context.to_string();
+    move |e| ContainerError::Io {
+        context,
+        source: std::io::Error::other(e),
+    }
+}
+
 /// Where a container is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Phase {
@@ -361,13 +371,11 @@ const REMOVING_MARK: &str = "removing";
 
 /// Removes a container's bundle, unless something is still mounted in it (never recurse
 /// into a rootfs or a bind of a host path).
-fn remove_bundle(rec: &ContainerRecord) {
-    match volumes::remove_unless_mounted(&rec.bundle) {
+fn remove_bundle(id: &str, bundle: &Path) {
+    match volumes::remove_unless_mounted(bundle) {
         Ok(left) if left.is_empty() => {}
-        Ok(left) => {
-            tracing::warn!(id = %rec.id, mounts = ?left, "bundle kept: mounts are left in it")
-        }
-        Err(e) => tracing::warn!(id = %rec.id, error = %e, "remove bundle"),
+        Ok(left) => tracing::warn!(%id, mounts = ?left, "bundle kept: mounts are left in it"),
+        Err(e) => tracing::warn!(%id, error = %e, "remove bundle"),
     }
 }
 
@@ -572,13 +580,7 @@ impl ContainerManager {
                     if let Err(err) = rootfs::unmount_rootfs(&e.path().join("rootfs")) {
                         tracing::warn!(id = %name, error = %err, "unmount rootfs");
                     }
-                    match volumes::remove_unless_mounted(&e.path()) {
-                        Ok(left) if left.is_empty() => {}
-                        Ok(left) => {
-                            tracing::warn!(id = %name, mounts = ?left, "bundle kept: mounts are left in it")
-                        }
-                        Err(err) => tracing::warn!(id = %name, error = %err, "remove bundle"),
-                    }
+                    remove_bundle(&name, &e.path());
                     continue;
                 }
             };
@@ -916,10 +918,7 @@ impl ContainerManager {
                 let names = applied.cdi_devices.clone();
                 let resolved = tokio::task::spawn_blocking(move || registry.resolve(&names))
                     .await
-                    .map_err(|e| ContainerError::Io {
-                        context: "resolving CDI devices".to_string(),
-                        source: std::io::Error::other(e.to_string()),
-                    })??;
+                    .map_err(task_err("resolving CDI devices"))??;
                 resolved.apply(spec)?;
             }
             if let Some(path) = applied.cgroups_path {
@@ -1091,10 +1090,7 @@ impl ContainerManager {
                 .in_current_span(),
         )
         .await
-        .map_err(|e| ContainerError::Io {
-            context: "container creation task".to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })?
+        .map_err(task_err("container creation task"))?
     }
 
     async fn create_in_task(
@@ -1334,10 +1330,7 @@ impl ContainerManager {
         let intent = write_intent(rec);
         mark("record");
         // Both end before any error returns: the caller's undo must not race the mount.
-        let mounted = mounting.await.map_err(|e| ContainerError::Io {
-            context: "mounting the rootfs".to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        let mounted = mounting.await.map_err(task_err("mounting the rootfs"))?;
         intent?;
         mounted?;
         mark("rootfs");
@@ -1351,10 +1344,7 @@ impl ContainerManager {
         };
         let prepared = tokio::task::spawn_blocking(move || volumes::prepare(&plan))
             .await
-            .map_err(|e| ContainerError::Io {
-                context: "preparing volumes".to_string(),
-                source: std::io::Error::other(e),
-            })??;
+            .map_err(task_err("preparing volumes"))??;
         mark("volumes");
         let requested_oom = rec
             .config
@@ -1423,10 +1413,9 @@ impl ContainerManager {
         mark("spec");
         let runtime = self.runtime(&rec.runtime_handler)?;
         std::fs::create_dir_all(&runtime.root).map_err(io_err("create runtime root"))?;
-        let mut client = monitor.await.map_err(|e| ContainerError::Io {
-            context: "reaching the pod's monitor".to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+        let mut client = monitor
+            .await
+            .map_err(task_err("reaching the pod's monitor"))??;
         // The monitor kills a `create` that takes longer than the runtime's timeout and says
         // so; berthd waits a little longer for that answer.
         client.set_timeouts(
@@ -1469,10 +1458,9 @@ impl ContainerManager {
             _ = &mut *caller_gone => None,
         };
         // Waited for in every case: the caller's cleanup deletes the record after it.
-        commit.await.map_err(|e| ContainerError::Io {
-            context: "storing the container's record".to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+        commit
+            .await
+            .map_err(task_err("storing the container's record"))??;
         let Some(created) = created else {
             return Err(ContainerError::Cancelled);
         };
@@ -1545,10 +1533,7 @@ impl ContainerManager {
         Ok(
             tokio::task::spawn_blocking(move || registry.resolve(&names))
                 .await
-                .map_err(|e| ContainerError::Io {
-                    context: "resolving CDI devices".to_string(),
-                    source: std::io::Error::other(e.to_string()),
-                })??,
+                .map_err(task_err("resolving CDI devices"))??,
         )
     }
 
@@ -1623,7 +1608,7 @@ impl ContainerManager {
                 tracing::warn!(id = %rec.id, error = %e, "remove cgroup");
             }
             if bundle_too {
-                remove_bundle(&rec);
+                remove_bundle(&rec.id, &rec.bundle);
             }
         })
         .await;
@@ -1882,7 +1867,9 @@ impl ContainerManager {
         step_done("container removal", "record", t0);
         // A crash before this leaves a bundle no record names: undone at start.
         let gone = rec.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || remove_bundle(&gone)).await {
+        if let Err(e) =
+            tokio::task::spawn_blocking(move || remove_bundle(&gone.id, &gone.bundle)).await
+        {
             tracing::warn!(%id, error = %e, "bundle removal task failed");
         }
         step_done("container removal", "bundle", t0);
