@@ -16,7 +16,6 @@ use berth::monitor::{
 use serde_json::json;
 
 const MONITOR: &str = env!("CARGO_BIN_EXE_berth-monitor");
-const CGROUP_PARENT: &str = "berth-monitor-test";
 const APPLETS: &[&str] = &[
     "sh", "echo", "sleep", "cat", "printf", "tr", "head", "true", "test", "[",
 ];
@@ -73,6 +72,12 @@ impl Env {
         self.tmp.path().join("monitor")
     }
 
+    /// The cgroup parent of this test's containers: its own, so that no test removes the
+    /// parent while another's runtime creates a cgroup under it.
+    fn cgroup_parent(&self) -> String {
+        format!("berth-monitor-test-{}-{}", self.name, std::process::id())
+    }
+
     fn runc_root(&self) -> PathBuf {
         self.tmp.path().join("runc-root")
     }
@@ -123,15 +128,16 @@ impl Env {
         spec["process"]["args"] = json!(args);
         spec["process"]["terminal"] = json!(tty);
         spec["root"] = json!({"path": rootfs, "readonly": false});
-        spec["linux"]["cgroupsPath"] = json!(format!("/{CGROUP_PARENT}/{id}"));
+        let parent = self.cgroup_parent();
+        spec["linux"]["cgroupsPath"] = json!(format!("/{parent}/{id}"));
         std::fs::write(&path, serde_json::to_vec_pretty(&spec).expect("json"))
             .expect("write config.json");
         let oom = if Path::new("/sys/fs/cgroup/memory").is_dir() {
             PathBuf::from(format!(
-                "/sys/fs/cgroup/memory/{CGROUP_PARENT}/{id}/memory.oom_control"
+                "/sys/fs/cgroup/memory/{parent}/{id}/memory.oom_control"
             ))
         } else {
-            PathBuf::from(format!("/sys/fs/cgroup/{CGROUP_PARENT}/{id}/memory.events"))
+            PathBuf::from(format!("/sys/fs/cgroup/{parent}/{id}/memory.events"))
         };
         CreateRequest {
             id,
@@ -184,11 +190,10 @@ impl Drop for Env {
         }
         if let Ok(ctrls) = std::fs::read_dir("/sys/fs/cgroup") {
             for c in ctrls.flatten() {
-                let parent = c.path().join(CGROUP_PARENT);
+                let parent = c.path().join(self.cgroup_parent());
                 for id in self.ids.borrow().iter() {
                     let _ = std::fs::remove_dir(parent.join(id));
                 }
-                // Fails while another test still has containers there; the last one wins.
                 let _ = std::fs::remove_dir(&parent);
             }
         }
