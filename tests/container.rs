@@ -899,12 +899,7 @@ async fn a_container_known_only_by_its_intent_record_is_undone_at_start() {
 
 /// A container that start-up repair undid: not listed, its bundle and writable layer gone.
 async fn assert_undone(e: &mut Env, id: &str, bundle: &Path, layer: &Path) {
-    let listed =
-        e.rt.list_containers(cri::ListContainersRequest::default())
-            .await
-            .expect("list")
-            .into_inner()
-            .containers;
+    let listed = common::list_containers(&mut e.rt).await;
     assert!(listed.iter().all(|c| c.id != id), "{listed:?}");
     assert!(!bundle.exists(), "bundle left");
     assert!(!layer.exists(), "writable layer left");

@@ -418,12 +418,7 @@ async fn a_container_the_startup_repair_removes_yields_a_deleted_event() {
         "with its pod's status"
     );
     assert!(state_of(&deleted, &half).is_none(), "no longer listed");
-    let listed =
-        e.rt.list_containers(cri::ListContainersRequest::default())
-            .await
-            .expect("list")
-            .into_inner()
-            .containers;
+    let listed = common::list_containers(&mut e.rt).await;
     assert!(listed.iter().all(|c| c.id != half), "the repair removed it");
     common::remove_pod(&mut e.rt, &pod).await;
 }
